@@ -1,0 +1,2131 @@
+"""comfymgr: the management API in front of ComfyUI servers.
+
+comfymgr is the one door to the ComfyUI servers on a GPU box. It keeps a
+priority queue of jobs in SQLite that survives restarts and crashes, feeds
+each ComfyUI server (a "backend", usually one per GPU) one job at a time
+through ComfyUI's own HTTP API and WebSocket, streams job events to
+WebSocket clients, exports Prometheus metrics with real GPU figures from
+NVML, and guards all of it with API keys, rate limits and input validation.
+
+Run it:
+
+    python3 comfymgr.pyz                # the packaged service
+    python3 comfymgr.py --help          # every setting, its env var, default
+
+The public surface is the HTTP API (see /docs), the command line (`main`) and
+`create_app(config)`; everything else in this module is private.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["Config", "ConfigError", "create_app", "load_config", "main"]
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import enum
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import queue
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import disable_created_metrics
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+###############################################################################
+# config
+###############################################################################
+# Every setting is declared once, in _SETTINGS. The CLI flags, `--help`, the
+# README's table (`--config-table`) and validation are all built from it; the
+# result is one frozen Config that is passed around. Nothing below this
+# section reads os.environ.
+
+
+class ConfigError(Exception):
+    """A setting has a value comfymgr cannot run with; the message names it."""
+
+
+def _parse_str(value: str) -> str:
+    return value.strip()
+
+
+def _parse_port(value: str) -> int:
+    port = _parse_int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError("expected a port number 0-65535")
+    return port
+
+
+def _parse_int(value: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
+def _parse_count(value: str) -> int:
+    number = _parse_int(value)
+    if number < 0:
+        raise ValueError("expected a whole number >= 0")
+    return number
+
+
+def _parse_positive(value: str) -> int:
+    number = _parse_int(value)
+    if number < 1:
+        raise ValueError("expected a whole number >= 1")
+    return number
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_duration(value: str) -> float:
+    """Seconds, or a number with a unit: 250ms, 30s, 5m, 24h, 7d."""
+    text = value.strip().lower()
+    for unit in sorted(_DURATION_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            number, scale = text[: -len(unit)], _DURATION_UNITS[unit]
+            break
+    else:
+        number, scale = text, 1
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        raise ValueError("expected a duration such as 30, 30s, 5m, 24h or 7d") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("expected a duration >= 0")
+    return seconds
+
+
+def _parse_list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _parse_networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in _parse_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+def _parse_origins(value: str) -> tuple[str, ...]:
+    origins = _parse_list(value)
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError(f"{origin!r} is not an origin like https://app.example.com or *")
+    return tuple(origin.rstrip("/") for origin in origins)
+
+
+def _parse_path(value: str) -> Path | None:
+    value = value.strip()
+    return Path(value).expanduser() if value else None
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        value = value.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _parse_url(value: str) -> str:
+    value = value.strip().rstrip("/")
+    if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    """One ComfyUI server: its name (the submit field `gpu` selects it), base
+    URL, and the physical GPU index it runs on when configured."""
+
+    name: str
+    url: str
+    gpu_index: int | None = None
+
+
+def _parse_backends(value: str) -> tuple[BackendSpec, ...]:
+    """`NAME=URL[@GPU], ...`, e.g. `gpu0=http://127.0.0.1:8188@0,gpu1=http://127.0.0.1:8189@1`."""
+    backends: list[BackendSpec] = []
+    for item in _parse_list(value):
+        name, sep, rest = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"{item!r} is not NAME=URL[@GPU]")
+        if not all(c.isalnum() or c in "-_." for c in name) or name in ("any", "local"):
+            raise ValueError(f"backend name {name!r} must use letters, digits, '-', '_', '.' and not be 'any' or 'local'")
+        url, gpu_index = rest.strip(), None
+        head, at, tail = url.rpartition("@")
+        if at and tail.isdigit():
+            url, gpu_index = head, int(tail)
+        try:
+            url = _parse_url(url)
+        except ValueError:
+            raise ValueError(f"backend {name!r}: {url!r} is not an http:// or https:// URL") from None
+        if any(b.name == name for b in backends):
+            raise ValueError(f"backend name {name!r} appears twice")
+        backends.append(BackendSpec(name, url, gpu_index))
+    return tuple(backends)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setting:
+    name: str  # the Config attribute; the flag is --name-with-dashes
+    env: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+    group: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _settings() -> tuple[_Setting, ...]:
+    s = _Setting
+    return (
+        # -- service --------------------------------------------------------
+        s("host", "MANAGEMENT_API_HOST", "0.0.0.0", _parse_str,
+          "Address to listen on.", "service"),
+        s("port", "MANAGEMENT_API_PORT", "9090", _parse_port,
+          "Port to listen on.", "service"),
+        s("api_keys", "MANAGEMENT_API_KEY", "", _parse_list,
+          "API key(s) clients send as X-API-Key; comma-separated to rotate. "
+          "Empty: one is generated and stored in the state directory.", "service"),
+        s("state_dir", "COMFYMGR_STATE_DIR", "./comfymgr-state", _parse_path,
+          "Directory for the database and the generated API key.", "service"),
+        s("rate_limit", "COMFYMGR_RATE_LIMIT", "100", _parse_count,
+          "Requests per minute per client address; 0 turns rate limiting off.", "service"),
+        s("trusted_proxies", "COMFYMGR_TRUSTED_PROXIES", "", _parse_networks,
+          "Proxy addresses/networks whose X-Forwarded-For is believed (e.g. 127.0.0.1).", "service"),
+        s("cors_origins", "COMFYMGR_CORS_ORIGINS", "", _parse_origins,
+          "Origins allowed to call the API from a browser (comma-separated, or *). "
+          "Empty: same-origin only.", "service"),
+        s("max_body_bytes", "COMFYMGR_MAX_BODY_BYTES", "10485760", _parse_positive,
+          "Largest request body accepted, in bytes.", "service"),
+        s("log_format", "COMFYMGR_LOG_FORMAT", "text", _choice("text", "json"),
+          "Log line format: text or json.", "service"),
+        s("log_level", "COMFYMGR_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"),
+          "Lowest level logged.", "service"),
+        s("db_synchronous", "COMFYMGR_DB_SYNCHRONOUS", "full", _choice("full", "normal"),
+          "SQLite synchronous mode: full survives power loss; normal survives process crashes only.",
+          "service"),
+        s("shutdown_timeout", "COMFYMGR_SHUTDOWN_TIMEOUT", "10s", _parse_duration,
+          "How long a graceful stop waits for in-flight requests.", "service"),
+        # -- comfyui --------------------------------------------------------
+        s("comfyui_url", "COMFYUI_URL", "http://127.0.0.1:8188", _parse_url,
+          "The ComfyUI server, when COMFYUI_BACKENDS is empty (backend name: local).", "comfyui"),
+        s("backends", "COMFYUI_BACKENDS", "", _parse_backends,
+          "Several ComfyUI servers: NAME=URL[@GPU],... where GPU is the physical GPU index "
+          "(e.g. gpu0=http://127.0.0.1:8188@0,gpu1=http://127.0.0.1:8189@1).", "comfyui"),
+        s("job_timeout", "COMFYMGR_JOB_TIMEOUT", "1h", _parse_duration,
+          "Default run-time limit per job (submit field `timeout` overrides); 0 = none.",
+          "comfyui"),
+        s("backend_timeout", "COMFYMGR_BACKEND_TIMEOUT", "10s", _parse_duration,
+          "Timeout of every HTTP call to a ComfyUI server.", "comfyui"),
+        s("backend_retries", "COMFYMGR_BACKEND_RETRIES", "0", _parse_count,
+          "How often a job whose ComfyUI restarted under it is queued again before it fails "
+          "with backend_lost.", "comfyui"),
+        s("reconcile_interval", "COMFYMGR_RECONCILE_INTERVAL", "5s", _parse_duration,
+          "How often in-flight jobs are checked against ComfyUI's /queue and /history.",
+          "comfyui"),
+        s("cancel_grace", "COMFYMGR_CANCEL_GRACE", "30s", _parse_duration,
+          "How long a cancel waits for ComfyUI to confirm the interrupt before the job is "
+          "recorded cancelled anyway.", "comfyui"),
+    )
+
+
+_SETTINGS = _settings()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting, parsed. Build it with `load_config()`; tests use
+    `Config.defaults(**overrides)`."""
+
+    host: str
+    port: int
+    api_keys: tuple[str, ...]
+    state_dir: Path
+    rate_limit: int
+    trusted_proxies: tuple[Any, ...]
+    cors_origins: tuple[str, ...]
+    max_body_bytes: int
+    log_format: str
+    log_level: str
+    db_synchronous: str
+    shutdown_timeout: float
+    comfyui_url: str
+    backends: tuple[BackendSpec, ...]
+    job_timeout: float
+    backend_timeout: float
+    backend_retries: int
+    reconcile_interval: float
+    cancel_grace: float
+
+    @classmethod
+    def defaults(cls, **overrides: Any) -> Config:
+        values = {st.name: st.parse(st.default) for st in _SETTINGS}
+        unknown = set(overrides) - set(values)
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def backend_specs(self) -> tuple[BackendSpec, ...]:
+        """The backends to drive: COMFYUI_BACKENDS, else COMFYUI_URL as `local`."""
+        return self.backends or (BackendSpec("local", self.comfyui_url),)
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="comfymgr",
+        description="The management API in front of ComfyUI. Every setting can be given as a "
+        "flag or as its environment variable; flags win.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"comfymgr {__version__}")
+    parser.add_argument("--config-table", action="store_true",
+                        help="Print the settings as a Markdown table and exit.")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for st in _SETTINGS:
+        group = groups.get(st.group) or groups.setdefault(
+            st.group, parser.add_argument_group(f"{st.group} settings"))
+        group.add_argument(st.flag, dest=st.name, default=None, metavar="VALUE",
+                           help=f"{st.help} [env {st.env}, default {st.default or '(empty)'}]")
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the Config from flags (first) and the environment. Raises
+    ConfigError naming the setting when a value is bad."""
+    args = _argument_parser().parse_args(argv)
+    environ = os.environ if environ is None else environ
+    values = {}
+    for st in _SETTINGS:
+        given = getattr(args, st.name)
+        source = st.flag if given is not None else st.env
+        raw = given if given is not None else environ.get(st.env, st.default)
+        try:
+            values[st.name] = st.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{source}={raw!r}: {exc}") from None
+    return Config(**values)
+
+
+def _config_table() -> str:
+    """The README's settings table, generated so that it never drifts."""
+    lines = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
+    for st in _SETTINGS:
+        default = f"`{st.default}`" if st.default else "(empty)"
+        lines.append(f"| `{st.env}` | `{st.flag}` | {default} | {st.help} |")
+    return "\n".join(lines)
+
+
+###############################################################################
+# errors
+###############################################################################
+# One base class. Every error a client can cause is an ApiError carrying its
+# HTTP status and a stable machine-readable code; one middleware turns each
+# into the same JSON envelope:
+#   {"error": code, "message": sentence, "statusCode": status, "details": {...}}
+
+
+class ComfymgrError(Exception):
+    """Base of comfymgr's own errors."""
+
+
+class ApiError(ComfymgrError):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, details: Mapping[str, Any] | None = None,
+                 code: str | None = None, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = dict(details or {})
+        self.headers = dict(headers or {})
+        if code:
+            self.code = code
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message,
+                "statusCode": self.status, "details": self.details}
+
+
+class BadRequest(ApiError):
+    status, code = 400, "invalid_request"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status, code = 405, "method_not_allowed"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class UnprocessableEntity(ApiError):
+    status, code = 422, "unprocessable"
+
+
+class RateLimited(ApiError):
+    status, code = 429, "rate_limited"
+
+
+class ServiceUnavailable(ApiError):
+    status, code = 503, "unavailable"
+
+
+class StorageUnavailable(ServiceUnavailable):
+    code = "storage_unavailable"
+
+
+###############################################################################
+# utilities
+###############################################################################
+
+Clock = Callable[[], float]
+
+
+def _ms(seconds: float) -> int:
+    return int(round(seconds * 1000))
+
+
+def _new_id() -> str:
+    """Job ids and ComfyUI prompt ids: canonical lowercase UUID4 strings."""
+    return str(uuid.uuid4())
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(text: str | bytes) -> Any:
+    """Strict JSON: no NaN/Infinity, bounded nesting (RecursionError -> ValueError)."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class _JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("job", "backend", "prompt_id", "client"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return _dumps(entry)
+
+
+def _setup_logging(log_format: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("comfymgr")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+    # aiohttp's access log repeats what our metrics count; keep its errors only.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class _Schema:
+    """A small JSON Schema (draft 2020-12 subset) validator for request
+    bodies and query strings. The same schema objects are published in
+    /openapi.json, so what the docs promise is what the handlers enforce."""
+
+    _TYPES: dict[str, Callable[[Any], bool]] = {
+        "object": lambda v: isinstance(v, dict),
+        "array": lambda v: isinstance(v, list),
+        "string": lambda v: isinstance(v, str),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "boolean": lambda v: isinstance(v, bool),
+        "null": lambda v: v is None,
+    }
+
+    @classmethod
+    def validate(cls, schema: Mapping[str, Any], value: Any, path: tuple[str, ...] = ()) -> None:
+        """Raise BadRequest naming the first offending field."""
+        problem = cls._check(schema, value, path)
+        if problem:
+            where, sentence = problem
+            field = ".".join(where) or "body"
+            details: dict[str, Any] = {"field": field}
+            if len(where) >= 2 and where[0] == "workflow":
+                details["nodeId"] = where[1]
+            raise BadRequest(f"{field}: {sentence}", details=details)
+
+    @classmethod
+    def _check(cls, schema: Mapping[str, Any], value: Any,
+               path: tuple[str, ...]) -> tuple[tuple[str, ...], str] | None:
+        kind = schema.get("type")
+        if kind is not None:
+            kinds = [kind] if isinstance(kind, str) else kind
+            if not any(cls._TYPES[k](value) for k in kinds):
+                return path, f"must be {' or '.join(kinds)}"
+        if "enum" in schema and value not in schema["enum"]:
+            return path, f"must be one of {', '.join(map(str, schema['enum']))}"
+        if isinstance(value, str):
+            if len(value) < schema.get("minLength", 0):
+                return path, f"must be at least {schema['minLength']} characters"
+            if "maxLength" in schema and len(value) > schema["maxLength"]:
+                return path, f"must be at most {schema['maxLength']} characters"
+        if cls._TYPES["number"](value):
+            if "minimum" in schema and value < schema["minimum"]:
+                return path, f"must be >= {schema['minimum']}"
+            if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+                return path, f"must be > {schema['exclusiveMinimum']}"
+            if "maximum" in schema and value > schema["maximum"]:
+                return path, f"must be <= {schema['maximum']}"
+        if isinstance(value, dict):
+            if len(value) < schema.get("minProperties", 0):
+                return path, "must not be empty" if schema["minProperties"] == 1 else \
+                    f"must have at least {schema['minProperties']} entries"
+            for name in schema.get("required", ()):
+                if name not in value:
+                    return path + (name,), "is required"
+            properties = schema.get("properties", {})
+            extra = schema.get("additionalProperties", True)
+            for name, item in value.items():
+                if name in properties:
+                    problem = cls._check(properties[name], item, path + (name,))
+                elif extra is False:
+                    return path + (name,), "is not a known field"
+                elif isinstance(extra, dict):
+                    problem = cls._check(extra, item, path + (name,))
+                else:
+                    problem = None
+                if problem:
+                    return problem
+        if isinstance(value, list):
+            if len(value) < schema.get("minItems", 0):
+                return path, f"must have at least {schema['minItems']} items"
+            if "maxItems" in schema and len(value) > schema["maxItems"]:
+                return path, f"must have at most {schema['maxItems']} items"
+            if "items" in schema:
+                for index, item in enumerate(value):
+                    problem = cls._check(schema["items"], item, path + (str(index),))
+                    if problem:
+                        return problem
+        return None
+
+
+###############################################################################
+# metrics
+###############################################################################
+# comfymgr's own registry (never the global one), so tests and several apps
+# in one process do not share counters. Labels are bounded sets: statuses,
+# error codes, route templates, backend names, GPU indexes; never raw paths.
+
+_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+# The *_created series double every counter for no operational use.
+disable_created_metrics()
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        # -- the seed's metrics, names and labels unchanged ------------------
+        self.workflow_total = Counter(
+            "comfyui_workflow", "Jobs that reached each status.", ["status"], registry=registry)
+        self.workflow_duration = Histogram(
+            "comfyui_workflow_duration_seconds", "Run time of jobs, start to end, by GPU model.",
+            ["gpu_type"], buckets=_DURATION_BUCKETS, registry=registry)
+        self.workflow_errors = Counter(
+            "comfyui_workflow_errors", "Failed jobs by error code.", ["error_type"],
+            registry=registry)
+        self.queue_length = Gauge(
+            "comfyui_queue_length", "Jobs waiting in comfymgr's queue now.", registry=registry)
+        # -- the service itself ----------------------------------------------
+        self.http_requests = Counter(
+            "comfymgr_http_requests", "HTTP requests by route template, method and status.",
+            ["route", "method", "status"], registry=registry)
+        self.http_latency = Histogram(
+            "comfymgr_http_request_duration_seconds", "HTTP request latency by route template.",
+            ["route", "method"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.queue_by_priority = Gauge(
+            "comfymgr_queue_length", "Jobs waiting in comfymgr's queue by priority.",
+            ["priority"], registry=registry)
+        self.build_info = Gauge(
+            "comfymgr_build_info", "Always 1; the labels say which comfymgr runs.",
+            ["version", "python"], registry=registry)
+        self.build_info.labels(__version__, sys.version.split()[0]).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+###############################################################################
+# storage
+###############################################################################
+# SQLite through the stdlib. Storage is synchronous and narrow, with no
+# asyncio inside: the event loop reaches it only through _Database below, whose
+# single worker thread owns the connection. Every change goes through one
+# explicit BEGIN IMMEDIATE transaction (a SAVEPOINT when batched), and every
+# job state change goes through Storage.transition(), which checks it against
+# _ALLOWED and writes the job row and its event row together.
+
+_log_storage = logging.getLogger("comfymgr.storage")
+
+
+class Priority(enum.IntEnum):
+    HIGH = 0
+    NORMAL = 1
+    LOW = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+PRIORITY_NAMES = tuple(p.label for p in Priority)
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"            # waiting in comfymgr's queue
+    DISPATCHING = "dispatching"  # prompt id stored, POST /prompt not yet acknowledged
+    SUBMITTED = "submitted"      # ComfyUI accepted the prompt; it has not started yet
+    RUNNING = "running"          # ComfyUI said execution_start
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+S = JobState
+# What the API shows: the seed's five statuses. The finer states exist so that
+# a restart knows exactly what to ask ComfyUI about.
+_PUBLIC_STATUS = {S.QUEUED: "queued", S.DISPATCHING: "queued", S.SUBMITTED: "queued",
+                  S.RUNNING: "running", S.COMPLETED: "completed", S.FAILED: "failed",
+                  S.CANCELLED: "cancelled"}
+PUBLIC_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+_TERMINAL = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
+_IN_FLIGHT = (S.DISPATCHING, S.SUBMITTED, S.RUNNING)
+_ALLOWED: dict[JobState, frozenset[JobState]] = {
+    S.QUEUED: frozenset({S.DISPATCHING, S.CANCELLED, S.FAILED}),
+    # A fast prompt can start, or even finish, before POST /prompt's answer
+    # reaches us, so dispatching may jump straight to running or an end.
+    S.DISPATCHING: frozenset({S.SUBMITTED, S.RUNNING, S.QUEUED, S.COMPLETED, S.FAILED,
+                              S.CANCELLED}),
+    S.SUBMITTED: frozenset({S.RUNNING, S.QUEUED, S.COMPLETED, S.FAILED, S.CANCELLED}),
+    S.RUNNING: frozenset({S.QUEUED, S.COMPLETED, S.FAILED, S.CANCELLED}),
+    S.COMPLETED: frozenset(), S.FAILED: frozenset(), S.CANCELLED: frozenset(),
+}
+# The stream event each state change produces (the seed's event names).
+# Dispatching and submitted are internal steps with no event of their own.
+_EVENT_FOR_STATE = {S.QUEUED: "workflow:queued", S.RUNNING: "workflow:started",
+                    S.COMPLETED: "workflow:completed", S.FAILED: "workflow:error",
+                    S.CANCELLED: "workflow:cancelled"}
+EVENT_PROGRESS = "workflow:progress"
+EVENT_TYPES = ("workflow:queued", "workflow:started", EVENT_PROGRESS, "workflow:completed",
+               "workflow:cancelled", "workflow:error")
+del S
+
+
+class InvalidTransition(Conflict):
+    code = "invalid_transition"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    n: int                        # arrival order: FIFO within a priority
+    id: str
+    priority: Priority
+    state: JobState
+    target: str                   # "any" or one backend's name
+    backend: str | None           # the backend running (or that ran) it
+    prompt_id: str | None         # ComfyUI prompt id of the current attempt
+    attempts: int
+    workflow: str                 # the API-format graph, as JSON text
+    timeout_s: float | None
+    created_at: int               # epoch milliseconds, like the seed
+    started_at: int | None
+    completed_at: int | None
+    updated_at: int
+    progress: float
+    current_node: str | None
+    outputs: Any
+    error: Any
+    cancel_requested_at: int | None
+    extra: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        return _PUBLIC_STATUS[self.state]
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in _TERMINAL
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(
+            n=row["n"], id=row["id"], priority=Priority(row["priority"]),
+            state=JobState(row["state"]), target=row["target"], backend=row["backend"],
+            prompt_id=row["prompt_id"], attempts=row["attempts"], workflow=row["workflow"],
+            timeout_s=row["timeout_s"], created_at=row["created_at"],
+            started_at=row["started_at"], completed_at=row["completed_at"],
+            updated_at=row["updated_at"], progress=row["progress"],
+            current_node=row["current_node"],
+            outputs=json.loads(row["outputs"]) if row["outputs"] else None,
+            error=json.loads(row["error"]) if row["error"] else None,
+            cancel_requested_at=row["cancel_requested_at"],
+            extra=json.loads(row["extra"]) if row["extra"] else {},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    seq: int        # global, strictly increasing, never reused
+    job_id: str
+    type: str
+    ts: int         # epoch milliseconds
+    data: dict[str, Any]
+
+    def message(self) -> dict[str, Any]:
+        """The stream message: the seed's fields plus seq."""
+        return {"type": self.type, "seq": self.seq, "workflowId": self.job_id,
+                "timestamp": self.ts, **self.data}
+
+
+_SCHEMA_V1 = """
+CREATE TABLE jobs (
+    n                   INTEGER PRIMARY KEY,
+    id                  TEXT NOT NULL UNIQUE,
+    priority            INTEGER NOT NULL,
+    state               TEXT NOT NULL,
+    status              TEXT NOT NULL,
+    target              TEXT NOT NULL,
+    backend             TEXT,
+    prompt_id           TEXT,
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    workflow            TEXT NOT NULL,
+    timeout_s           REAL,
+    created_at          INTEGER NOT NULL,
+    started_at          INTEGER,
+    completed_at        INTEGER,
+    updated_at          INTEGER NOT NULL,
+    progress            REAL NOT NULL DEFAULT 0,
+    current_node        TEXT,
+    outputs             TEXT,
+    error               TEXT,
+    cancel_requested_at INTEGER,
+    extra               TEXT
+);
+-- Claim: the head of the queue for one target, O(log n).
+CREATE INDEX jobs_claim ON jobs (target, priority, n) WHERE state = 'queued';
+-- Queue position: jobs ahead within a priority.
+CREATE INDEX jobs_queue ON jobs (priority, n) WHERE state = 'queued';
+CREATE INDEX jobs_status ON jobs (status, n);
+CREATE INDEX jobs_in_flight ON jobs (backend) WHERE state IN ('dispatching', 'submitted', 'running');
+CREATE INDEX jobs_prompt ON jobs (prompt_id) WHERE prompt_id IS NOT NULL;
+
+CREATE TABLE events (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id  TEXT NOT NULL,
+    type    TEXT NOT NULL,
+    ts      INTEGER NOT NULL,
+    data    TEXT NOT NULL
+);
+CREATE INDEX events_job ON events (job_id, seq);
+
+-- Jobs per (state, priority), kept by triggers so that counts and queue
+-- positions never need a scan.
+CREATE TABLE job_counts (
+    state    TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    n        INTEGER NOT NULL,
+    PRIMARY KEY (state, priority)
+) WITHOUT ROWID;
+CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO job_counts (state, priority, n) VALUES (NEW.state, NEW.priority, 1)
+        ON CONFLICT (state, priority) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER jobs_counted_update AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE state = OLD.state AND priority = OLD.priority;
+    INSERT INTO job_counts (state, priority, n) VALUES (NEW.state, NEW.priority, 1)
+        ON CONFLICT (state, priority) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs BEGIN
+    UPDATE job_counts SET n = n - 1 WHERE state = OLD.state AND priority = OLD.priority;
+END;
+"""
+
+# Forward migrations; the database's PRAGMA user_version is how many ran.
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+
+_JOB_COLUMNS = frozenset({
+    "backend", "prompt_id", "attempts", "started_at", "completed_at", "progress",
+    "current_node", "outputs", "error", "cancel_requested_at", "extra"})
+_JSON_COLUMNS = frozenset({"outputs", "error", "extra"})
+
+
+class Storage:
+    """Jobs and events in one SQLite file (WAL).
+
+    Verbs: enqueue, get, position, list_jobs, claim_next, transition,
+    request_cancel, set_progress, in_flight, events_since, counts. Writes run
+    in their own BEGIN IMMEDIATE transaction, or as a savepoint inside
+    run_batch(); events written by a transaction are handed to `on_commit`
+    only once it has committed, in seq order.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: str = "full",
+                 busy_timeout_ms: int = 5000) -> None:
+        self.path = Path(path)
+        self.on_commit: Callable[[list[Event]], None] = lambda events: None
+        self._pending: list[Event] = []
+        self._depth = 0
+        self._conn = sqlite3.connect(str(self.path), isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+            raise sqlite3.OperationalError(f"{self.path}: cannot use WAL journal mode")
+        self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        self._migrate()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- schema ----------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        current = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > len(_MIGRATIONS):
+            raise sqlite3.DatabaseError(
+                f"{self.path} has schema version {current}, newer than this comfymgr "
+                f"understands ({len(_MIGRATIONS)}); run a newer comfymgr")
+        for version in range(current + 1, len(_MIGRATIONS) + 1):
+            _log_storage.info("migrating %s to schema version %d", self.path, version)
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split_sql(_MIGRATIONS[version - 1]):
+                    self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version = {version}")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    @property
+    def schema_version(self) -> int:
+        return self._conn.execute("PRAGMA user_version").fetchone()[0]
+
+    # -- transactions ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterable[None]:
+        """BEGIN IMMEDIATE ... COMMIT, or a SAVEPOINT when one is already open.
+        Any exception rolls back (to the savepoint) and drops its events."""
+        if self._depth:
+            name = f"sp{self._depth}"
+            mark = len(self._pending)
+            self._conn.execute(f"SAVEPOINT {name}")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._conn.execute(f"ROLLBACK TO {name}")
+                self._conn.execute(f"RELEASE {name}")
+                del self._pending[mark:]
+                raise
+            else:
+                self._conn.execute(f"RELEASE {name}")
+            finally:
+                self._depth -= 1
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have rolled back
+                self._conn.execute("ROLLBACK")
+            self._pending.clear()
+            raise
+        finally:
+            self._depth = 0
+        events, self._pending = self._pending, []
+        if events:
+            self.on_commit(events)
+
+    def run_batch(self, ops: Sequence[Callable[[], Any]]) -> list[tuple[bool, Any]]:
+        """Run several writes in one transaction (one fsync), each in its own
+        savepoint so that one failing op does not undo the others. Returns
+        (ok, result-or-exception) per op; if the commit fails, every op fails."""
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with self.transaction():
+                for op in ops:
+                    try:
+                        with self.transaction():
+                            outcomes.append((True, op()))
+                    except Exception as exc:  # noqa: BLE001 - handed to the op's caller
+                        outcomes.append((False, exc))
+        except sqlite3.Error as exc:
+            return [(False, exc)] * len(ops)
+        return outcomes
+
+    def _event(self, job_id: str, type_: str, ts: int, data: dict[str, Any]) -> Event:
+        cur = self._conn.execute("INSERT INTO events (job_id, type, ts, data) VALUES (?, ?, ?, ?)",
+                                 (job_id, type_, ts, _dumps(data)))
+        event = Event(cur.lastrowid, job_id, type_, ts, data)
+        self._pending.append(event)
+        return event
+
+    # -- jobs --------------------------------------------------------------------
+
+    def enqueue(self, job_id: str, workflow: str, priority: Priority, target: str,
+                now: int, *, timeout_s: float | None = None,
+                extra: dict[str, Any] | None = None) -> tuple[Job, int]:
+        """Insert a queued job; returns it and its 1-based queue position."""
+        with self.transaction():
+            cur = self._conn.execute(
+                "INSERT INTO jobs (id, priority, state, status, target, workflow, timeout_s, "
+                "created_at, updated_at, extra) VALUES (?, ?, 'queued', 'queued', ?, ?, ?, ?, ?, ?)",
+                (job_id, int(priority), target, workflow, timeout_s, now, now,
+                 _dumps(extra) if extra else None))
+            position = self._conn.execute(
+                "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state = 'queued' AND priority <= ?",
+                (int(priority),)).fetchone()[0]
+            job = Job(n=cur.lastrowid, id=job_id, priority=priority, state=JobState.QUEUED,
+                      target=target, backend=None, prompt_id=None, attempts=0,
+                      workflow=workflow, timeout_s=timeout_s, created_at=now, started_at=None,
+                      completed_at=None, updated_at=now, progress=0.0, current_node=None,
+                      outputs=None, error=None, cancel_requested_at=None, extra=extra or {})
+            self._event(job_id, "workflow:queued", now, {
+                "status": "queued", "priority": priority.label, "queuePosition": position})
+        return job, position
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def get_by_prompt(self, prompt_id: str) -> Job | None:
+        row = self._conn.execute("SELECT * FROM jobs WHERE prompt_id = ?", (prompt_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def position(self, job: Job) -> int | None:
+        """1-based place in comfymgr's queue (1 = dispatched next), None when not queued.
+        Cost: the counts table for the higher priorities, plus an index range
+        over the jobs ahead of it in its own priority."""
+        if job.state is not JobState.QUEUED:
+            return None
+        ahead = self._conn.execute(
+            "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state = 'queued' AND priority < ?",
+            (int(job.priority),)).fetchone()[0]
+        same = self._conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND priority = ? AND n <= ?",
+            (int(job.priority), job.n)).fetchone()[0]
+        return ahead + same
+
+    def list_jobs(self, *, statuses: Sequence[str] = (), priority: Priority | None = None,
+                  before: int | None = None, limit: int = 50) -> list[Job]:
+        """Newest first; `before` is the keyset cursor (a job's n)."""
+        where, args = [], []
+        if statuses:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            args.extend(statuses)
+        if priority is not None:
+            where.append("priority = ?")
+            args.append(int(priority))
+        if before is not None:
+            where.append("n < ?")
+            args.append(before)
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY n DESC LIMIT ?"
+        args.append(limit)
+        return [Job.from_row(row) for row in self._conn.execute(sql, args)]
+
+    def claim_next(self, backend: str, prompt_id: str, now: int) -> Job | None:
+        """Atomically take the next queued job this backend may run (priority,
+        then age; jobs for "any" backend and for this one) and mark it
+        dispatching with a freshly minted prompt id, stored before any POST."""
+        with self.transaction():
+            heads = [self._conn.execute(
+                "SELECT priority, n FROM jobs WHERE state = 'queued' AND target = ? "
+                "ORDER BY priority, n LIMIT 1", (target,)).fetchone()
+                for target in ("any", backend)]
+            heads = [tuple(h) for h in heads if h]
+            if not heads:
+                return None
+            _, n = min(heads)
+            self._conn.execute(
+                "UPDATE jobs SET state = 'dispatching', status = 'queued', backend = ?, "
+                "prompt_id = ?, attempts = attempts + 1, progress = 0, current_node = NULL, "
+                "updated_at = ? WHERE n = ?", (backend, prompt_id, now, n))
+            return Job.from_row(self._conn.execute("SELECT * FROM jobs WHERE n = ?", (n,)).fetchone())
+
+    def transition(self, job_id: str, to: JobState, now: int, *,
+                   expect: Iterable[JobState] | None = None,
+                   event: dict[str, Any] | None = None, **fields: Any) -> Job:
+        """The one way a job changes state: checks the move against _ALLOWED
+        (and `expect`, the states the caller believes the job is in), writes
+        the row and the state's event in one transaction, returns the job."""
+        unknown = set(fields) - _JOB_COLUMNS
+        if unknown:
+            raise TypeError(f"not job columns: {sorted(unknown)}")
+        with self.transaction():
+            job = self.get(job_id)
+            if job is None:
+                raise NotFound(f"workflow {job_id} not found", details={"workflowId": job_id})
+            if (expect is not None and job.state not in set(expect)) or to not in _ALLOWED[job.state]:
+                raise InvalidTransition(
+                    f"workflow {job_id} is {job.state.value}; it cannot become {to.value}",
+                    details={"workflowId": job_id, "state": job.state.value, "to": to.value})
+            values = {"state": to.value, "status": _PUBLIC_STATUS[to], "updated_at": now}
+            for name, value in fields.items():
+                values[name] = _dumps(value) if name in _JSON_COLUMNS and value is not None else value
+            assignments = ", ".join(f"{name} = ?" for name in values)
+            self._conn.execute(f"UPDATE jobs SET {assignments} WHERE n = ?", (*values.values(), job.n))
+            job = Job.from_row(self._conn.execute("SELECT * FROM jobs WHERE n = ?", (job.n,)).fetchone())
+            if to in _EVENT_FOR_STATE:
+                data = {"status": job.status, **(event or {})}
+                if to is JobState.QUEUED:
+                    data.setdefault("priority", job.priority.label)
+                    data.setdefault("queuePosition", self.position(job))
+                self._event(job.id, _EVENT_FOR_STATE[to], now, data)
+        return job
+
+    def request_cancel(self, job_id: str, now: int) -> Job:
+        """Cancel a queued job at once; mark an in-flight one for the bridge
+        to interrupt. A finished job cannot be cancelled (Conflict)."""
+        with self.transaction():
+            job = self.get(job_id)
+            if job is None:
+                raise NotFound(f"workflow {job_id} not found", details={"workflowId": job_id})
+            if job.terminal:
+                raise Conflict(f"workflow {job_id} already {job.status}; there is nothing to cancel",
+                               code="not_cancellable",
+                               details={"workflowId": job_id, "status": job.status})
+            if job.state is JobState.QUEUED:
+                return self.transition(job_id, JobState.CANCELLED, now, completed_at=now,
+                                       error={"code": "cancelled", "message": "cancelled by request"},
+                                       event={"reason": "cancelled by request"})
+            if job.cancel_requested_at is None:
+                self._conn.execute("UPDATE jobs SET cancel_requested_at = ?, updated_at = ? WHERE n = ?",
+                                   (now, now, job.n))
+                job = dataclasses.replace(job, cancel_requested_at=now, updated_at=now)
+            return job
+
+    def set_progress(self, job_id: str, progress: float, current_node: str | None, now: int,
+                     *, emit: bool) -> Event | None:
+        """Record a running job's progress; write a progress event when `emit`
+        (the caller throttles, see decision 5 of the design)."""
+        with self.transaction():
+            cur = self._conn.execute(
+                "UPDATE jobs SET progress = ?, current_node = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'running'", (progress, current_node, now, job_id))
+            if not cur.rowcount or not emit:
+                return None
+            return self._event(job_id, EVENT_PROGRESS, now, {
+                "status": "running", "progress": progress, "currentNode": current_node})
+
+    def in_flight(self, backend: str | None = None) -> list[Job]:
+        """Jobs handed to a backend and not finished: what a restart must
+        reconcile with ComfyUI."""
+        sql = "SELECT * FROM jobs WHERE state IN ('dispatching', 'submitted', 'running')"
+        args: tuple[Any, ...] = ()
+        if backend is not None:
+            sql += " AND backend = ?"
+            args = (backend,)
+        return [Job.from_row(row) for row in self._conn.execute(sql + " ORDER BY n", args)]
+
+    def counts(self) -> dict[tuple[JobState, Priority], int]:
+        return {(JobState(row["state"]), Priority(row["priority"])): row["n"]
+                for row in self._conn.execute("SELECT state, priority, n FROM job_counts")}
+
+    # -- events ------------------------------------------------------------------
+
+    def events_since(self, seq: int, *, job_ids: Sequence[str] | None = None,
+                     limit: int = 1000) -> list[Event]:
+        sql, args = "SELECT * FROM events WHERE seq > ?", [seq]
+        if job_ids is not None:
+            sql += f" AND job_id IN ({','.join('?' * len(job_ids))})"
+            args.extend(job_ids)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        return [Event(row["seq"], row["job_id"], row["type"], row["ts"], json.loads(row["data"]))
+                for row in self._conn.execute(sql, args)]
+
+    def event_bounds(self) -> tuple[int, int]:
+        """(oldest stored seq, latest seq ever written); (0, 0) when none."""
+        oldest = self._conn.execute("SELECT MIN(seq) FROM events").fetchone()[0]
+        latest = self._conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return (oldest or 0, latest[0] if latest else 0)
+
+    # -- housekeeping --------------------------------------------------------------
+
+    def ping(self) -> bool:
+        return self._conn.execute("SELECT 1").fetchone()[0] == 1
+
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(f"{self.path}{suffix}")
+        return total
+
+    def integrity_check(self) -> str:
+        return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def _split_sql(script: str) -> list[str]:
+    """Statements of a DDL script (triggers contain ';' inside BEGIN ... END)."""
+    statements, buffer = [], ""
+    for line in script.splitlines():
+        if line.strip().startswith("--") or not line.strip():
+            continue
+        buffer += line + "\n"
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
+
+
+class _Database:
+    """The event loop's door to Storage.
+
+    Concurrency rule: one worker thread owns the sqlite3 connection for its
+    whole life; the event loop never touches disk. Calls are queued to that
+    thread; consecutive writes are committed together in one transaction
+    (group commit: one fsync for many submits), each in its own savepoint.
+    Events a commit produced are handed to the loop (call_soon_threadsafe)
+    before the callers' futures are resolved, in seq order, so subscribers
+    always hear of a job no later than the client that submitted it.
+    """
+
+    _STOP = object()
+    _MAX_BATCH = 128
+
+    def __init__(self, path: Path, *, synchronous: str, on_events: Callable[[list[Event]], None]):
+        self.path = path
+        self._synchronous = synchronous
+        self._on_events = on_events
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.last_error: str | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="comfymgr-db",
+                                        daemon=True)
+        self._thread.start()
+        await ready
+
+    async def close(self) -> None:
+        if self._thread and self._thread.is_alive():
+            self._queue.put(self._STOP)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    async def read(self, fn: Callable[[Storage], Any]) -> Any:
+        return await self._submit(fn, write=False)
+
+    async def write(self, fn: Callable[[Storage], Any]) -> Any:
+        return await self._submit(fn, write=True)
+
+    async def _submit(self, fn: Callable[[Storage], Any], *, write: bool) -> Any:
+        if self._thread is None or not self._thread.is_alive():
+            raise StorageUnavailable("the database is closed")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put((fn, write, future))
+        return await future
+
+    # -- the worker thread -----------------------------------------------------
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            storage = Storage(self.path, synchronous=self._synchronous)
+        except Exception as exc:  # noqa: BLE001 - reported to start()
+            loop.call_soon_threadsafe(_settle, ready, False, exc)
+            return
+        storage.on_commit = lambda events: loop.call_soon_threadsafe(self._on_events, events)
+        loop.call_soon_threadsafe(_settle, ready, True, None)
+        held = None
+        try:
+            while True:
+                item = held if held is not None else self._queue.get()
+                held = None
+                if item is self._STOP:
+                    break
+                fn, write, future = item
+                if not write:
+                    self._resolve(future, *self._call(lambda: fn(storage)))
+                    continue
+                batch = [item]
+                while len(batch) < self._MAX_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is self._STOP or not nxt[1]:
+                        held = nxt
+                        break
+                    batch.append(nxt)
+                outcomes = storage.run_batch([lambda f=f: f(storage) for f, _, _ in batch])
+                for (_, _, fut), (ok, value) in zip(batch, outcomes):
+                    self._resolve(fut, ok, value)
+        finally:
+            storage.close()
+
+    def _call(self, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        try:
+            return True, fn()
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            return False, exc
+
+    def _resolve(self, future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+        if not ok and isinstance(value, sqlite3.Error):
+            self.last_error = f"{type(value).__name__}: {value}"
+            _log_storage.error("database error: %s", self.last_error)
+            value = StorageUnavailable("the database cannot be written right now; nothing was "
+                                       "changed, try again", details={"reason": str(value)})
+        elif ok:
+            self.last_error = None
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_settle, future, ok, value)
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+###############################################################################
+# queue
+###############################################################################
+# What a submit, a cancel and a read mean, independent of HTTP. Jobs wait in
+# SQLite (the queue *is* the jobs table); dispatchers, one per backend, sleep
+# on a wake-up that every submit and every finished job rings.
+
+_log_queue = logging.getLogger("comfymgr.queue")
+
+TARGET_ANY = "any"
+
+
+class _Queue:
+    def __init__(self, db: _Database, clock: Clock, backend_names: Sequence[str]) -> None:
+        self._db = db
+        self._clock = clock
+        self.backend_names = tuple(backend_names)
+        self._wakeups: list[asyncio.Event] = []
+
+    def now_ms(self) -> int:
+        return _ms(self._clock())
+
+    # -- dispatcher wake-ups ---------------------------------------------------
+
+    def waiter(self) -> asyncio.Event:
+        """An Event set whenever there may be work; the dispatcher clears it
+        before it looks, so a wake-up between look and sleep is never lost."""
+        event = asyncio.Event()
+        self._wakeups.append(event)
+        return event
+
+    def notify(self) -> None:
+        for event in self._wakeups:
+            event.set()
+
+    # -- verbs -----------------------------------------------------------------
+
+    def resolve_target(self, gpu: str) -> str:
+        """The submit field `gpu`: "local" or "any" -> any backend; a backend
+        name -> that backend; anything else is refused with the valid values."""
+        if gpu in ("local", TARGET_ANY):
+            return TARGET_ANY
+        if gpu in self.backend_names:
+            return gpu
+        valid = ["local", TARGET_ANY, *self.backend_names]
+        raise BadRequest(f"gpu: unknown value {gpu!r}; use one of {', '.join(valid)}",
+                         code="unknown_gpu", details={"field": "gpu", "valid": valid})
+
+    async def submit(self, workflow: Mapping[str, Any], priority: Priority, target: str, *,
+                     timeout_s: float | None, extra: dict[str, Any] | None = None
+                     ) -> tuple[Job, int]:
+        job_id, text, now = _new_id(), _dumps(workflow), self.now_ms()
+        job, position = await self._db.write(
+            lambda s: s.enqueue(job_id, text, priority, target, now, timeout_s=timeout_s,
+                                extra=extra))
+        _log_queue.info("queued %s priority=%s gpu=%s position=%d", job.id,
+                        priority.label, target, position, extra={"job": job.id})
+        self.notify()
+        return job, position
+
+    async def get(self, job_id: str) -> tuple[Job, int | None]:
+        def read(s: Storage) -> tuple[Job, int | None]:
+            job = s.get(job_id)
+            if job is None:
+                raise NotFound(f"workflow {job_id} not found", details={"workflowId": job_id})
+            return job, s.position(job)
+        return await self._db.read(read)
+
+    async def cancel(self, job_id: str) -> Job:
+        """Queued jobs end at once; in-flight ones are marked for the bridge."""
+        job = await self._db.write(lambda s: s.request_cancel(job_id, self.now_ms()))
+        _log_queue.info("cancel requested for %s (%s)", job.id, job.state.value,
+                        extra={"job": job.id})
+        if not job.terminal:
+            self.notify()  # the bridge acts on the mark
+        return job
+
+    async def list(self, *, statuses: Sequence[str], priority: Priority | None,
+                   before: int | None, limit: int) -> list[Job]:
+        return await self._db.read(lambda s: s.list_jobs(
+            statuses=statuses, priority=priority, before=before, limit=limit))
+
+    async def counts(self) -> dict[tuple[JobState, Priority], int]:
+        return await self._db.read(lambda s: s.counts())
+
+
+###############################################################################
+# http api
+###############################################################################
+# Handlers, the route table and the middlewares (outermost first):
+#   metrics -> cors -> errors (the one envelope) -> rate limit -> auth.
+# Every route needs X-API-Key except those in _OPEN_ROUTES.
+
+_log_http = logging.getLogger("comfymgr.http")
+
+CONFIG = web.AppKey("config", Config)
+CLOCK = web.AppKey("clock", Callable)
+METRICS = web.AppKey("metrics", _Metrics)
+DB = web.AppKey("db", _Database)
+QUEUE = web.AppKey("queue", _Queue)
+API_KEYS = web.AppKey("api_keys", tuple)
+STARTED_AT = web.AppKey("started_at", float)
+
+_OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "docs_assets"})
+# Open for monitoring, so never rate limited either (Prometheus, load balancers).
+_UNLIMITED_ROUTES = frozenset({"health", "metrics"})
+
+_MAX_PAGE = 500
+_DEFAULT_PAGE = 50
+
+_NODE_SCHEMA = {
+    "type": "object",
+    "required": ["class_type", "inputs"],
+    "properties": {
+        "class_type": {"type": "string", "minLength": 1, "description": "The node's class."},
+        "inputs": {"type": "object", "description": "Values, or links [node id, output index]."},
+    },
+    "description": "One node of an API-format ComfyUI graph (extra keys such as _meta are kept).",
+}
+SUBMIT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["workflow"],
+    "additionalProperties": False,
+    "properties": {
+        "workflow": {
+            "type": "object", "minProperties": 1, "additionalProperties": _NODE_SCHEMA,
+            "description": "The API-format graph: node id -> node (ComfyUI's 'Save (API)').",
+        },
+        "priority": {"type": "string", "enum": list(PRIORITY_NAMES), "default": "normal"},
+        "gpu": {"type": "string", "default": "local", "minLength": 1, "maxLength": 128,
+                "description": "local or any: any backend; or one backend's name."},
+        "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 7 * 86400,
+                    "description": "Run-time limit in seconds (default COMFYMGR_JOB_TIMEOUT)."},
+    },
+}
+LIST_QUERY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "status": {"type": "string", "enum": list(PUBLIC_STATUSES)},
+        "priority": {"type": "string", "enum": list(PRIORITY_NAMES)},
+        "limit": {"type": "integer", "minimum": 1, "maximum": _MAX_PAGE, "default": _DEFAULT_PAGE},
+        "cursor": {"type": "string", "maxLength": 64,
+                   "description": "The `next` value of the previous page."},
+    },
+}
+
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(text=_dumps(data), status=status, headers=headers,
+                        content_type="application/json")
+
+
+async def _json_body(request: web.Request) -> Any:
+    limit = request.app[CONFIG].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}",
+                              details={"limit": limit})
+    raw = await request.read()
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"the body is over the limit of {limit} bytes",
+                              details={"limit": limit})
+    if not raw.strip():
+        raise BadRequest("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return _loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not UTF-8", code="invalid_json") from None
+    except ValueError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _query(request: web.Request, schema: Mapping[str, Any]) -> dict[str, Any]:
+    """Typed query parameters, validated by the same schema /openapi.json shows."""
+    values: dict[str, Any] = {}
+    for name, prop in schema["properties"].items():
+        raw = request.query.get(name)
+        if raw is None:
+            if "default" in prop:
+                values[name] = prop["default"]
+            continue
+        if prop.get("type") == "integer":
+            try:
+                values[name] = int(raw)
+            except ValueError:
+                raise BadRequest(f"{name}: must be integer", details={"field": name}) from None
+        else:
+            values[name] = raw
+    _Schema.validate(schema, values)
+    return values
+
+
+def _job_view(job: Job, position: int | None = None) -> dict[str, Any]:
+    """A job as the API shows it: the seed's fields, then what comfymgr adds."""
+    if job.state in (JobState.DISPATCHING, JobState.SUBMITTED):
+        position = 0  # handed to ComfyUI, about to start
+    return {
+        "workflowId": job.id,
+        "status": job.status,
+        "priority": job.priority.label,
+        "queuePosition": position,
+        "progress": round(job.progress, 1),
+        "currentNode": job.current_node,
+        "createdAt": job.created_at,
+        "startTime": job.started_at,
+        "completionTime": job.completed_at,
+        "outputs": [_output_view(job.id, item) for item in (job.outputs or [])],
+        "error": job.error,
+        "state": job.state.value,
+        "gpu": job.target,
+        "backend": job.backend,
+        "promptId": job.prompt_id,
+        "attempts": job.attempts,
+        "timeout": job.timeout_s,
+        "cancelRequested": job.cancel_requested_at is not None,
+    }
+
+
+def _output_view(job_id: str, item: Mapping[str, Any]) -> dict[str, Any]:
+    path = "/".join(p for p in (item.get("subfolder") or "", item["filename"]) if p)
+    url = f"/v1/comfyui/output/{path}"
+    if item.get("type", "output") != "output":
+        url += f"?type={item['type']}"
+    return {**item, "workflowId": job_id, "url": url}
+
+
+# -- handlers ---------------------------------------------------------------------
+
+async def _handle_submit(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    _Schema.validate(SUBMIT_SCHEMA, body)
+    queue_ = request.app[QUEUE]
+    target = queue_.resolve_target(body.get("gpu", "local"))
+    priority = Priority[body.get("priority", "normal").upper()]
+    timeout = body.get("timeout") or request.app[CONFIG].job_timeout or None
+    job, position = await queue_.submit(body["workflow"], priority, target, timeout_s=timeout)
+    return _json(_job_view(job, position), status=202,
+                 headers={"Location": f"/v1/comfyui/workflow/{job.id}"})
+
+
+async def _handle_get(request: web.Request) -> web.Response:
+    job, position = await request.app[QUEUE].get(request.match_info["id"])
+    return _json(_job_view(job, position))
+
+
+async def _handle_cancel(request: web.Request) -> web.Response:
+    job = await request.app[QUEUE].cancel(request.match_info["id"])
+    if job.terminal:
+        return _json({"workflowId": job.id, "status": job.status})
+    return _json({"workflowId": job.id, "status": job.status, "cancelRequested": True,
+                  "message": "the job is with ComfyUI; it is being interrupted"}, status=202)
+
+
+async def _handle_list(request: web.Request) -> web.Response:
+    q = _query(request, LIST_QUERY_SCHEMA)
+    before = None
+    if "cursor" in q:
+        try:
+            before = int(_unb64url(q["cursor"]).decode())
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("cursor: not a cursor this API returned",
+                             details={"field": "cursor"}) from None
+    jobs = await request.app[QUEUE].list(
+        statuses=[q["status"]] if "status" in q else [],
+        priority=Priority[q["priority"].upper()] if "priority" in q else None,
+        before=before, limit=q["limit"])
+    next_cursor = _b64url(str(jobs[-1].n).encode()) if len(jobs) == q["limit"] else None
+    return _json({"workflows": [_job_view(j) for j in jobs], "next": next_cursor,
+                  "limit": q["limit"]})
+
+
+async def _handle_health(request: web.Request) -> web.Response:
+    try:
+        await asyncio.wait_for(request.app[DB].read(lambda s: s.ping()), timeout=2)
+    except (asyncio.TimeoutError, ApiError, sqlite3.Error) as exc:
+        raise ServiceUnavailable("the database is not answering", code="unhealthy",
+                                 details={"database": str(exc) or type(exc).__name__}) from None
+    return _json({"status": "ok", "version": __version__, "database": "ok"})
+
+
+async def _handle_status(request: web.Request) -> web.Response:
+    app = request.app
+    counts = await app[QUEUE].counts()
+    by_status = dict.fromkeys(PUBLIC_STATUSES, 0)
+    by_priority = {p.label: dict.fromkeys(PUBLIC_STATUSES, 0) for p in Priority}
+    for (state, priority), n in counts.items():
+        by_status[_PUBLIC_STATUS[state]] += n
+        by_priority[priority.label][_PUBLIC_STATUS[state]] += n
+    size, version = await app[DB].read(lambda s: (s.size_bytes(), s.schema_version))
+    now = app[CLOCK]()
+    return _json({
+        "version": __version__,
+        "startedAt": _ms(app[STARTED_AT]),
+        "uptimeSeconds": round(now - app[STARTED_AT], 3),
+        "queue": {"byStatus": by_status, "byPriority": by_priority},
+        "database": {"path": str(app[DB].path), "sizeBytes": size, "schemaVersion": version,
+                     "lastError": app[DB].last_error},
+    })
+
+
+async def _handle_metrics(request: web.Request) -> web.Response:
+    app = request.app
+    metrics = app[METRICS]
+    counts = await app[QUEUE].counts()
+    queued = {p: counts.get((JobState.QUEUED, p), 0) for p in Priority}
+    metrics.queue_length.set(sum(queued.values()))
+    for p, n in queued.items():
+        metrics.queue_by_priority.labels(p.label).set(n)
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# -- middlewares -----------------------------------------------------------------
+
+def _route_name(request: web.Request) -> str | None:
+    route = request.match_info.route
+    return getattr(route, "name", None)
+
+
+def _route_template(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def _metrics_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        route = _route_template(request)
+        method = request.method if request.method in _KNOWN_METHODS else "other"
+        metrics = request.app[METRICS]
+        metrics.http_requests.labels(route, method, str(status)).inc()
+        metrics.http_latency.labels(route, method).observe(time.perf_counter() - started)
+
+
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_CORS_ALLOW_HEADERS = "X-API-Key, Content-Type, Idempotency-Key, Range, If-None-Match"
+_CORS_EXPOSE_HEADERS = "Location, Retry-After, ETag, Content-Length, Content-Range"
+
+
+@web.middleware
+async def _cors_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Same-origin unless COMFYMGR_CORS_ORIGINS allows the Origin. Preflights
+    are answered here, before auth: browsers never send keys with them."""
+    origins = request.app[CONFIG].cors_origins
+    origin = request.headers.get("Origin")
+    allowed = bool(origin) and ("*" in origins or origin in origins)
+    if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
+        if not allowed:
+            return _json(Forbidden(f"origin {origin} is not allowed",
+                                   code="cors_forbidden").envelope(), status=403)
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Origin": "*" if "*" in origins else origin,
+            "Access-Control-Allow-Methods": "GET, HEAD, POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": _CORS_ALLOW_HEADERS,
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        })
+    response = await handler(request)
+    if allowed and not response.prepared:
+        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+        response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS
+        response.headers.add("Vary", "Origin")
+    return response
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """The one error envelope, for everything a client can cause; anything
+    else is logged with its traceback and answered with a bare 500."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _json(exc.envelope(), status=exc.status, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _json(_http_exception_envelope(request, exc), status=exc.status,
+                     headers={k: v for k, v in exc.headers.items()
+                              if k.lower() in ("allow", "retry-after")})
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        _log_http.exception("unhandled error in %s %s", request.method, request.path)
+        return _json(ApiError("internal error; it has been logged").envelope(), status=500)
+
+
+def _http_exception_envelope(request: web.Request, exc: web.HTTPException) -> dict[str, Any]:
+    if exc.status == 404:
+        err: ApiError = NotFound(f"no route for {request.method} {request.path}",
+                                 details={"path": request.path})
+    elif exc.status == 405:
+        allowed = sorted(getattr(exc, "allowed_methods", ()) or ())
+        err = MethodNotAllowed(f"{request.method} is not allowed here; use {', '.join(allowed)}",
+                               details={"allowed": allowed})
+    elif exc.status == 413:
+        limit = request.app[CONFIG].max_body_bytes
+        err = PayloadTooLarge(f"the body is over the limit of {limit} bytes",
+                              details={"limit": limit})
+    else:
+        err = ApiError(exc.reason or "request failed", code=f"http_{exc.status}")
+        err.status = exc.status
+    return err.envelope()
+
+
+class _RateLimiter:
+    """A token bucket per client address: `per_minute` requests a minute,
+    bursts up to `per_minute`. Only the event loop touches it (no lock).
+    Memory stays bounded: buckets that have refilled are dropped once the
+    table grows past `max_clients`."""
+
+    def __init__(self, per_minute: int, clock: Clock, max_clients: int = 10_000) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._clock = clock
+        self._max_clients = max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def check(self, client: str) -> float | None:
+        """None when the request may pass, else the seconds until it could."""
+        now = self._clock()
+        tokens, last = self._buckets.get(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[client] = (tokens, now)
+            return (1 - tokens) / self.rate
+        self._buckets[client] = (tokens - 1, now)
+        if len(self._buckets) > self._max_clients:
+            self._prune(now)
+        return None
+
+    def _prune(self, now: float) -> None:
+        full = [c for c, (t, last) in self._buckets.items()
+                if t + (now - last) * self.rate >= self.capacity]
+        for client in full:
+            del self._buckets[client]
+
+
+RATE_LIMITER = web.AppKey("rate_limiter", _RateLimiter)
+
+
+def _client_address(request: web.Request) -> str:
+    """The peer, or, when the peer is a trusted proxy, the right-most
+    X-Forwarded-For address that is not itself a trusted proxy."""
+    peer = request.remote or "unknown"
+    trusted = request.app[CONFIG].trusted_proxies
+    if not trusted or not _in_networks(peer, trusted):
+        return peer
+    forwarded = [a.strip() for h in request.headers.getall("X-Forwarded-For", [])
+                 for a in h.split(",") if a.strip()]
+    for address in reversed(forwarded):
+        if not _in_networks(address, trusted):
+            return address
+    return forwarded[0] if forwarded else peer
+
+
+def _in_networks(address: str, networks: Sequence[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+@web.middleware
+async def _rate_limit_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    limiter = request.app.get(RATE_LIMITER)
+    if limiter is not None and _route_name(request) not in _UNLIMITED_ROUTES:
+        wait = limiter.check(_client_address(request))
+        if wait is not None:
+            retry_after = max(1, math.ceil(wait))
+            raise RateLimited(
+                f"too many requests; the limit is {request.app[CONFIG].rate_limit} a minute",
+                details={"limit": request.app[CONFIG].rate_limit, "retryAfter": retry_after},
+                headers={"Retry-After": str(retry_after)})
+    return await handler(request)
+
+
+def _key_matches(given: str | None, keys: Sequence[bytes]) -> bool:
+    if not given:
+        return False
+    candidate = given.encode("utf-8", "surrogateescape")
+    matched = False
+    for key in keys:  # every key compared, in constant time each
+        matched |= hmac.compare_digest(candidate, key)
+    return matched
+
+
+@web.middleware
+async def _auth_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    if _route_name(request) not in _OPEN_ROUTES:
+        given = request.headers.get("X-API-Key")
+        if given is None and _route_name(request) in _QUERY_KEY_ROUTES:
+            given = request.query.get("api_key")
+        if not _key_matches(given, request.app[API_KEYS]):
+            raise Unauthorized("a valid X-API-Key header is required" if given is None
+                               else "the API key is not valid")
+    return await handler(request)
+
+
+# Routes whose clients may not be able to set headers (browser WebSockets).
+_QUERY_KEY_ROUTES: frozenset[str] = frozenset({"stream"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    """One line of the route table; /openapi.json is generated from it."""
+
+    method: str
+    path: str
+    handler: Callable[[web.Request], Any]
+    name: str
+    summary: str
+    tag: str
+    body: Mapping[str, Any] | None = None
+    query: Mapping[str, Any] | None = None
+    responses: Mapping[int, str] = dataclasses.field(default_factory=dict)
+    response_schema: str | None = None  # a components/schemas name for the 2xx body
+
+
+def _routes() -> list[_Route]:
+    r = _Route
+    return [
+        r("POST", "/v1/comfyui/workflow", _handle_submit, "submit", "Submit a workflow", "jobs",
+          body=SUBMIT_SCHEMA, response_schema="Job",
+          responses={202: "Queued; the job as GET shows it", 400: "Invalid JSON or request",
+                     413: "Body over the limit"}),
+        r("GET", "/v1/comfyui/workflow/{id}", _handle_get, "job", "Get a job's status", "jobs",
+          response_schema="Job", responses={200: "The job", 404: "No such job"}),
+        r("DELETE", "/v1/comfyui/workflow/{id}", _handle_cancel, "cancel", "Cancel a job", "jobs",
+          response_schema="CancelResult",
+          responses={200: "Cancelled (it was queued)", 202: "Being interrupted on ComfyUI",
+                     404: "No such job", 409: "Already finished"}),
+        r("GET", "/v1/comfyui/workflows", _handle_list, "jobs", "List jobs, newest first", "jobs",
+          query=LIST_QUERY_SCHEMA, response_schema="JobList",
+          responses={200: "A page of jobs", 400: "Bad query parameter"}),
+        r("GET", "/health", _handle_health, "health", "Liveness and database check", "service",
+          response_schema="Health", responses={200: "Healthy", 503: "Database not answering"}),
+        r("GET", "/v1/status", _handle_status, "status", "Service, queue and database status",
+          "service", response_schema="Status", responses={200: "Status"}),
+        r("GET", "/metrics", _handle_metrics, "metrics", "Prometheus metrics", "service",
+          responses={200: "Prometheus text format"}),
+    ]
+
+
+###############################################################################
+# openapi
+###############################################################################
+# /openapi.json (OpenAPI 3.1) is generated from the route table and from the
+# very schemas the handlers validate with. /docs is Swagger UI served from the
+# swagger-ui-bundle package's files: no CDN, works on a box with no internet.
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error", "message", "statusCode", "details"],
+    "properties": {
+        "error": {"type": "string", "description": "Stable machine-readable code."},
+        "message": {"type": "string"},
+        "statusCode": {"type": "integer"},
+        "details": {"type": "object"},
+    },
+}
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_OUTPUT_SCHEMA = {
+    "type": "object",
+    "required": ["filename", "type", "url"],
+    "properties": {
+        "filename": {"type": "string"}, "subfolder": {"type": "string"},
+        "type": {"type": "string", "enum": ["output", "temp", "input"]},
+        "nodeId": {"type": "string"}, "workflowId": {"type": "string"},
+        "url": {"type": "string"},
+    },
+}
+_JOB_SCHEMA = {
+    "type": "object",
+    "required": ["workflowId", "status", "priority", "queuePosition", "progress", "createdAt",
+                 "startTime", "completionTime", "outputs", "error", "state"],
+    "properties": {
+        "workflowId": {"type": "string", "format": "uuid"},
+        "status": {"type": "string", "enum": list(PUBLIC_STATUSES)},
+        "priority": {"type": "string", "enum": list(PRIORITY_NAMES)},
+        "queuePosition": {**_NULLABLE_INT, "description": "1 = dispatched next; 0 = handed to "
+                          "ComfyUI, starting; null = not queued."},
+        "progress": {"type": "number", "minimum": 0, "maximum": 100},
+        "currentNode": _NULLABLE_STR,
+        "createdAt": {"type": "integer", "description": "Epoch milliseconds."},
+        "startTime": _NULLABLE_INT,
+        "completionTime": _NULLABLE_INT,
+        "outputs": {"type": "array", "items": _OUTPUT_SCHEMA},
+        "error": {"type": ["object", "null"]},
+        "state": {"type": "string", "enum": [s.value for s in JobState]},
+        "gpu": {"type": "string"},
+        "backend": _NULLABLE_STR,
+        "promptId": _NULLABLE_STR,
+        "attempts": {"type": "integer"},
+        "timeout": {"type": ["number", "null"]},
+        "cancelRequested": {"type": "boolean"},
+    },
+}
+_COMPONENT_SCHEMAS: dict[str, Any] = {
+    "Error": _ERROR_SCHEMA,
+    "Job": _JOB_SCHEMA,
+    "JobList": {
+        "type": "object", "required": ["workflows", "next", "limit"],
+        "properties": {"workflows": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+                       "next": _NULLABLE_STR, "limit": {"type": "integer"}},
+    },
+    "CancelResult": {
+        "type": "object", "required": ["workflowId", "status"],
+        "properties": {"workflowId": {"type": "string"}, "status": {"type": "string"},
+                       "cancelRequested": {"type": "boolean"}, "message": {"type": "string"}},
+    },
+    "Health": {
+        "type": "object", "required": ["status", "version", "database"],
+        "properties": {"status": {"type": "string"}, "version": {"type": "string"},
+                       "database": {"type": "string"}},
+    },
+    "Status": {
+        "type": "object", "required": ["version", "uptimeSeconds", "queue", "database"],
+        "properties": {"version": {"type": "string"}, "startedAt": {"type": "integer"},
+                       "uptimeSeconds": {"type": "number"}, "queue": {"type": "object"},
+                       "database": {"type": "object"}},
+    },
+}
+
+
+def _openapi_document(routes: Sequence[_Route]) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for route in routes:
+        operation: dict[str, Any] = {"operationId": route.name, "summary": route.summary,
+                                     "tags": [route.tag]}
+        parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                      for name in _path_params(route.path)]
+        for name, schema in (route.query or {}).get("properties", {}).items():
+            parameters.append({"name": name, "in": "query", "required": False, "schema": schema})
+        if parameters:
+            operation["parameters"] = parameters
+        if route.body is not None:
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": route.body}}}
+        responses: dict[str, Any] = {}
+        for status, description in route.responses.items():
+            entry: dict[str, Any] = {"description": description}
+            if status >= 400:
+                entry["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+            elif route.response_schema:
+                entry["content"] = {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{route.response_schema}"}}}
+            elif route.name == "metrics":
+                entry["content"] = {"text/plain": {"schema": {"type": "string"}}}
+            responses[str(status)] = entry
+        error_ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        if route.name in _OPEN_ROUTES:
+            operation["security"] = []
+        else:
+            responses.setdefault("401", {"description": "Missing or wrong API key", **error_ref})
+        if route.name not in _UNLIMITED_ROUTES:
+            responses.setdefault("429", {"description": "Rate limited; see Retry-After", **error_ref})
+        responses["default"] = {"description": "Any other error, in the same envelope", **error_ref}
+        operation["responses"] = responses
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "comfymgr", "version": __version__,
+                 "description": "The management API in front of ComfyUI: a durable priority "
+                                "queue, a live event stream, metrics, files."},
+        "paths": paths,
+        "components": {
+            "schemas": _COMPONENT_SCHEMAS,
+            "securitySchemes": {"ApiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+        },
+        "security": [{"ApiKeyAuth": []}],
+    }
+
+
+def _path_params(path: str) -> list[str]:
+    return [part[1:-1].split(":")[0] for part in path.split("/")
+            if part.startswith("{") and part.endswith("}")]
+
+
+_DOCS_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>comfymgr API</title>
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script src="/docs/init.js"></script>
+</body>
+</html>
+"""
+# validatorUrl null: Swagger UI would otherwise send the document to an
+# outside validator service.
+_DOCS_INIT_JS = """window.ui = SwaggerUIBundle({
+  url: "/openapi.json",
+  dom_id: "#swagger-ui",
+  validatorUrl: null,
+  persistAuthorization: true,
+  deepLinking: true
+});
+"""
+
+OPENAPI = web.AppKey("openapi", dict)
+
+
+async def _handle_openapi(request: web.Request) -> web.Response:
+    return _json(request.app[OPENAPI])
+
+
+async def _handle_docs(request: web.Request) -> web.Response:
+    return web.Response(text=_DOCS_HTML, content_type="text/html")
+
+
+async def _handle_docs_init(request: web.Request) -> web.Response:
+    return web.Response(text=_DOCS_INIT_JS, content_type="application/javascript")
+
+
+def _swagger_ui_dir() -> Path | None:
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    return Path(swagger_ui_bundle.swagger_ui_path)
+
+
+###############################################################################
+# app
+###############################################################################
+# create_app(config) wires the sections together. Each resource has one
+# cleanup_ctx that starts it and stops it, in dependency order; background
+# tasks are started and cancelled there and nowhere else.
+
+_log_app = logging.getLogger("comfymgr.app")
+
+API_KEY_FILE = "api-key"
+
+
+def _resolve_api_keys(config: Config) -> tuple[bytes, ...]:
+    """The configured keys, or the generated one kept (mode 0600) in the
+    state directory. The key itself is never logged; its file's path is."""
+    if config.api_keys:
+        return tuple(k.encode("utf-8", "surrogateescape") for k in config.api_keys)
+    path = config.state_dir / API_KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_text().strip()
+        if not key:
+            raise ConfigError(f"{path} is empty; delete it to generate a new key") from None
+        _log_app.info("MANAGEMENT_API_KEY is not set: using the key stored in %s", path)
+    else:
+        key = secrets.token_urlsafe(32)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
+        _log_app.warning("MANAGEMENT_API_KEY is not set: generated a key and stored it in %s "
+                         "(mode 0600); clients send it as X-API-Key", path)
+    return (key.encode(),)
+
+
+async def _storage_ctx(app: web.Application) -> Any:
+    config = app[CONFIG]
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    app[API_KEYS] = _resolve_api_keys(config)
+    db = app[DB]
+    await db.start()
+    _log_app.info("database %s ready", db.path)
+    yield
+    await db.close()
+    _log_app.info("database closed")
+
+
+def _publish_events(app: web.Application, events: list[Event]) -> None:
+    """Every committed event passes here, in seq order, on the event loop."""
+    metrics = app[METRICS]
+    for event in events:
+        status = event.data.get("status")
+        if event.type == EVENT_PROGRESS or status is None:
+            continue
+        metrics.workflow_total.labels(status).inc()
+        if event.type == "workflow:error":
+            error = event.data.get("error") or {}
+            metrics.workflow_errors.labels(error.get("code", "unknown")).inc()
+
+
+def create_app(config: Config, *, clock: Clock = time.time) -> web.Application:
+    """The whole service as an aiohttp Application (tests run it on port 0)."""
+    app = web.Application(
+        middlewares=[_metrics_middleware, _cors_middleware, _error_middleware,
+                     _rate_limit_middleware, _auth_middleware],
+        client_max_size=config.max_body_bytes,
+    )
+    app[CONFIG] = config
+    app[CLOCK] = clock
+    app[STARTED_AT] = clock()
+    app[METRICS] = _Metrics()
+    app[DB] = _Database(config.state_dir / "comfymgr.db", synchronous=config.db_synchronous,
+                        on_events=lambda events: _publish_events(app, events))
+    app[QUEUE] = _Queue(app[DB], clock, [b.name for b in config.backend_specs])
+    if config.rate_limit:
+        app[RATE_LIMITER] = _RateLimiter(config.rate_limit, clock)
+    routes = _routes()
+    for route in routes:
+        app.router.add_route(route.method, route.path, route.handler, name=route.name)
+    app.router.add_get("/openapi.json", _handle_openapi, name="openapi")
+    app.router.add_get("/docs", _handle_docs, name="docs")
+    app.router.add_get("/docs/init.js", _handle_docs_init, name="docs_init")
+    assets = _swagger_ui_dir()
+    if assets is not None:
+        app.router.add_static("/docs/assets", assets, name="docs_assets")
+    app[OPENAPI] = _openapi_document(routes)
+    app.cleanup_ctx.append(_storage_ctx)
+    return app
+
+
+###############################################################################
+# cli
+###############################################################################
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run comfymgr until SIGTERM/SIGINT. Exit codes: 0 stopped cleanly,
+    2 bad configuration, 1 could not start."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(argv)
+    except ConfigError as exc:
+        print(f"comfymgr: error: {exc}", file=sys.stderr)
+        return 2
+    if "--config-table" in argv:
+        print(_config_table())
+        return 0
+    _setup_logging(config.log_format, config.log_level)
+    try:
+        app = create_app(config)
+        _log_app.info("comfymgr %s listening on %s:%d", __version__, config.host, config.port)
+        web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
+                    shutdown_timeout=config.shutdown_timeout, handle_signals=True)
+    except (OSError, ConfigError, sqlite3.Error) as exc:
+        _log_app.error("cannot start: %s", exc)
+        return 1
+    _log_app.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
