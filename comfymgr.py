@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import queue
+import random
 import secrets
 import sqlite3
 import sys
@@ -44,6 +45,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import disable_created_metrics
@@ -258,6 +260,9 @@ def _settings() -> tuple[_Setting, ...]:
         s("cancel_grace", "COMFYMGR_CANCEL_GRACE", "30s", _parse_duration,
           "How long a cancel waits for ComfyUI to confirm the interrupt before the job is "
           "recorded cancelled anyway.", "comfyui"),
+        s("progress_interval", "COMFYMGR_PROGRESS_INTERVAL", "500ms", _parse_duration,
+          "Least time between two progress events of one job (the latest value is kept).",
+          "comfyui"),
     )
 
 
@@ -288,6 +293,7 @@ class Config:
     backend_retries: int
     reconcile_interval: float
     cancel_grace: float
+    progress_interval: float
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Config:
@@ -648,6 +654,7 @@ class Priority(enum.IntEnum):
 
 
 PRIORITY_NAMES = tuple(p.label for p in Priority)
+TARGET_ANY = "any"  # a job any backend may run; otherwise the backend's name
 
 
 class JobState(str, enum.Enum):
@@ -1092,6 +1099,24 @@ class Storage:
             return self._event(job_id, EVENT_PROGRESS, now, {
                 "status": "running", "progress": progress, "currentNode": current_node})
 
+    def orphaned(self, backends: Sequence[str]) -> list[str]:
+        """Ids of unfinished jobs bound to a backend not in `backends`."""
+        targets, names = [TARGET_ANY, *backends], list(backends)
+        rows = self._conn.execute(
+            f"SELECT id FROM jobs WHERE state = 'queued' AND target NOT IN "
+            f"({','.join('?' * len(targets))}) UNION ALL SELECT id FROM jobs WHERE state IN "
+            f"('dispatching', 'submitted', 'running') AND backend NOT IN "
+            f"({','.join('?' * len(names))})", (*targets, *names)).fetchall()
+        return [row[0] for row in rows]
+
+    def note(self, job_id: str, now: int, **values: Any) -> None:
+        """Merge bookkeeping into a job's `extra` (no state change, no event)."""
+        with self.transaction():
+            job = self.get(job_id)
+            if job is not None:
+                self._conn.execute("UPDATE jobs SET extra = ?, updated_at = ? WHERE n = ?",
+                                   (_dumps({**job.extra, **values}), now, job.n))
+
     def in_flight(self, backend: str | None = None) -> list[Job]:
         """Jobs handed to a backend and not finished: what a restart must
         reconcile with ComfyUI."""
@@ -1282,7 +1307,14 @@ def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
 
 _log_queue = logging.getLogger("comfymgr.queue")
 
-TARGET_ANY = "any"
+def _output_record(node_id: str, item: Mapping[str, Any], kind: str = "images") -> dict[str, Any]:
+    """One file a job produced, with the URL comfymgr serves it at."""
+    filename, subfolder = str(item["filename"]), str(item.get("subfolder") or "")
+    type_ = str(item.get("type") or "output")
+    path = "/".join(p for p in (subfolder, filename) if p)
+    url = f"/v1/comfyui/output/{path}" + ("" if type_ == "output" else f"?type={type_}")
+    return {"filename": filename, "subfolder": subfolder, "type": type_, "nodeId": str(node_id),
+            "kind": kind, "url": url}
 
 
 class _Queue:
@@ -1360,6 +1392,916 @@ class _Queue:
 
 
 ###############################################################################
+# comfyui client
+###############################################################################
+# The bridge to real ComfyUI servers, speaking their own HTTP API and
+# WebSocket as shared/comfyui/PROTOCOL.md records them. The rules it lives by:
+# - comfymgr mints a lowercase UUID4 prompt_id for every attempt and stores
+#   it (state dispatching) before POST /prompt, always with `client_id`;
+# - one WebSocket per backend, a fresh clientId per connection;
+# - WebSocket messages are hints; /queue and /history are the record: a job
+#   is completed only when ComfyUI's history says success;
+# - reconcile what each in-flight prompt became at start, after every
+#   reconnect and on a timer: re-attach, record, resubmit if ComfyUI never
+#   saw it, or fail it `backend_lost` if ComfyUI restarted and forgot it.
+# Each backend has three tasks (its WebSocket, its dispatcher, its tick),
+# started and cancelled by _Bridge.start()/stop() only.
+
+_log_bridge = logging.getLogger("comfymgr.bridge")
+
+_HISTORY_RETRIES = 5           # history written just after `executing: null`
+_BACKOFF_BASE, _BACKOFF_MAX = 0.25, 10.0
+_TRACEBACK_LINES = 12
+
+
+class BackendError(ComfymgrError):
+    """A call to ComfyUI failed. `sent` is False only when the request surely
+    never reached ComfyUI (the connection itself failed)."""
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,) + tuple(
+    t for t in (getattr(aiohttp, "ConnectionTimeoutError", None),) if t is not None)
+
+
+class _ComfyClient:
+    """ComfyUI's HTTP API. Every call is bounded by the backend timeout, so a
+    ComfyUI that accepts connections and never answers cannot hang us."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.base_url = base_url
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=timeout)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        self.session = aiohttp.ClientSession(timeout=self._timeout)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def _call(self, method: str, path: str, *, json_body: Any = None,
+                    expect_json: bool = True) -> tuple[int, Any]:
+        assert self.session is not None
+        try:
+            async with self.session.request(method, self.base_url + path, json=json_body) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except _CONNECT_ERRORS as exc:
+            raise BackendError(f"cannot connect to {self.base_url}: {exc}", sent=False) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise BackendError(f"{method} {path}: {type(exc).__name__} {exc}".strip()) from None
+        if status >= 500:
+            raise BackendError(f"{method} {path}: HTTP {status}")
+        if not expect_json:
+            return status, None
+        try:
+            return status, _loads(raw.decode("utf-8")) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            raise BackendError(f"{method} {path}: HTTP {status} with a body that is not JSON") from None
+
+    async def post_prompt(self, prompt: Mapping[str, Any], prompt_id: str,
+                          client_id: str) -> tuple[int, Any]:
+        status, body = await self._call("POST", "/prompt", json_body={
+            "prompt": prompt, "prompt_id": prompt_id, "client_id": client_id})
+        if status not in (200, 400) or not isinstance(body, dict):
+            raise BackendError(f"POST /prompt: unexpected HTTP {status}")
+        return status, body
+
+    async def queue(self) -> tuple[list[str], list[str]]:
+        """(running prompt ids, pending prompt ids). Items carry extra_data,
+        which may hold secrets: only the ids leave this method."""
+        status, body = await self._call("GET", "/queue")
+        if status != 200 or not isinstance(body, dict):
+            raise BackendError(f"GET /queue: unexpected HTTP {status}")
+        try:
+            running = [str(item[1]) for item in body.get("queue_running", [])]
+            pending = [str(item[1]) for item in sorted(body.get("queue_pending", []),
+                                                       key=lambda item: item[0])]
+        except (TypeError, IndexError, KeyError):
+            raise BackendError("GET /queue: unexpected shape") from None
+        return running, pending
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        status, body = await self._call("GET", f"/history/{prompt_id}")
+        if status != 200 or not isinstance(body, dict):
+            raise BackendError(f"GET /history: unexpected HTTP {status}")
+        entry = body.get(prompt_id)
+        return entry if isinstance(entry, dict) else None
+
+    async def interrupt(self, prompt_id: str) -> None:
+        await self._call("POST", "/interrupt", json_body={"prompt_id": prompt_id}, expect_json=False)
+
+    async def delete_pending(self, prompt_id: str) -> None:
+        await self._call("POST", "/queue", json_body={"delete": [prompt_id]}, expect_json=False)
+
+    async def cancel_job(self, prompt_id: str) -> bool | None:
+        """The newer POST /api/jobs/{id}/cancel: True/False as ComfyUI says
+        whether it cancelled, None when the server has no such route."""
+        status, body = await self._call("POST", f"/api/jobs/{prompt_id}/cancel", expect_json=False)
+        if status in (404, 405):
+            return None
+        return status == 200
+
+    async def system_stats(self) -> dict[str, Any]:
+        status, body = await self._call("GET", "/system_stats")
+        if status != 200 or not isinstance(body, dict):
+            raise BackendError(f"GET /system_stats: unexpected HTTP {status}")
+        return body
+
+    async def object_info(self) -> dict[str, Any]:
+        status, body = await self._call("GET", "/object_info")
+        if status != 200 or not isinstance(body, dict):
+            raise BackendError(f"GET /object_info: unexpected HTTP {status}")
+        return body
+
+
+# -- workflow checks against /object_info -------------------------------------------
+
+def _is_link(value: Any) -> bool:
+    # ComfyUI treats every list input as a link [node id, output index].
+    return isinstance(value, list)
+
+
+def _output_nodes(workflow: Mapping[str, Any], object_info: Mapping[str, Any]) -> list[str]:
+    return [nid for nid, node in workflow.items()
+            if object_info.get(node.get("class_type"), {}).get("output_node")]
+
+
+def _reachable(workflow: Mapping[str, Any], roots: Iterable[str]) -> set[str]:
+    seen: set[str] = set()
+    stack = [str(r) for r in roots]
+    while stack:
+        nid = stack.pop()
+        if nid in seen or nid not in workflow:
+            continue
+        seen.add(nid)
+        for value in (workflow[nid].get("inputs") or {}).values():
+            if _is_link(value) and value:
+                stack.append(str(value[0]))
+    return seen
+
+
+def _node_error(type_: str, message: str, details: str, input_name: str) -> dict[str, Any]:
+    return {"type": type_, "message": message, "details": details,
+            "extra_info": {"input_name": input_name}}
+
+
+def _check_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What ComfyUI's own validation would refuse that can be known from
+    /object_info alone, in ComfyUI's error shape; None when nothing is wrong.
+    Values (ranges, file names) are left to ComfyUI at dispatch."""
+    def body(type_: str, message: str, details: str = "",
+             node_errors: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"error": {"type": type_, "message": message, "details": details, "extra_info": {}},
+                "node_errors": node_errors or {}}
+
+    for nid, node in workflow.items():
+        if node["class_type"] not in object_info:
+            return body("invalid_prompt",
+                        f"Cannot execute because node {node['class_type']} does not exist.",
+                        f"Node ID '#{nid}'")
+    outputs = _output_nodes(workflow, object_info)
+    if not outputs:
+        return body("prompt_no_outputs", "Prompt has no outputs")
+    node_errors: dict[str, Any] = {}
+    for out in outputs:
+        for nid in sorted(_reachable(workflow, [out])):
+            node = workflow[nid]
+            schema = object_info[node["class_type"]]
+            inputs = node.get("inputs") or {}
+            errors = []
+            for name in (schema.get("input") or {}).get("required") or {}:
+                if name not in inputs:
+                    errors.append(_node_error("required_input_missing", "Required input is missing",
+                                              name, name))
+            for name, value in inputs.items():
+                if not _is_link(value):
+                    continue
+                if len(value) != 2 or not isinstance(value[1], int) or isinstance(value[1], bool):
+                    errors.append(_node_error(
+                        "bad_linked_input",
+                        "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+                        f"{name}, {value}", name))
+                    continue
+                source = workflow.get(str(value[0]))
+                if source is None:
+                    errors.append(_node_error(
+                        "linked_node_missing", "Input is linked to a node that does not exist",
+                        f"{name}: node '{value[0]}'", name))
+                    continue
+                produced = object_info[source["class_type"]].get("output") or []
+                if not 0 <= value[1] < len(produced):
+                    errors.append(_node_error(
+                        "linked_output_missing",
+                        "Input is linked to an output the source node does not have",
+                        f"{name}: node '{value[0]}' ({source['class_type']}) has {len(produced)} "
+                        f"output(s), not index {value[1]}", name))
+            if errors:
+                entry = node_errors.setdefault(nid, {"errors": errors, "dependent_outputs": [],
+                                                     "class_type": node["class_type"]})
+                if out not in entry["dependent_outputs"]:
+                    entry["dependent_outputs"].append(out)
+    if node_errors:
+        return body("prompt_outputs_failed_validation", "Prompt outputs failed validation",
+                    node_errors=node_errors)
+    return None
+
+
+def _invalid_workflow(body: Mapping[str, Any]) -> dict[str, Any]:
+    """comfymgr's `error` for a workflow ComfyUI (or its /object_info) refuses."""
+    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    message = str(error.get("message") or "ComfyUI refused the workflow")
+    if error.get("details"):
+        message += f": {error['details']}"
+    return {"code": "invalid_workflow", "message": message,
+            "details": {"error": error, "node_errors": body.get("node_errors") or {}}}
+
+
+def _history_outputs(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The files of a history entry: every list item with a filename, of any
+    kind (images, gifs, audio, ...), in node order."""
+    records = []
+    for node_id, produced in (entry.get("outputs") or {}).items():
+        if not isinstance(produced, dict):
+            continue
+        for kind, items in produced.items():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if isinstance(item, dict) and isinstance(item.get("filename"), str):
+                    records.append(_output_record(node_id, item, kind))
+    return records
+
+
+def _history_event(entry: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    for message in (entry.get("status") or {}).get("messages") or []:
+        if isinstance(message, list) and len(message) == 2 and message[0] == name:
+            return message[1] if isinstance(message[1], dict) else {}
+    return None
+
+
+def _execution_error(data: Mapping[str, Any]) -> dict[str, Any]:
+    traceback = data.get("traceback") or []
+    if isinstance(traceback, str):
+        traceback = traceback.splitlines()
+    return {
+        "code": "execution_error",
+        "message": f"{data.get('exception_type', 'error')}: "
+                   f"{str(data.get('exception_message', '')).strip()}",
+        "nodeId": data.get("node_id"),
+        "nodeType": data.get("node_type"),
+        "exceptionType": data.get("exception_type"),
+        "exceptionMessage": data.get("exception_message"),
+        "traceback": [str(line) for line in traceback[-_TRACEBACK_LINES:]],
+    }
+
+
+# -- the bridge itself ---------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class _Run:
+    """What comfymgr knows of one in-flight prompt, beside the job's row."""
+
+    job_id: str
+    prompt_id: str
+    nodes: frozenset[str]            # what ComfyUI will execute (reachable from outputs)
+    timeout_s: float | None
+    started: float | None = None     # clock() at execution_start
+    client_id: str | None = None     # the socket ComfyUI sends this prompt's messages to
+    posting: bool = False            # POST /prompt under way: reconcile must not judge it
+    cached: set[str] = dataclasses.field(default_factory=set)
+    node_progress: dict[str, float] = dataclasses.field(default_factory=dict)
+    current_node: str | None = None
+    progress: float = 0.0
+    dirty: bool = False
+    last_flush: float = float("-inf")
+    ending: tuple[str, dict[str, Any]] | None = None  # the end message, a hint
+    interrupt: str | None = None     # "cancel" or "timeout" once decided
+    interrupt_at: float | None = None
+
+    def recompute(self) -> None:
+        if not self.nodes:
+            return
+        done = sum(1.0 if n in self.cached else self.node_progress.get(n, 0.0) for n in self.nodes)
+        value = round(min(100.0, 100.0 * done / len(self.nodes)), 1)
+        if value > self.progress:
+            self.progress, self.dirty = value, True
+
+
+class _Backend:
+    """One ComfyUI server: its connection, its one job at a time, its state."""
+
+    def __init__(self, spec: BackendSpec, bridge: _Bridge) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.bridge = bridge
+        self.client = _ComfyClient(spec.url, bridge.config.backend_timeout)
+        self.up = False
+        self.last_error: str | None = None
+        self.version: str | None = None
+        self.devices: list[dict[str, Any]] = []
+        self.object_info: dict[str, Any] | None = None
+        self.queue_remaining: int | None = None
+        self.client_id: str | None = None
+        self.runs: dict[str, _Run] = {}        # job id -> run; one at a time in practice
+        self.jobs_cancel_route: bool | None = None
+        # Dispatch, reconcile, finish and interrupt change the same runs and
+        # rows with awaits in between: they take this lock; progress does not.
+        self.lock = asyncio.Lock()
+        self.wake = bridge.queue.waiter()
+        self.last_reconcile = float("-inf")
+
+    # -- status --------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "url": self.spec.url, "gpu": self.spec.gpu_index,
+            "state": "up" if self.up else "down", "lastError": self.last_error,
+            "comfyuiVersion": self.version,
+            "devices": [{k: d.get(k) for k in ("name", "type", "index", "vram_total", "vram_free")}
+                        for d in self.devices],
+            "runningJob": next(iter(self.runs), None),
+            "comfyuiQueueRemaining": self.queue_remaining,
+        }
+
+    def _run_for_prompt(self, prompt_id: Any) -> _Run | None:
+        for run in self.runs.values():
+            if run.prompt_id == prompt_id:
+                return run
+        return None
+
+    def _error(self, message: str) -> None:
+        if message != self.last_error:
+            _log_bridge.warning("backend %s: %s", self.name, message, extra={"backend": self.name})
+        self.last_error = message
+
+    # -- the WebSocket task ------------------------------------------------------
+
+    async def websocket_loop(self) -> None:
+        failures = 0
+        while True:
+            client_id = _new_id()
+            url = self.spec.url.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
+            try:
+                assert self.client.session is not None
+                async with self.client.session.ws_connect(
+                        url, heartbeat=max(5.0, self.bridge.config.backend_timeout),
+                        autoping=True) as ws:
+                    await self._connected(client_id)
+                    failures = 0
+                    async for message in ws:
+                        if message.type == aiohttp.WSMsgType.TEXT:
+                            await self._on_text(message.data)
+                        elif message.type == aiohttp.WSMsgType.ERROR:
+                            break
+                self._error("the WebSocket closed")
+            except asyncio.CancelledError:
+                raise
+            except BackendError as exc:
+                self._error(str(exc))
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                self._error(f"WebSocket: {type(exc).__name__} {exc}".strip())
+            finally:
+                self.up = False
+                self.client_id = None
+            failures += 1
+            delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** min(failures, 10))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _connected(self, client_id: str) -> None:
+        """A fresh socket: learn the server, then reconcile before dispatching,
+        since whatever ComfyUI said while we were away is gone."""
+        stats = await self.client.system_stats()
+        system = stats.get("system") or {}
+        self.version = str(system.get("comfyui_version")) if system.get("comfyui_version") else None
+        self.devices = [d for d in stats.get("devices") or [] if isinstance(d, dict)]
+        self.object_info = await self.client.object_info()
+        self.jobs_cancel_route = None
+        self.client_id = client_id
+        self.up = True  # dispatch waits for the lock that reconcile holds
+        await self.reconcile()
+        self.last_error = None
+        _log_bridge.info("backend %s up (ComfyUI %s)", self.name, self.version,
+                         extra={"backend": self.name})
+        self.wake.set()
+
+    async def _on_text(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+            kind, data = message["type"], message.get("data") or {}
+        except (ValueError, KeyError, TypeError):
+            return
+        if kind == "status":
+            remaining = ((data.get("status") or {}).get("exec_info") or {}).get("queue_remaining")
+            if isinstance(remaining, int):
+                self.queue_remaining = remaining
+            return
+        run = self._run_for_prompt(data.get("prompt_id"))
+        if run is None:
+            return  # a prompt comfymgr did not send, or one already finished
+        bridge = self.bridge
+        if kind == "execution_start":
+            await bridge.mark_running(self, run)
+        elif kind == "execution_cached":
+            run.cached.update(str(n) for n in data.get("nodes") or [])
+            run.recompute()
+        elif kind == "executing":
+            if data.get("node") is None:
+                # The end marker: ComfyUI has written the history by now.
+                async with self.lock:
+                    await bridge.finish(self, run)
+                return
+            run.current_node, run.dirty = str(data["node"]), True
+        elif kind == "progress":
+            node, value, maximum = data.get("node"), data.get("value"), data.get("max")
+            if node is not None and isinstance(value, (int, float)) and maximum:
+                run.node_progress[str(node)] = max(0.0, min(1.0, value / maximum))
+                run.current_node = str(node)
+                run.recompute()
+        elif kind == "progress_state":
+            for node, state in (data.get("nodes") or {}).items():
+                if not isinstance(state, dict):
+                    continue
+                if state.get("state") == "finished":
+                    run.node_progress[str(node)] = 1.0
+                elif isinstance(state.get("value"), (int, float)) and state.get("max"):
+                    run.node_progress[str(node)] = max(0.0, min(1.0, state["value"] / state["max"]))
+            run.recompute()
+        elif kind == "executed":
+            if data.get("node") is not None:
+                run.node_progress[str(data["node"])] = 1.0
+                run.recompute()
+        elif kind in ("execution_success", "execution_error", "execution_interrupted"):
+            run.ending = (kind, data)
+        if run.dirty:
+            await bridge.flush_progress(run)
+
+    # -- the dispatcher task -------------------------------------------------------
+
+    async def dispatch_loop(self) -> None:
+        """Feed this backend one job at a time, by priority then age."""
+        while True:
+            self.wake.clear()
+            if self.up and not self.runs:
+                try:
+                    dispatched = await self.bridge.dispatch_next(self)
+                except ApiError as exc:  # storage unavailable: try again on the next wake
+                    _log_bridge.error("backend %s: cannot claim a job: %s", self.name, exc.message)
+                    dispatched = False
+                    await asyncio.sleep(1)
+                if dispatched:
+                    continue
+            await self.wake.wait()
+
+    # -- the tick task ---------------------------------------------------------------
+
+    async def tick_loop(self) -> None:
+        period = max(0.05, min(1.0, self.bridge.config.reconcile_interval,
+                               self.bridge.config.progress_interval or 1.0))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.bridge.tick(self)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a tick must never kill the backend
+                _log_bridge.exception("backend %s: tick failed", self.name)
+
+    # -- reconciliation ----------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Ask ComfyUI what became of every in-flight job of this backend."""
+        async with self.lock:
+            await self.bridge.reconcile(self)
+
+
+class _Bridge:
+    """All backends, and what happens to a job between its claim and its end."""
+
+    def __init__(self, config: Config, db: _Database, queue_: _Queue, clock: Clock) -> None:
+        self.config = config
+        self.db = db
+        self.queue = queue_
+        self.clock = clock
+        self.backends = {spec.name: _Backend(spec, self) for spec in config.backend_specs}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def now_ms(self) -> int:
+        return _ms(self.clock())
+
+    async def start(self) -> None:
+        await self._fail_orphans()
+        for backend in self.backends.values():
+            await backend.client.open()
+            for loop in (backend.websocket_loop, backend.dispatch_loop, backend.tick_loop):
+                self._tasks.append(asyncio.create_task(loop(), name=f"{backend.name}:{loop.__name__}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for backend in self.backends.values():
+            await backend.client.close()
+
+    async def _fail_orphans(self) -> None:
+        """Jobs for a backend that is no longer configured would wait forever."""
+        names = list(self.backends)
+
+        def fail(s: Storage) -> list[Job]:
+            failed = []
+            for job_id in s.orphaned(names):
+                job = s.get(job_id)
+                assert job is not None
+                error = {"code": "backend_lost", "message": f"backend "
+                         f"{job.backend or job.target!r} is no longer configured"}
+                failed.append(s.transition(job_id, JobState.FAILED, self.now_ms(),
+                                           completed_at=self.now_ms(), error=error,
+                                           event={"error": error}))
+            return failed
+
+        for job in await self.db.write(fail):
+            _log_bridge.warning("failed %s: its backend is no longer configured", job.id,
+                                extra={"job": job.id})
+
+    # -- submit-time checks ------------------------------------------------------------
+
+    def check_workflow(self, workflow: Mapping[str, Any], target: str) -> None:
+        """Refuse at submit what ComfyUI would refuse, as far as a cached
+        /object_info tells; with no backend known yet, accept (ComfyUI checks
+        at dispatch)."""
+        candidates = [self.backends[target]] if target != TARGET_ANY else list(self.backends.values())
+        info = next((b.object_info for b in candidates if b.object_info), None)
+        if info is None:
+            return
+        problem = _check_workflow(workflow, info)
+        if problem:
+            error = _invalid_workflow(problem)
+            raise BadRequest(error["message"], code="invalid_workflow", details=error["details"])
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    async def dispatch_next(self, backend: _Backend) -> bool:
+        """Claim the next job for `backend` and POST it. False when none waits."""
+        async with backend.lock:
+            if not backend.up or backend.runs:
+                return False
+            prompt_id = _new_id()
+            job = await self.db.write(lambda s: s.claim_next(backend.name, prompt_id, self.now_ms()))
+            if job is None:
+                return False
+            run = self._attach(backend, job)
+            run.posting = True
+            run.client_id = backend.client_id
+            _log_bridge.info("dispatching %s to %s as prompt %s (attempt %d)", job.id,
+                             backend.name, prompt_id, job.attempts, extra={"job": job.id})
+            try:
+                status, body = await backend.client.post_prompt(
+                    json.loads(job.workflow), prompt_id, backend.client_id or "")
+            except BackendError as exc:
+                run.posting = False
+                backend._error(str(exc))
+                if not exc.sent:
+                    # Surely never reached ComfyUI: back to its place in the queue.
+                    await self._requeue(backend, run, count_loss=False)
+                else:
+                    backend.last_reconcile = float("-inf")  # ask ComfyUI soon
+                return True
+            run.posting = False
+            if status == 400:
+                error = _invalid_workflow(body)
+                await self._end(backend, run, JobState.FAILED, error=error)
+                return True
+            await self._transition(run, JobState.SUBMITTED, expect=(JobState.DISPATCHING,))
+            if job.cancel_requested_at is not None or run.interrupt:
+                await self._interrupt(backend, run, run.interrupt or "cancel")
+        return True
+
+    def _attach(self, backend: _Backend, job: Job) -> _Run:
+        run = backend.runs.get(job.id)
+        if run is not None:
+            return run
+        try:
+            workflow = json.loads(job.workflow)
+        except ValueError:
+            workflow = {}
+        nodes: Iterable[str] = workflow
+        if backend.object_info:
+            outputs = _output_nodes(workflow, backend.object_info)
+            if outputs:
+                nodes = _reachable(workflow, outputs)
+        run = _Run(job_id=job.id, prompt_id=job.prompt_id or "", nodes=frozenset(map(str, nodes)),
+                   timeout_s=job.timeout_s, progress=job.progress)
+        if job.started_at is not None:
+            run.started = job.started_at / 1000
+        if job.cancel_requested_at is not None:
+            run.interrupt = "cancel"
+        elif job.extra.get("interrupt"):
+            run.interrupt = job.extra["interrupt"]
+        backend.runs[job.id] = run
+        return run
+
+    async def _transition(self, run: _Run, to: JobState, *, expect: Iterable[JobState] | None = None,
+                          **fields: Any) -> Job | None:
+        """A state change a ComfyUI message or answer implies; None when the
+        job has already moved on (messages and polling may both report it)."""
+        now = self.now_ms()
+        try:
+            return await self.db.write(lambda s: s.transition(run.job_id, to, now, expect=expect, **fields))
+        except (InvalidTransition, NotFound):
+            return None
+
+    async def mark_running(self, backend: _Backend, run: _Run) -> None:
+        now = self.now_ms()
+        job = await self._transition(run, JobState.RUNNING,
+                                     expect=(JobState.DISPATCHING, JobState.SUBMITTED),
+                                     started_at=now, event={"startTime": now, "backend": backend.name})
+        if job is not None:
+            run.started = now / 1000
+            _log_bridge.info("%s running on %s", run.job_id, backend.name, extra={"job": run.job_id})
+
+    async def flush_progress(self, run: _Run, *, force: bool = False) -> None:
+        """Progress is kept on the run and written at most once per
+        progress_interval (the tick writes what is left)."""
+        now = self.clock()
+        if not run.dirty or (not force and now - run.last_flush < self.config.progress_interval):
+            return
+        run.dirty, run.last_flush = False, now
+        progress, node, ms = run.progress, run.current_node, self.now_ms()
+        await self.db.write(lambda s: s.set_progress(run.job_id, progress, node, ms, emit=True))
+
+    async def _end(self, backend: _Backend, run: _Run, to: JobState, *,
+                   error: dict[str, Any] | None = None,
+                   outputs: list[dict[str, Any]] | None = None) -> None:
+        """Record a run's end (with the last progress first) and free the backend."""
+        now = self.now_ms()
+        progress, node = run.progress, run.current_node
+        fields: dict[str, Any] = {"completed_at": now}
+        event: dict[str, Any] = {"completionTime": now, "backend": backend.name}
+        if to is JobState.COMPLETED:
+            fields.update(outputs=outputs or [], progress=100.0)
+            event["outputs"] = outputs or []
+        if error is not None:
+            fields["error"] = error
+            event["error"] = error
+        started = run.started
+
+        def write(s: Storage) -> Job | None:
+            if run.dirty:
+                s.set_progress(run.job_id, progress, node, now, emit=True)
+            job = s.get(run.job_id)
+            if job is None or job.terminal:
+                return None
+            if job.started_at is not None:
+                event["startTime"] = job.started_at
+            return s.transition(run.job_id, to, now, **fields, event=event)
+
+        try:
+            job = await self.db.write(write)
+        except InvalidTransition:
+            job = None
+        run.dirty = False
+        backend.runs.pop(run.job_id, None)
+        backend.wake.set()
+        if job is not None:
+            _log_bridge.info("%s %s on %s%s", job.id, to.value, backend.name,
+                             f" ({error['code']})" if error else "", extra={"job": job.id})
+            self.on_job_end(backend, job, started)
+
+    def on_job_end(self, backend: _Backend, job: Job, started: float | None) -> None:
+        """Hook for observers of finished runs (metrics)."""
+
+    async def _requeue(self, backend: _Backend, run: _Run, *, count_loss: bool,
+                       reason: str | None = None) -> None:
+        job_id = run.job_id
+        now = self.now_ms()
+
+        def write(s: Storage) -> Job | None:
+            job = s.get(job_id)
+            if job is None or job.state not in _IN_FLIGHT:
+                return None
+            if job.cancel_requested_at is not None:  # never ran; nothing to interrupt
+                return s.transition(job_id, JobState.CANCELLED, now, completed_at=now,
+                                    error={"code": "cancelled", "message": "cancelled by request"},
+                                    event={"reason": "cancelled by request"})
+            if count_loss:
+                s.note(job_id, now, lost=int(job.extra.get("lost", 0)) + 1)
+            return s.transition(job_id, JobState.QUEUED, now, backend=None, prompt_id=None,
+                                started_at=None, progress=0.0, current_node=None,
+                                event={"reason": reason} if reason else None)
+
+        await self.db.write(write)
+        backend.runs.pop(job_id, None)
+        self.queue.notify()
+
+    # -- the end of a run --------------------------------------------------------------
+
+    async def finish(self, backend: _Backend, run: _Run, entry: dict[str, Any] | None = None) -> None:
+        """Decide a run's end from ComfyUI's history (the record); the end
+        message only stands in for it when the history cannot be read and
+        the end was an error or an interrupt. Caller holds backend.lock."""
+        if run.job_id not in backend.runs:
+            return
+        if entry is None:
+            for attempt in range(_HISTORY_RETRIES):
+                try:
+                    entry = await backend.client.history(run.prompt_id)
+                except BackendError as exc:
+                    backend._error(str(exc))
+                    break
+                if entry is not None:
+                    break
+                await asyncio.sleep(0.02 * (attempt + 1))
+        if entry is None:
+            if run.ending and run.ending[0] != "execution_success":
+                await self._end_with(backend, run, run.ending[0], run.ending[1], [])
+            else:
+                backend.last_reconcile = float("-inf")  # the tick asks again
+            return
+        status = entry.get("status") or {}
+        if status.get("status_str") == "success" and status.get("completed"):
+            await self._end(backend, run, JobState.COMPLETED, outputs=_history_outputs(entry))
+            return
+        for name in ("execution_interrupted", "execution_error"):
+            data = _history_event(entry, name)
+            if data is not None:
+                await self._end_with(backend, run, name, data, _history_outputs(entry))
+                return
+        if status.get("completed") is False or status.get("status_str") == "error":
+            await self._end(backend, run, JobState.FAILED, error={
+                "code": "execution_error", "message": "ComfyUI recorded the run as failed"})
+
+    async def _end_with(self, backend: _Backend, run: _Run, name: str, data: dict[str, Any],
+                        outputs: list[dict[str, Any]]) -> None:
+        if name == "execution_error":
+            await self._end(backend, run, JobState.FAILED, error=_execution_error(data))
+        elif name == "execution_interrupted":
+            where = {"nodeId": data.get("node_id"), "nodeType": data.get("node_type")}
+            if run.interrupt == "cancel":
+                await self._end(backend, run, JobState.CANCELLED, error={
+                    "code": "cancelled", "message": "cancelled by request", **where})
+            elif run.interrupt == "timeout":
+                await self._end(backend, run, JobState.FAILED, error={
+                    "code": "timeout", "message": f"ran longer than its {run.timeout_s:g} s timeout",
+                    **where})
+            else:
+                await self._end(backend, run, JobState.FAILED, error={
+                    "code": "interrupted", "message": "interrupted on ComfyUI, not by comfymgr",
+                    **where})
+        else:
+            await self._end(backend, run, JobState.COMPLETED, outputs=outputs)
+
+    # -- reconciliation ------------------------------------------------------------------
+
+    async def reconcile(self, backend: _Backend) -> None:
+        """Caller holds backend.lock. /queue first, then /history for what it
+        lacks: a prompt moves from the queue to the history atomically inside
+        ComfyUI, so nothing can fall between the two reads."""
+        backend.last_reconcile = self.clock()
+        jobs = await self.db.read(lambda s: s.in_flight(backend.name))
+        jobs = [job for job in jobs
+                if not (job.id in backend.runs and backend.runs[job.id].posting)]
+        if not jobs:
+            return
+        running, pending = await backend.client.queue()
+        for job in jobs:
+            run = self._attach(backend, job)
+            if job.prompt_id in running:
+                if job.state is not JobState.RUNNING:
+                    await self.mark_running(backend, run)
+                run.started = run.started or self.clock()
+            elif job.prompt_id in pending:
+                if job.state is JobState.DISPATCHING:
+                    await self._transition(run, JobState.SUBMITTED, expect=(JobState.DISPATCHING,))
+            else:
+                entry = await backend.client.history(run.prompt_id)
+                if entry is not None:
+                    await self.finish(backend, run, entry)
+                elif job.state is JobState.DISPATCHING:
+                    _log_bridge.info("%s: ComfyUI never received prompt %s; queued again",
+                                     job.id, job.prompt_id, extra={"job": job.id})
+                    await self._requeue(backend, run, count_loss=False)
+                else:
+                    await self._lost(backend, run, job)
+                continue
+            if run.interrupt and run.interrupt_at is None:
+                await self._interrupt(backend, run, run.interrupt)
+            if run.client_id != backend.client_id:
+                run.client_id = None  # its socket is gone: only polling tells us now
+
+    async def _lost(self, backend: _Backend, run: _Run, job: Job) -> None:
+        """ComfyUI no longer knows a prompt it had accepted: it restarted."""
+        if run.interrupt == "cancel":
+            await self._end(backend, run, JobState.CANCELLED, error={
+                "code": "cancelled", "message": "cancelled by request; ComfyUI restarted meanwhile"})
+            return
+        lost = int(job.extra.get("lost", 0))
+        if lost < self.config.backend_retries:
+            _log_bridge.warning("%s: ComfyUI %s forgot prompt %s (restarted?); queued again "
+                                "(%d of %d)", job.id, backend.name, job.prompt_id, lost + 1,
+                                self.config.backend_retries, extra={"job": job.id})
+            await self._requeue(backend, run, count_loss=True, reason="backend_lost")
+            return
+        _log_bridge.warning("%s: ComfyUI %s forgot prompt %s (restarted?)", job.id, backend.name,
+                            job.prompt_id, extra={"job": job.id})
+        await self._end(backend, run, JobState.FAILED, error={
+            "code": "backend_lost",
+            "message": f"ComfyUI {backend.name} lost the job (it restarted while the job was "
+                       "queued or running there)"})
+
+    # -- cancel and timeout ------------------------------------------------------------
+
+    async def request_cancel(self, job: Job) -> None:
+        """The API marked an in-flight job cancelled: interrupt it now if its
+        backend is reachable; otherwise reconcile does once it is."""
+        backend = self.backends.get(job.backend or "")
+        if backend is None:
+            return
+        async with backend.lock:
+            run = backend.runs.get(job.id)
+            if run is None:
+                return
+            if run.interrupt != "cancel":
+                run.interrupt, run.interrupt_at = "cancel", None
+            if run.posting or not backend.up:
+                return  # dispatch_next / reconcile act on the mark
+            await self._interrupt(backend, run, "cancel")
+
+    async def _interrupt(self, backend: _Backend, run: _Run, reason: str) -> None:
+        """Stop a prompt on ComfyUI: the newer /api/jobs/{id}/cancel where the
+        server has it; else remove it from ComfyUI's queue if pending, or
+        POST /interrupt {prompt_id} if it is the running one. The job ends
+        when ComfyUI confirms (the end marker, or polling), or after the grace
+        period. Caller holds backend.lock."""
+        run.interrupt, run.interrupt_at = reason, self.clock()
+        if reason == "timeout":
+            await self.db.write(lambda s: s.note(run.job_id, self.now_ms(), interrupt="timeout"))
+        pid = run.prompt_id
+        try:
+            if backend.jobs_cancel_route is not False:
+                cancelled = await backend.client.cancel_job(pid)
+                backend.jobs_cancel_route = cancelled is not None
+                if cancelled is not None:
+                    _log_bridge.info("%s: asked ComfyUI to cancel prompt %s (%s)", run.job_id, pid,
+                                     reason, extra={"job": run.job_id})
+                    if not cancelled:
+                        backend.last_reconcile = float("-inf")
+                    return
+            running, pending = await backend.client.queue()
+            if pid in pending:
+                await backend.client.delete_pending(pid)
+                running, pending = await backend.client.queue()
+                if pid not in running and pid not in pending:
+                    await self._end_with(backend, run, "execution_interrupted", {}, [])
+                    return
+            if pid in running:
+                await backend.client.interrupt(pid)
+                _log_bridge.info("%s: interrupted prompt %s (%s)", run.job_id, pid, reason,
+                                 extra={"job": run.job_id})
+            else:
+                backend.last_reconcile = float("-inf")
+        except BackendError as exc:
+            backend._error(str(exc))
+
+    async def tick(self, backend: _Backend) -> None:
+        """Timeouts, cancel grace, late progress, periodic reconcile."""
+        now = self.clock()
+        for run in list(backend.runs.values()):
+            if run.dirty:
+                await self.flush_progress(run)
+            async with backend.lock:
+                if run.job_id not in backend.runs:
+                    continue
+                if (run.interrupt is None and run.timeout_s and run.started is not None
+                        and now - run.started > run.timeout_s and backend.up):
+                    _log_bridge.info("%s: over its %g s timeout", run.job_id, run.timeout_s,
+                                     extra={"job": run.job_id})
+                    await self._interrupt(backend, run, "timeout")
+                elif run.interrupt_at is not None and now - run.interrupt_at > self.config.cancel_grace:
+                    await self._give_up_interrupt(backend, run)
+        if backend.runs and backend.up and now - backend.last_reconcile >= self.config.reconcile_interval:
+            try:
+                await backend.reconcile()
+            except BackendError as exc:
+                backend._error(f"reconcile: {exc}")
+
+    async def _give_up_interrupt(self, backend: _Backend, run: _Run) -> None:
+        grace = self.config.cancel_grace
+        if run.interrupt == "timeout":
+            await self._end(backend, run, JobState.FAILED, error={
+                "code": "timeout", "message": f"ran longer than its {run.timeout_s:g} s timeout; "
+                f"ComfyUI did not confirm the interrupt within {grace:g} s"})
+        else:
+            await self._end(backend, run, JobState.CANCELLED, error={
+                "code": "cancelled", "message": f"cancelled by request; ComfyUI did not confirm "
+                f"the interrupt within {grace:g} s"})
+
+
+###############################################################################
 # http api
 ###############################################################################
 # Handlers, the route table and the middlewares (outermost first):
@@ -1375,6 +2317,7 @@ DB = web.AppKey("db", _Database)
 QUEUE = web.AppKey("queue", _Queue)
 API_KEYS = web.AppKey("api_keys", tuple)
 STARTED_AT = web.AppKey("started_at", float)
+BRIDGE = web.AppKey("bridge", _Bridge)
 
 _OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "docs_assets"})
 # Open for monitoring, so never rate limited either (Prometheus, load balancers).
@@ -1478,7 +2421,7 @@ def _job_view(job: Job, position: int | None = None) -> dict[str, Any]:
         "createdAt": job.created_at,
         "startTime": job.started_at,
         "completionTime": job.completed_at,
-        "outputs": [_output_view(job.id, item) for item in (job.outputs or [])],
+        "outputs": [{**item, "workflowId": job.id} for item in (job.outputs or [])],
         "error": job.error,
         "state": job.state.value,
         "gpu": job.target,
@@ -1490,14 +2433,6 @@ def _job_view(job: Job, position: int | None = None) -> dict[str, Any]:
     }
 
 
-def _output_view(job_id: str, item: Mapping[str, Any]) -> dict[str, Any]:
-    path = "/".join(p for p in (item.get("subfolder") or "", item["filename"]) if p)
-    url = f"/v1/comfyui/output/{path}"
-    if item.get("type", "output") != "output":
-        url += f"?type={item['type']}"
-    return {**item, "workflowId": job_id, "url": url}
-
-
 # -- handlers ---------------------------------------------------------------------
 
 async def _handle_submit(request: web.Request) -> web.Response:
@@ -1505,6 +2440,7 @@ async def _handle_submit(request: web.Request) -> web.Response:
     _Schema.validate(SUBMIT_SCHEMA, body)
     queue_ = request.app[QUEUE]
     target = queue_.resolve_target(body.get("gpu", "local"))
+    request.app[BRIDGE].check_workflow(body["workflow"], target)
     priority = Priority[body.get("priority", "normal").upper()]
     timeout = body.get("timeout") or request.app[CONFIG].job_timeout or None
     job, position = await queue_.submit(body["workflow"], priority, target, timeout_s=timeout)
@@ -1519,6 +2455,8 @@ async def _handle_get(request: web.Request) -> web.Response:
 
 async def _handle_cancel(request: web.Request) -> web.Response:
     job = await request.app[QUEUE].cancel(request.match_info["id"])
+    if not job.terminal:
+        await request.app[BRIDGE].request_cancel(job)
     if job.terminal:
         return _json({"workflowId": job.id, "status": job.status})
     return _json({"workflowId": job.id, "status": job.status, "cancelRequested": True,
@@ -1569,6 +2507,7 @@ async def _handle_status(request: web.Request) -> web.Response:
         "queue": {"byStatus": by_status, "byPriority": by_priority},
         "database": {"path": str(app[DB].path), "sizeBytes": size, "schemaVersion": version,
                      "lastError": app[DB].last_error},
+        "backends": [b.view() for b in app[BRIDGE].backends.values()],
     })
 
 
@@ -2054,6 +2993,13 @@ async def _storage_ctx(app: web.Application) -> Any:
     _log_app.info("database closed")
 
 
+async def _bridge_ctx(app: web.Application) -> Any:
+    bridge = app[BRIDGE]
+    await bridge.start()
+    yield
+    await bridge.stop()
+
+
 def _publish_events(app: web.Application, events: list[Event]) -> None:
     """Every committed event passes here, in seq order, on the event loop."""
     metrics = app[METRICS]
@@ -2081,6 +3027,7 @@ def create_app(config: Config, *, clock: Clock = time.time) -> web.Application:
     app[DB] = _Database(config.state_dir / "comfymgr.db", synchronous=config.db_synchronous,
                         on_events=lambda events: _publish_events(app, events))
     app[QUEUE] = _Queue(app[DB], clock, [b.name for b in config.backend_specs])
+    app[BRIDGE] = _Bridge(config, app[DB], app[QUEUE], clock)
     if config.rate_limit:
         app[RATE_LIMITER] = _RateLimiter(config.rate_limit, clock)
     routes = _routes()
@@ -2094,6 +3041,7 @@ def create_app(config: Config, *, clock: Clock = time.time) -> web.Application:
         app.router.add_static("/docs/assets", assets, name="docs_assets")
     app[OPENAPI] = _openapi_document(routes)
     app.cleanup_ctx.append(_storage_ctx)
+    app.cleanup_ctx.append(_bridge_ctx)
     return app
 
 
