@@ -263,6 +263,17 @@ def _settings() -> tuple[_Setting, ...]:
         s("progress_interval", "COMFYMGR_PROGRESS_INTERVAL", "500ms", _parse_duration,
           "Least time between two progress events of one job (the latest value is kept).",
           "comfyui"),
+        # -- stream ---------------------------------------------------------
+        s("heartbeat", "COMFYMGR_HEARTBEAT", "30s", _parse_duration,
+          "Interval of the stream's heartbeat message and WebSocket ping; a client that "
+          "does not answer a ping within half of it is closed. 0 = off.", "stream"),
+        s("event_retention", "COMFYMGR_EVENT_RETENTION", "7d", _parse_duration,
+          "How long events are kept for clients that resume with `since`.", "stream"),
+        s("ws_send_queue", "COMFYMGR_WS_SEND_QUEUE", "1000", _parse_positive,
+          "Messages a stream client may fall behind by before it is closed with 1013.",
+          "stream"),
+        s("ws_max_clients", "COMFYMGR_WS_MAX_CLIENTS", "10000", _parse_positive,
+          "Most stream clients connected at once; more are refused with 503.", "stream"),
     )
 
 
@@ -294,6 +305,10 @@ class Config:
     reconcile_interval: float
     cancel_grace: float
     progress_interval: float
+    heartbeat: float
+    event_retention: float
+    ws_send_queue: int
+    ws_max_clients: int
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Config:
@@ -380,6 +395,10 @@ class ApiError(ComfymgrError):
         self.headers = dict(headers or {})
         if code:
             self.code = code
+
+    def with_status(self, status: int) -> ApiError:
+        self.status = status
+        return self
 
     def envelope(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message,
@@ -1143,6 +1162,21 @@ class Storage:
         args.append(limit)
         return [Event(row["seq"], row["job_id"], row["type"], row["ts"], json.loads(row["data"]))
                 for row in self._conn.execute(sql, args)]
+
+    def prune_events(self, before_ms: int, *, limit: int = 10_000) -> int:
+        """Delete up to `limit` events older than `before_ms`; returns how many."""
+        # Events are written in time order, so the old ones are a prefix in seq
+        # order: read that prefix by the primary key instead of scanning on ts.
+        with self.transaction():
+            last = None
+            for seq, ts in self._conn.execute(
+                    "SELECT seq, ts FROM events ORDER BY seq LIMIT ?", (limit,)):
+                if ts >= before_ms:
+                    break
+                last = seq
+            if last is None:
+                return 0
+            return self._conn.execute("DELETE FROM events WHERE seq <= ?", (last,)).rowcount
 
     def event_bounds(self) -> tuple[int, int]:
         """(oldest stored seq, latest seq ever written); (0, 0) when none."""
@@ -2302,6 +2336,323 @@ class _Bridge:
 
 
 ###############################################################################
+# stream hub
+###############################################################################
+# /v1/comfyui/stream: committed events fanned out to WebSocket clients.
+# Every event reaches publish() once, on the event loop, in seq order; each
+# client has a bounded queue drained by its own sender task, so a slow
+# client only ever hurts itself (it is closed with 1013). A client resuming
+# with `since` gets the stored events first, then the live ones, with the
+# seam deduplicated by seq.
+
+_log_stream = logging.getLogger("comfymgr.stream")
+
+_MAX_SUBSCRIPTIONS = 1000
+_REPLAY_PAGE = 500
+_CLIENT_MESSAGES_PER_WINDOW, _INVALID_PER_WINDOW, _FLOOD_WINDOW = 60, 10, 10.0
+_CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455 registry: "Try Again Later"
+
+
+class _Outgoing:
+    """One queued message; a newer progress of the same job supersedes it."""
+
+    __slots__ = ("seq", "job_id", "text", "progress", "dropped")
+
+    def __init__(self, seq: int, job_id: str | None, text: str, progress: bool = False) -> None:
+        self.seq, self.job_id, self.text = seq, job_id, text
+        self.progress, self.dropped = progress, False
+
+
+class _Subscriber:
+    """One stream client. The handler's coroutine reads the client's messages;
+    the sender task writes queued messages. Every write to the socket holds
+    `send_lock`, so replays and acks never interleave with queued events."""
+
+    def __init__(self, ws: web.WebSocketResponse, hub: _Hub, client: str) -> None:
+        self.ws = ws
+        self.hub = hub
+        self.client = client
+        self.follow_all = True
+        self.workflow_ids: set[str] = set()
+        self.queue: collections.deque[_Outgoing] = collections.deque()
+        self.live = 0                                  # queued messages not superseded
+        self.pending_progress: dict[str, _Outgoing] = {}
+        self.ready = asyncio.Event()
+        self.send_lock = asyncio.Lock()
+        self.sent_upto = 0                 # replay at connect: everything <= this was sent
+        self.replayed_upto: dict[str, int] = {}  # replay on subscribe: per workflow
+        self.last_heartbeat = hub.clock()
+        self.recent: collections.deque[tuple[float, bool]] = collections.deque()
+        self.sender: asyncio.Task[None] | None = None
+        self.closing: asyncio.Future[None] | None = None  # the close under way
+
+    def wants(self, job_id: str) -> bool:
+        return self.follow_all or job_id in self.workflow_ids
+
+    def offer(self, item: _Outgoing) -> None:
+        """Queue a message without ever blocking; a client too far behind is closed."""
+        if self.closing:
+            return
+        if item.progress and item.job_id is not None:
+            older = self.pending_progress.get(item.job_id)
+            if older is not None and not older.dropped:
+                older.dropped = True
+                self.live -= 1
+            self.pending_progress[item.job_id] = item
+        if self.live >= self.hub.config.ws_send_queue:
+            self.hub.kill(self, _CLOSE_TRY_AGAIN_LATER,
+                          f"more than {self.hub.config.ws_send_queue} messages behind; reconnect with since")
+            return
+        self.queue.append(item)
+        self.live += 1
+        self.ready.set()
+
+    async def send(self, payload: dict[str, Any] | str) -> None:
+        text = payload if isinstance(payload, str) else _dumps(payload)
+        async with self.send_lock:
+            await self.ws.send_str(text)
+
+    async def sender_loop(self) -> None:
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            while self.queue:
+                item = self.queue.popleft()
+                if item.dropped:
+                    continue
+                self.live -= 1
+                if item.progress and self.pending_progress.get(item.job_id or "") is item:
+                    del self.pending_progress[item.job_id or ""]
+                if item.seq and (item.seq <= self.sent_upto or
+                                 item.seq <= self.replayed_upto.get(item.job_id or "", 0)):
+                    continue  # already sent by a replay
+                await self.send(item.text)
+
+
+class _Hub:
+    def __init__(self, db: _Database, config: Config, clock: Clock) -> None:
+        self.db = db
+        self.config = config
+        self.clock = clock
+        self.subscribers: set[_Subscriber] = set()
+        self.latest_seq = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- fan-out ---------------------------------------------------------------
+
+    def publish(self, events: Sequence[Event]) -> None:
+        """Called on the event loop for every commit, in seq order."""
+        for event in events:
+            self.latest_seq = max(self.latest_seq, event.seq)
+            if not self.subscribers:
+                continue
+            item = None
+            for sub in list(self.subscribers):
+                if sub.wants(event.job_id):
+                    if item is None:  # serialised once, shared by every client
+                        item = _Outgoing(event.seq, event.job_id, _dumps(event.message()),
+                                         progress=event.type == EVENT_PROGRESS)
+                    sub.offer(item)
+
+    def kill(self, sub: _Subscriber, code: int, reason: str) -> None:
+        if sub.closing:
+            return
+        self.subscribers.discard(sub)
+        _log_stream.info("closing stream client %s: %s", sub.client, reason, extra={"client": sub.client})
+        sub.closing = task = asyncio.ensure_future(self._close(sub, code, reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close(self, sub: _Subscriber, code: int, reason: str) -> None:
+        if sub.sender is not None:
+            sub.sender.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(sub.ws.close(code=code, message=reason.encode()[:120]), 2.0)
+
+    async def close_all(self) -> None:
+        """Shutdown: every client gets 1001 (going away)."""
+        for sub in list(self.subscribers):
+            self.kill(sub, aiohttp.WSCloseCode.GOING_AWAY, "server shutting down")
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def tick(self) -> None:
+        """Heartbeats, by the injectable clock."""
+        now = self.clock()
+        for sub in list(self.subscribers):
+            if self.config.heartbeat and now - sub.last_heartbeat >= self.config.heartbeat:
+                sub.last_heartbeat = now
+                sub.offer(_Outgoing(0, None, _dumps({"type": "heartbeat", "seq": self.latest_seq})))
+
+    async def tick_loop(self) -> None:
+        period = max(0.05, min(1.0, self.config.heartbeat or 1.0))
+        while True:
+            await asyncio.sleep(period)
+            await self.tick()
+
+    async def prune_loop(self) -> None:
+        """Drop events past the retention, a bounded batch at a time."""
+        while True:
+            await self.prune()
+            await asyncio.sleep(min(3600.0, max(60.0, self.config.event_retention / 10)))
+
+    async def prune(self) -> int:
+        cutoff = _ms(self.clock() - self.config.event_retention)
+        total = 0
+        while True:
+            try:
+                deleted = await self.db.write(lambda s: s.prune_events(cutoff))
+            except ApiError:
+                return total
+            total += deleted
+            if deleted < 10_000:
+                break
+        if total:
+            _log_stream.info("removed %d events older than the retention", total)
+        return total
+
+    # -- one client ------------------------------------------------------------
+
+    async def serve(self, sub: _Subscriber, *, since: int | None, workflow_ids: Sequence[str]) -> None:
+        known: set[str] = set()
+        if workflow_ids:
+            known = await self._known(workflow_ids)
+            sub.follow_all = False
+            sub.workflow_ids.update(known)
+        self.subscribers.add(sub)  # from here on, live events queue up for it
+        try:
+            if workflow_ids:
+                await self._ack(sub, "subscribed", unknown=[w for w in workflow_ids if w not in known])
+            if since is not None:
+                sub.sent_upto = await self._replay(sub, since, None if sub.follow_all
+                                                   else sorted(sub.workflow_ids))
+            sub.sender = asyncio.create_task(sub.sender_loop())
+            sub.ready.set()
+            async for message in sub.ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    await self._on_client_message(sub, message.data)
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    await self._invalid(sub, "binary messages are not understood; send JSON text")
+                if sub.closing:
+                    break
+        finally:
+            self.subscribers.discard(sub)
+            if sub.sender is not None:
+                sub.sender.cancel()
+                await asyncio.gather(sub.sender, return_exceptions=True)
+            if sub.closing is not None:  # let the close frame go out before the handler ends
+                await asyncio.gather(sub.closing, return_exceptions=True)
+
+    async def _known(self, ids: Sequence[str]) -> set[str]:
+        def read(s: Storage) -> set[str]:
+            return {i for i in ids if s.get(i) is not None}
+        return await self.db.read(read)
+
+    async def _replay(self, sub: _Subscriber, since: int, ids: Sequence[str] | None) -> int:
+        """Send stored events after `since`, oldest first; returns the last seq sent."""
+        oldest, _ = await self.db.read(lambda s: s.event_bounds())
+        if oldest and since < oldest - 1:
+            await sub.send({"type": "error", "code": "since_expired",
+                            "message": f"events after seq {since} are no longer all kept (retention "
+                                       f"{self.config.event_retention:g} s); replaying from the "
+                                       f"oldest kept, seq {oldest}",
+                            "since": since, "oldestSeq": oldest})
+        cursor = since
+        while True:
+            page = await self.db.read(lambda s: s.events_since(cursor, job_ids=ids, limit=_REPLAY_PAGE))
+            for event in page:
+                await sub.send(event.message())
+                cursor = event.seq
+            if len(page) < _REPLAY_PAGE:
+                return cursor
+
+    async def _ack(self, sub: _Subscriber, kind: str, **extra: Any) -> None:
+        ack = {"type": kind, "all": sub.follow_all, "workflowIds": sorted(sub.workflow_ids)}
+        ack.update({k: v for k, v in extra.items() if v})
+        await sub.send(ack)
+
+    async def _invalid(self, sub: _Subscriber, message: str) -> None:
+        if self._flooding(sub, invalid=True):
+            return
+        await sub.send({"type": "error", "code": "invalid_message", "message": message})
+
+    def _flooding(self, sub: _Subscriber, *, invalid: bool) -> bool:
+        """Too many client messages (or invalid ones) in the window: 1008."""
+        now = self.clock()
+        sub.recent.append((now, invalid))
+        while sub.recent and now - sub.recent[0][0] > _FLOOD_WINDOW:
+            sub.recent.popleft()
+        bad = sum(1 for _, was_invalid in sub.recent if was_invalid)
+        if len(sub.recent) > _CLIENT_MESSAGES_PER_WINDOW or bad > _INVALID_PER_WINDOW:
+            self.kill(sub, aiohttp.WSCloseCode.POLICY_VIOLATION, "too many messages")
+            return True
+        return False
+
+    async def _on_client_message(self, sub: _Subscriber, text: str) -> None:
+        try:
+            message = _loads(text)
+        except ValueError:
+            await self._invalid(sub, "messages must be JSON objects")
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            await self._invalid(sub, 'messages must be JSON objects with a "type"')
+            return
+        kind = message["type"]
+        if kind not in ("subscribe", "unsubscribe", "ping"):
+            await self._invalid(sub, f"unknown message type {kind!r}; use subscribe, unsubscribe or ping")
+            return
+        if self._flooding(sub, invalid=False):
+            return
+        if kind == "ping":
+            await sub.send({"type": "pong", "seq": self.latest_seq})
+            return
+        ids = message.get("workflowIds", [])
+        if "workflowId" in message:
+            ids = [message["workflowId"], *ids] if isinstance(ids, list) else ids
+        since = message.get("since")
+        if (not isinstance(ids, list) or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids)
+                or (since is not None and (not isinstance(since, int) or isinstance(since, bool)
+                                           or since < 0))):
+            await self._invalid(sub, 'use {"type": "%s", "workflowId": "<id>"} or "workflowIds": '
+                                     '[...]; "since" must be a seq >= 0' % kind)
+            return
+        if kind == "unsubscribe":
+            if message.get("all") is True:
+                sub.follow_all = False
+                sub.workflow_ids.clear()
+            sub.workflow_ids.difference_update(ids)
+            await self._ack(sub, "unsubscribed")
+            return
+        if message.get("all") is True:
+            sub.follow_all, sub.workflow_ids = True, set()
+            await self._ack(sub, "subscribed")
+            return
+        if len(sub.workflow_ids) + len(ids) > _MAX_SUBSCRIPTIONS:
+            await sub.send({"type": "error", "code": "too_many_subscriptions",
+                            "message": f"a socket may follow at most {_MAX_SUBSCRIPTIONS} workflows"})
+            return
+        known = await self._known(ids)
+        new = sorted(known - sub.workflow_ids)
+        sub.follow_all = False
+        sub.workflow_ids.update(known)
+        if since is not None and new:
+            # Live events of the new workflows queue up from here; the stored
+            # ones are sent first, and the sender skips what was replayed.
+            async with sub.send_lock:
+                cursor = since
+                while True:
+                    page = await self.db.read(
+                        lambda s: s.events_since(cursor, job_ids=new, limit=_REPLAY_PAGE))
+                    for event in page:
+                        await sub.ws.send_str(_dumps(event.message()))
+                        cursor = event.seq
+                        sub.replayed_upto[event.job_id] = event.seq
+                    if len(page) < _REPLAY_PAGE:
+                        break
+        await self._ack(sub, "subscribed", unknown=[i for i in ids if i not in known])
+
+
+###############################################################################
 # http api
 ###############################################################################
 # Handlers, the route table and the middlewares (outermost first):
@@ -2318,6 +2669,7 @@ QUEUE = web.AppKey("queue", _Queue)
 API_KEYS = web.AppKey("api_keys", tuple)
 STARTED_AT = web.AppKey("started_at", float)
 BRIDGE = web.AppKey("bridge", _Bridge)
+HUB = web.AppKey("hub", _Hub)
 
 _OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "docs_assets"})
 # Open for monitoring, so never rate limited either (Prometheus, load balancers).
@@ -2481,6 +2833,40 @@ async def _handle_list(request: web.Request) -> web.Response:
                   "limit": q["limit"]})
 
 
+STREAM_QUERY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "workflowId": {"type": "string", "maxLength": 64 * 100,
+                       "description": "Follow only these workflows (comma-separated)."},
+        "since": {"type": "integer", "minimum": 0,
+                  "description": "Replay stored events after this seq first."},
+        "api_key": {"type": "string", "description": "For clients that cannot set X-API-Key."},
+    },
+}
+
+
+async def _handle_stream(request: web.Request) -> web.StreamResponse:
+    q = _query(request, STREAM_QUERY_SCHEMA)
+    ids = [i for raw in request.query.getall("workflowId", []) for i in raw.split(",") if i]
+    if len(ids) > _MAX_SUBSCRIPTIONS:
+        raise BadRequest(f"workflowId: at most {_MAX_SUBSCRIPTIONS} workflows",
+                         details={"field": "workflowId"})
+    hub = request.app[HUB]
+    config = request.app[CONFIG]
+    ws = web.WebSocketResponse(heartbeat=config.heartbeat or None, max_msg_size=64 * 1024)
+    if not ws.can_prepare(request).ok:
+        raise ApiError("this is a WebSocket endpoint; connect with an Upgrade request "
+                       "(e.g. websocat)", code="upgrade_required", headers={"Upgrade": "websocket"}
+                       ).with_status(426)
+    if len(hub.subscribers) >= config.ws_max_clients:
+        raise ServiceUnavailable(f"already {config.ws_max_clients} stream clients; try later",
+                                 code="too_many_clients", headers={"Retry-After": "5"})
+    await ws.prepare(request)
+    sub = _Subscriber(ws, hub, _client_address(request))
+    await hub.serve(sub, since=q.get("since"), workflow_ids=ids)
+    return ws
+
+
 async def _handle_health(request: web.Request) -> web.Response:
     try:
         await asyncio.wait_for(request.app[DB].read(lambda s: s.ping()), timeout=2)
@@ -2550,7 +2936,8 @@ async def _metrics_middleware(request: web.Request, handler: Callable) -> web.St
         method = request.method if request.method in _KNOWN_METHODS else "other"
         metrics = request.app[METRICS]
         metrics.http_requests.labels(route, method, str(status)).inc()
-        metrics.http_latency.labels(route, method).observe(time.perf_counter() - started)
+        if status != 101:  # a WebSocket's whole life is not a request latency
+            metrics.http_latency.labels(route, method).observe(time.perf_counter() - started)
 
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -2618,8 +3005,7 @@ def _http_exception_envelope(request: web.Request, exc: web.HTTPException) -> di
         err = PayloadTooLarge(f"the body is over the limit of {limit} bytes",
                               details={"limit": limit})
     else:
-        err = ApiError(exc.reason or "request failed", code=f"http_{exc.status}")
-        err.status = exc.status
+        err = ApiError(exc.reason or "request failed", code=f"http_{exc.status}").with_status(exc.status)
     return err.envelope()
 
 
@@ -2754,6 +3140,11 @@ def _routes() -> list[_Route]:
         r("GET", "/v1/comfyui/workflows", _handle_list, "jobs", "List jobs, newest first", "jobs",
           query=LIST_QUERY_SCHEMA, response_schema="JobList",
           responses={200: "A page of jobs", 400: "Bad query parameter"}),
+        r("GET", "/v1/comfyui/stream", _handle_stream, "stream",
+          "Event stream (WebSocket): workflow:queued|started|progress|completed|cancelled|error",
+          "stream", query=STREAM_QUERY_SCHEMA,
+          responses={101: "Switching to the WebSocket protocol", 400: "Bad query parameter",
+                     426: "Not a WebSocket upgrade request", 503: "Too many stream clients"}),
         r("GET", "/health", _handle_health, "health", "Liveness and database check", "service",
           response_schema="Health", responses={200: "Healthy", 503: "Database not answering"}),
         r("GET", "/v1/status", _handle_status, "status", "Service, queue and database status",
@@ -3000,8 +3391,23 @@ async def _bridge_ctx(app: web.Application) -> Any:
     await bridge.stop()
 
 
+async def _hub_ctx(app: web.Application) -> Any:
+    hub = app[HUB]
+    hub.latest_seq = (await app[DB].read(lambda s: s.event_bounds()))[1]
+    tasks = [asyncio.create_task(hub.tick_loop()), asyncio.create_task(hub.prune_loop())]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _close_streams(app: web.Application) -> None:
+    await app[HUB].close_all()
+
+
 def _publish_events(app: web.Application, events: list[Event]) -> None:
     """Every committed event passes here, in seq order, on the event loop."""
+    app[HUB].publish(events)
     metrics = app[METRICS]
     for event in events:
         status = event.data.get("status")
@@ -3028,6 +3434,7 @@ def create_app(config: Config, *, clock: Clock = time.time) -> web.Application:
                         on_events=lambda events: _publish_events(app, events))
     app[QUEUE] = _Queue(app[DB], clock, [b.name for b in config.backend_specs])
     app[BRIDGE] = _Bridge(config, app[DB], app[QUEUE], clock)
+    app[HUB] = _Hub(app[DB], config, clock)
     if config.rate_limit:
         app[RATE_LIMITER] = _RateLimiter(config.rate_limit, clock)
     routes = _routes()
@@ -3041,7 +3448,9 @@ def create_app(config: Config, *, clock: Clock = time.time) -> web.Application:
         app.router.add_static("/docs/assets", assets, name="docs_assets")
     app[OPENAPI] = _openapi_document(routes)
     app.cleanup_ctx.append(_storage_ctx)
+    app.cleanup_ctx.append(_hub_ctx)
     app.cleanup_ctx.append(_bridge_ctx)
+    app.on_shutdown.append(_close_streams)
     return app
 
 

@@ -574,3 +574,24 @@ async def test_kill_9_mid_job_reattaches_and_never_reposts(tmp_path, fake, aioht
     finally:
         proc.kill()
         proc.wait(10)
+
+
+async def test_stream_shows_a_real_run_from_queued_to_completed(make_client, bridge_config, fake):
+    client = await make_client(bridge_config())
+    await wait_backends_up(client)
+    ws = await client.ws_connect("/v1/comfyui/stream", headers=HEADERS)
+    job = await submit(client, workflow("chain"))
+    seen = []
+    while not seen or seen[-1]["type"] != "workflow:completed":
+        msg = json.loads((await asyncio.wait_for(ws.receive(), WAIT)).data)
+        seen.append(msg)
+    kinds = [m["type"] for m in seen]
+    assert kinds[0] == "workflow:queued" and kinds[1] == "workflow:started"
+    assert set(kinds[2:-1]) <= {"workflow:progress"}
+    assert all(m["workflowId"] == job["workflowId"] for m in seen)
+    assert [m["seq"] for m in seen] == sorted(m["seq"] for m in seen)
+    done = seen[-1]
+    assert done["status"] == "completed" and done["backend"] == "local"
+    assert done["outputs"][0]["filename"].startswith("peer_chain_")
+    assert done["completionTime"] >= done["startTime"]
+    await ws.close()
