@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import enum
@@ -49,6 +50,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ###############################################################################
@@ -274,6 +276,9 @@ def _settings() -> tuple[_Setting, ...]:
           "stream"),
         s("ws_max_clients", "COMFYMGR_WS_MAX_CLIENTS", "10000", _parse_positive,
           "Most stream clients connected at once; more are refused with 503.", "stream"),
+        # -- gpu ------------------------------------------------------------
+        s("gpu_poll_interval", "COMFYMGR_GPU_POLL_INTERVAL", "5s", _parse_duration,
+          "How often GPU figures are read from NVML.", "gpu"),
     )
 
 
@@ -309,6 +314,7 @@ class Config:
     event_retention: float
     ws_send_queue: int
     ws_max_clients: int
+    gpu_poll_interval: float
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Config:
@@ -617,6 +623,10 @@ disable_created_metrics()
 
 
 class _Metrics:
+    """The metric objects, and one collector that reads live state (backends,
+    GPUs, stream clients) at scrape time, so a series exists only while its
+    subject does: no NVML, no GPU series."""
+
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         # -- the seed's metrics, names and labels unchanged ------------------
@@ -640,13 +650,45 @@ class _Metrics:
         self.queue_by_priority = Gauge(
             "comfymgr_queue_length", "Jobs waiting in comfymgr's queue by priority.",
             ["priority"], registry=registry)
+        self.queue_oldest_age = Gauge(
+            "comfymgr_queue_oldest_age_seconds", "Age of the oldest job waiting in the queue "
+            "(0 when none waits).", registry=registry)
+        self.database_size = Gauge(
+            "comfymgr_database_size_bytes", "Size of the SQLite database with its WAL.",
+            registry=registry)
+        self.stream_publish_lag = Histogram(
+            "comfymgr_stream_publish_lag_seconds", "Time from an event's commit to its fan-out "
+            "to stream clients.", buckets=_LATENCY_BUCKETS, registry=registry)
         self.build_info = Gauge(
             "comfymgr_build_info", "Always 1; the labels say which comfymgr runs.",
             ["version", "python"], registry=registry)
         self.build_info.labels(__version__, sys.version.split()[0]).set(1)
+        self.live_state: Callable[[], Iterable[Any]] = lambda: ()
+        registry.register(_LiveCollector(self))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _LiveCollector:
+    """Yields the families `_Metrics.live_state` builds from current state."""
+
+    def __init__(self, metrics: _Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Any]:
+        return []  # nothing to declare up front; families come and go with their subjects
+
+    def collect(self) -> Iterable[Any]:
+        yield from self._metrics.live_state()
+
+
+def _gauge(name: str, documentation: str, labels: Sequence[str],
+           samples: Iterable[tuple[Sequence[str], float]]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=list(labels))
+    for values, value in samples:
+        family.add_metric(list(values), value)
+    return family
 
 
 ###############################################################################
@@ -1145,6 +1187,16 @@ class Storage:
             sql += " AND backend = ?"
             args = (backend,)
         return [Job.from_row(row) for row in self._conn.execute(sql + " ORDER BY n", args)]
+
+    def oldest_queued_at(self) -> int | None:
+        """created_at of the job waiting longest: one index probe per priority."""
+        heads = [self._conn.execute(
+            "SELECT MIN(n) FROM jobs WHERE state = 'queued' AND priority = ?", (int(p),)).fetchone()[0]
+            for p in Priority]
+        heads = [n for n in heads if n is not None]
+        if not heads:
+            return None
+        return self._conn.execute("SELECT created_at FROM jobs WHERE n = ?", (min(heads),)).fetchone()[0]
 
     def counts(self) -> dict[tuple[JobState, Priority], int]:
         return {(JobState(row["state"]), Priority(row["priority"])): row["n"]
@@ -1797,6 +1849,8 @@ class _Backend:
                 raise
             except BackendError as exc:
                 self._error(str(exc))
+            except _CONNECT_ERRORS as exc:
+                self._error(f"cannot connect to {self.spec.url}: {exc}")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
                 self._error(f"WebSocket: {type(exc).__name__} {exc}".strip())
             finally:
@@ -2336,6 +2390,138 @@ class _Bridge:
 
 
 ###############################################################################
+# gpu
+###############################################################################
+# Real GPU figures from NVML (pynvml), read in one worker thread on an
+# interval and labelled by physical GPU index; the event loop only reads the
+# last snapshot. Without NVML (no driver, a CPU box, a container without
+# /dev/nvidia*) the GPU metrics are absent and the reason is reported; a GPU
+# that errors mid-run (fallen off the bus) is reported, never fatal.
+
+_log_gpu = logging.getLogger("comfymgr.gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuReading:
+    index: int
+    name: str | None = None
+    uuid: str | None = None
+    utilization: float | None = None      # percent, 0-100
+    memory_used: int | None = None        # bytes
+    memory_total: int | None = None       # bytes
+    temperature: float | None = None      # degrees Celsius
+    power: float | None = None            # watts
+    error: str | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name, "uuid": self.uuid,
+                "utilization": self.utilization, "memoryUsedBytes": self.memory_used,
+                "memoryTotalBytes": self.memory_total, "temperatureCelsius": self.temperature,
+                "powerWatts": self.power, "error": self.error}
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class _GpuMonitor:
+    """Polls NVML. `nvml` is the pynvml module, or a stand-in in tests."""
+
+    def __init__(self, interval: float, clock: Clock, nvml: Any = None) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._nvml = nvml
+        self.available = False
+        self.reason: str | None = "not started"
+        self.readings: dict[int, GpuReading] = {}
+        self.read_at: float | None = None
+        # The one thread that ever calls NVML (init, reads, shutdown).
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="comfymgr-nvml")
+
+    async def _in_thread(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    async def start(self) -> None:
+        try:
+            count = await self._in_thread(self._init)
+        except Exception as exc:  # noqa: BLE001 - any NVML failure means "no GPU figures"
+            self.available, self.reason = False, f"NVML unavailable: {_text(exc) or type(exc).__name__}"
+            _log_gpu.info("%s; GPU metrics are off", self.reason)
+            return
+        self.available, self.reason = True, None
+        _log_gpu.info("NVML: %d GPU(s)", count)
+        await self.poll()
+
+    def _init(self) -> int:
+        if self._nvml is None:
+            import pynvml
+            self._nvml = pynvml
+        self._nvml.nvmlInit()
+        return int(self._nvml.nvmlDeviceGetCount())
+
+    async def poll(self) -> None:
+        if self.available:
+            self.readings = await self._in_thread(self._read_all)
+            self.read_at = self.clock()
+
+    async def poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.poll()
+            except Exception:  # noqa: BLE001 - keep polling; the reading says what failed
+                _log_gpu.exception("GPU poll failed")
+
+    def _read_all(self) -> dict[int, GpuReading]:
+        nvml = self._nvml
+        try:
+            count = int(nvml.nvmlDeviceGetCount())
+        except Exception as exc:  # noqa: BLE001
+            return {i: GpuReading(i, error=_text(exc)) for i in self.readings}
+        readings = {}
+        for index in range(count):
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                reading = GpuReading(
+                    index=index,
+                    name=_text(nvml.nvmlDeviceGetName(handle)),
+                    uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                    utilization=float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                    memory_used=int(memory.used), memory_total=int(memory.total),
+                    temperature=float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
+                    power=self._power(handle))
+            except Exception as exc:  # noqa: BLE001 - e.g. GPU is lost: report, keep the rest
+                previous = self.readings.get(index)
+                reading = GpuReading(index, name=previous.name if previous else None,
+                                     uuid=previous.uuid if previous else None,
+                                     error=_text(exc) or type(exc).__name__)
+                if not previous or previous.error != reading.error:
+                    _log_gpu.warning("GPU %d: %s", index, reading.error)
+            readings[index] = reading
+        return readings
+
+    def _power(self, handle: Any) -> float | None:
+        try:  # not every board reports power
+            return self._nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
+        except Exception:  # noqa: BLE001
+            return None
+
+    async def stop(self) -> None:
+        if self.available:
+            with contextlib.suppress(Exception):
+                await self._in_thread(self._nvml.nvmlShutdown)
+            self.available = False
+        self._thread.shutdown(wait=False)
+
+    def view(self, backends: Mapping[int, list[str]]) -> dict[str, Any]:
+        return {"available": self.available, "reason": self.reason,
+                "readAt": _ms(self.read_at) if self.read_at else None,
+                "devices": [{**r.view(), "backends": backends.get(r.index, [])}
+                            for r in self.readings.values()]}
+
+
+###############################################################################
 # stream hub
 ###############################################################################
 # /v1/comfyui/stream: committed events fanned out to WebSocket clients.
@@ -2670,6 +2856,7 @@ API_KEYS = web.AppKey("api_keys", tuple)
 STARTED_AT = web.AppKey("started_at", float)
 BRIDGE = web.AppKey("bridge", _Bridge)
 HUB = web.AppKey("hub", _Hub)
+GPUS = web.AppKey("gpus", _GpuMonitor)
 
 _OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "docs_assets"})
 # Open for monitoring, so never rate limited either (Prometheus, load balancers).
@@ -2894,17 +3081,31 @@ async def _handle_status(request: web.Request) -> web.Response:
         "database": {"path": str(app[DB].path), "sizeBytes": size, "schemaVersion": version,
                      "lastError": app[DB].last_error},
         "backends": [b.view() for b in app[BRIDGE].backends.values()],
+        "gpu": app[GPUS].view(_gpu_users(app)),
+        "stream": {"clients": len(app[HUB].subscribers), "latestSeq": app[HUB].latest_seq},
     })
+
+
+def _gpu_users(app: web.Application) -> dict[int, list[str]]:
+    """Physical GPU index -> the backends configured to run on it."""
+    users: dict[int, list[str]] = {}
+    for backend in app[BRIDGE].backends.values():
+        if backend.spec.gpu_index is not None:
+            users.setdefault(backend.spec.gpu_index, []).append(backend.name)
+    return users
 
 
 async def _handle_metrics(request: web.Request) -> web.Response:
     app = request.app
     metrics = app[METRICS]
-    counts = await app[QUEUE].counts()
+    counts, oldest, size = await app[DB].read(
+        lambda s: (s.counts(), s.oldest_queued_at(), s.size_bytes()))
     queued = {p: counts.get((JobState.QUEUED, p), 0) for p in Priority}
     metrics.queue_length.set(sum(queued.values()))
     for p, n in queued.items():
         metrics.queue_by_priority.labels(p.label).set(n)
+    metrics.queue_oldest_age.set(max(0.0, app[CLOCK]() - oldest / 1000) if oldest else 0.0)
+    metrics.database_size.set(size)
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -3409,7 +3610,9 @@ def _publish_events(app: web.Application, events: list[Event]) -> None:
     """Every committed event passes here, in seq order, on the event loop."""
     app[HUB].publish(events)
     metrics = app[METRICS]
+    now = app[CLOCK]()
     for event in events:
+        metrics.stream_publish_lag.observe(max(0.0, now - event.ts / 1000))
         status = event.data.get("status")
         if event.type == EVENT_PROGRESS or status is None:
             continue
@@ -3417,10 +3620,90 @@ def _publish_events(app: web.Application, events: list[Event]) -> None:
         if event.type == "workflow:error":
             error = event.data.get("error") or {}
             metrics.workflow_errors.labels(error.get("code", "unknown")).inc()
+        started, ended = event.data.get("startTime"), event.data.get("completionTime")
+        if status in ("completed", "failed", "cancelled") and started and ended:
+            gpu_type = _gpu_type(app, event.data.get("backend"))
+            metrics.workflow_duration.labels(gpu_type).observe(max(0.0, (ended - started) / 1000))
 
 
-def create_app(config: Config, *, clock: Clock = time.time) -> web.Application:
-    """The whole service as an aiohttp Application (tests run it on port 0)."""
+def _gpu_type(app: web.Application, backend_name: str | None) -> str:
+    """The GPU model a backend runs on: NVML's name for its configured GPU,
+    else what ComfyUI's /system_stats says ("cpu" for a CPU server)."""
+    backend = app[BRIDGE].backends.get(backend_name or "")
+    if backend is None:
+        return "unknown"
+    if backend.spec.gpu_index is not None:
+        reading = app[GPUS].readings.get(backend.spec.gpu_index)
+        if reading is not None and reading.name:
+            return reading.name
+    for device in backend.devices:
+        if device.get("type") == "cpu":
+            return "cpu"
+        name = str(device.get("name") or "")
+        if name:  # e.g. "cuda:0 NVIDIA H100 80GB HBM3 : cudaMallocAsync"
+            name = name.split(" : ")[0]
+            return name.split(" ", 1)[1] if name.startswith("cuda:") and " " in name else name
+    return "unknown"
+
+
+def _live_metrics(app: web.Application) -> Iterable[Any]:
+    """Series read from live state at scrape time (see _Metrics)."""
+    backends = list(app[BRIDGE].backends.values())
+    yield _gauge("comfymgr_backend_up", "1 while comfymgr is connected to the ComfyUI server.",
+                 ["backend"], [((b.name,), 1.0 if b.up else 0.0) for b in backends])
+    yield _gauge("comfymgr_backend_info", "Always 1; the ComfyUI version and physical GPU of "
+                 "each backend.", ["backend", "comfyui_version", "gpu_id"],
+                 [((b.name, b.version or "", "" if b.spec.gpu_index is None else str(b.spec.gpu_index)), 1.0)
+                  for b in backends])
+    yield _gauge("comfymgr_jobs_running", "Jobs executing on each backend now.", ["backend"],
+                 [((b.name,), float(sum(1 for r in b.runs.values() if r.started))) for b in backends])
+    gpus = app[GPUS]
+    if gpus.available and gpus.readings:
+        readings = sorted(gpus.readings.values(), key=lambda r: r.index)
+        good = [r for r in readings if r.error is None]
+
+        def series(attr: str) -> list[tuple[Sequence[str], float]]:
+            return [((str(r.index),), float(getattr(r, attr))) for r in good
+                    if getattr(r, attr) is not None]
+
+        yield _gauge("comfyui_gpu_utilization", "GPU utilization in percent (NVML).", ["gpu_id"],
+                     series("utilization"))
+        yield _gauge("comfyui_vram_usage_bytes", "GPU memory in use, bytes (NVML).", ["gpu_id"],
+                     series("memory_used"))
+        yield _gauge("comfymgr_gpu_memory_total_bytes", "GPU memory in all, bytes (NVML).",
+                     ["gpu_id"], series("memory_total"))
+        yield _gauge("comfymgr_gpu_temperature_celsius", "GPU temperature (NVML).", ["gpu_id"],
+                     series("temperature"))
+        yield _gauge("comfymgr_gpu_power_watts", "GPU power draw (NVML).", ["gpu_id"],
+                     series("power"))
+        yield _gauge("comfymgr_gpu_up", "1 while NVML reads the GPU; 0 when it errors (e.g. it "
+                     "fell off the bus).", ["gpu_id"],
+                     [((str(r.index),), 0.0 if r.error else 1.0) for r in readings])
+        yield _gauge("comfymgr_gpu_info", "Always 1; each GPU's name and UUID.",
+                     ["gpu_id", "name", "uuid"],
+                     [((str(r.index), r.name or "", r.uuid or ""), 1.0) for r in readings])
+    hub = app[HUB]
+    yield _gauge("comfymgr_stream_clients", "WebSocket stream clients connected.", [],
+                 [((), float(len(hub.subscribers)))])
+    yield _gauge("comfymgr_stream_backlog_messages", "Messages waiting to be sent to the "
+                 "slowest stream client.", [],
+                 [((), float(max((sub.live for sub in hub.subscribers), default=0)))])
+
+
+async def _gpu_ctx(app: web.Application) -> Any:
+    gpus = app[GPUS]
+    await gpus.start()
+    task = asyncio.create_task(gpus.poll_loop()) if gpus.available else None
+    yield
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await gpus.stop()
+
+
+def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) -> web.Application:
+    """The whole service as an aiohttp Application (tests run it on port 0).
+    `nvml` replaces the pynvml module (tests pass a stand-in)."""
     app = web.Application(
         middlewares=[_metrics_middleware, _cors_middleware, _error_middleware,
                      _rate_limit_middleware, _auth_middleware],
@@ -3435,6 +3718,8 @@ def create_app(config: Config, *, clock: Clock = time.time) -> web.Application:
     app[QUEUE] = _Queue(app[DB], clock, [b.name for b in config.backend_specs])
     app[BRIDGE] = _Bridge(config, app[DB], app[QUEUE], clock)
     app[HUB] = _Hub(app[DB], config, clock)
+    app[GPUS] = _GpuMonitor(config.gpu_poll_interval, clock, nvml)
+    app[METRICS].live_state = lambda: _live_metrics(app)
     if config.rate_limit:
         app[RATE_LIMITER] = _RateLimiter(config.rate_limit, clock)
     routes = _routes()
@@ -3449,6 +3734,7 @@ def create_app(config: Config, *, clock: Clock = time.time) -> web.Application:
     app[OPENAPI] = _openapi_document(routes)
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_hub_ctx)
+    app.cleanup_ctx.append(_gpu_ctx)
     app.cleanup_ctx.append(_bridge_ctx)
     app.on_shutdown.append(_close_streams)
     return app
