@@ -81,7 +81,12 @@ def main() -> int:
         time.sleep(1.5)  # one more NVML poll, close in time to nvidia-smi's
         status = json.loads(get(base + "/v1/status", key=True))["gpu"]
         text = get(base + "/metrics")
-        cards = smi()
+        try:
+            cards = smi()
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"FAIL  nvidia-smi could not be run ({exc}); this check needs an NVIDIA GPU")
+            print(f"      comfymgr says: {json.dumps(status)}")
+            return 2
         check("NVML available", status["available"], f"{len(cards)} GPU(s)",
               status["available"] and len(status["devices"]) == len(cards))
         for card in cards:
