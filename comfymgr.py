@@ -24,24 +24,31 @@ __all__ = ["Config", "ConfigError", "create_app", "load_config", "main"]
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import email.utils
 import enum
+import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import math
+import mimetypes
 import os
 import queue
 import random
 import secrets
+import shutil
 import sqlite3
+import stat
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -144,6 +151,15 @@ def _parse_origins(value: str) -> tuple[str, ...]:
 def _parse_path(value: str) -> Path | None:
     value = value.strip()
     return Path(value).expanduser() if value else None
+
+
+def _parse_bool(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -276,6 +292,30 @@ def _settings() -> tuple[_Setting, ...]:
           "stream"),
         s("ws_max_clients", "COMFYMGR_WS_MAX_CLIENTS", "10000", _parse_positive,
           "Most stream clients connected at once; more are refused with 503.", "stream"),
+        # -- files ----------------------------------------------------------
+        s("outputs_dir", "COMFYUI_OUTPUTS", "", _parse_path,
+          "ComfyUI's output folder (its --output-directory); served under /v1/comfyui/output/.",
+          "files"),
+        s("temp_dir", "COMFYUI_TEMP", "", _parse_path,
+          "ComfyUI's temp folder (PreviewImage outputs, type temp).", "files"),
+        s("inputs_dir", "COMFYUI_INPUTS", "", _parse_path,
+          "ComfyUI's input folder; uploads go here when set, else through ComfyUI's "
+          "/upload/image.", "files"),
+        s("models_checkpoints", "COMFYUI_MODELS_CHECKPOINTS", "", _parse_path,
+          "Checkpoint models folder; unset: ComfyUI's own list is shown.", "files"),
+        s("models_loras", "COMFYUI_MODELS_LORAS", "", _parse_path, "LoRA models folder.", "files"),
+        s("models_vae", "COMFYUI_MODELS_VAE", "", _parse_path, "VAE models folder.", "files"),
+        s("models_controlnet", "COMFYUI_MODELS_CONTROLNET", "", _parse_path,
+          "ControlNet models folder.", "files"),
+        s("models_upscale", "COMFYUI_MODELS_UPSCALE", "", _parse_path,
+          "Upscale models folder.", "files"),
+        s("max_upload_bytes", "COMFYMGR_MAX_UPLOAD_BYTES", "52428800", _parse_positive,
+          "Largest input image accepted by POST /v1/comfyui/inputs, in bytes.", "files"),
+        s("retention_days", "COMFYMGR_RETENTION_DAYS", "0", _parse_count,
+          "Delete finished jobs and their events after this many days; 0 keeps them.", "files"),
+        s("retention_delete_outputs", "COMFYMGR_RETENTION_DELETE_OUTPUTS", "false", _parse_bool,
+          "With COMFYMGR_RETENTION_DAYS, also delete the output files of the jobs removed.",
+          "files"),
         # -- gpu ------------------------------------------------------------
         s("gpu_poll_interval", "COMFYMGR_GPU_POLL_INTERVAL", "5s", _parse_duration,
           "How often GPU figures are read from NVML.", "gpu"),
@@ -315,6 +355,17 @@ class Config:
     ws_send_queue: int
     ws_max_clients: int
     gpu_poll_interval: float
+    outputs_dir: Path | None
+    temp_dir: Path | None
+    inputs_dir: Path | None
+    models_checkpoints: Path | None
+    models_loras: Path | None
+    models_vae: Path | None
+    models_controlnet: Path | None
+    models_upscale: Path | None
+    max_upload_bytes: int
+    retention_days: int
+    retention_delete_outputs: bool
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Config:
@@ -659,6 +710,9 @@ class _Metrics:
         self.stream_publish_lag = Histogram(
             "comfymgr_stream_publish_lag_seconds", "Time from an event's commit to its fan-out "
             "to stream clients.", buckets=_LATENCY_BUCKETS, registry=registry)
+        self.retention_removed = Counter(
+            "comfymgr_retention_removed", "Jobs, events and files removed by retention.",
+            ["kind"], registry=registry)
         self.build_info = Gauge(
             "comfymgr_build_info", "Always 1; the labels say which comfymgr runs.",
             ["version", "python"], registry=registry)
@@ -887,8 +941,28 @@ CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs BEGIN
 END;
 """
 
+_SCHEMA_V2 = """
+-- Which job produced which file (type output|temp, path relative to its root).
+CREATE TABLE outputs (
+    type    TEXT NOT NULL,
+    path    TEXT NOT NULL,
+    job_id  TEXT NOT NULL,
+    PRIMARY KEY (type, path)
+) WITHOUT ROWID;
+CREATE INDEX outputs_job ON outputs (job_id);
+-- SHA-256 of model files, valid while size and mtime are unchanged.
+CREATE TABLE model_hashes (
+    path     TEXT PRIMARY KEY,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256   TEXT NOT NULL
+) WITHOUT ROWID;
+-- Retention: finished jobs by age.
+CREATE INDEX jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT NULL;
+"""
+
 # Forward migrations; the database's PRAGMA user_version is how many ran.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
 
 _JOB_COLUMNS = frozenset({
     "backend", "prompt_id", "attempts", "started_at", "completed_at", "progress",
@@ -1118,6 +1192,11 @@ class Storage:
             assignments = ", ".join(f"{name} = ?" for name in values)
             self._conn.execute(f"UPDATE jobs SET {assignments} WHERE n = ?", (*values.values(), job.n))
             job = Job.from_row(self._conn.execute("SELECT * FROM jobs WHERE n = ?", (job.n,)).fetchone())
+            if to is JobState.COMPLETED and job.outputs:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO outputs (type, path, job_id) VALUES (?, ?, ?)",
+                    [(o["type"], "/".join(p for p in (o.get("subfolder"), o["filename"]) if p), job.id)
+                     for o in job.outputs])
             if to in _EVENT_FOR_STATE:
                 data = {"status": job.status, **(event or {})}
                 if to is JobState.QUEUED:
@@ -1187,6 +1266,50 @@ class Storage:
             sql += " AND backend = ?"
             args = (backend,)
         return [Job.from_row(row) for row in self._conn.execute(sql + " ORDER BY n", args)]
+
+    # -- files -------------------------------------------------------------------
+
+    def output_owners(self, type_: str, paths: Sequence[str]) -> dict[str, str]:
+        """path -> the job that produced it, for files of one type."""
+        owners: dict[str, str] = {}
+        for start in range(0, len(paths), 500):
+            chunk = paths[start:start + 500]
+            owners.update((row[0], row[1]) for row in self._conn.execute(
+                f"SELECT path, job_id FROM outputs WHERE type = ? AND path IN "
+                f"({','.join('?' * len(chunk))})", (type_, *chunk)))
+        return owners
+
+    def model_hashes(self) -> dict[str, tuple[int, int, str]]:
+        return {row[0]: (row[1], row[2], row[3]) for row in self._conn.execute(
+            "SELECT path, size, mtime_ns, sha256 FROM model_hashes")}
+
+    def store_model_hash(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
+        with self.transaction():
+            self._conn.execute("INSERT OR REPLACE INTO model_hashes VALUES (?, ?, ?, ?)",
+                               (path, size, mtime_ns, sha256))
+
+    def expired_jobs(self, before_ms: int, *, limit: int = 500) -> list[Job]:
+        """Finished jobs that ended before `before_ms`, oldest first."""
+        return [Job.from_row(row) for row in self._conn.execute(
+            "SELECT * FROM jobs WHERE completed_at IS NOT NULL AND completed_at < ? "
+            "AND state IN ('completed', 'failed', 'cancelled') ORDER BY completed_at LIMIT ?",
+            (before_ms, limit))]
+
+    def delete_jobs(self, job_ids: Sequence[str]) -> tuple[int, int]:
+        """Remove finished jobs with their events and output records; returns
+        (jobs, events) removed. Unfinished jobs are never removed."""
+        jobs = events = 0
+        with self.transaction():
+            for job_id in job_ids:
+                cur = self._conn.execute(
+                    "DELETE FROM jobs WHERE id = ? AND state IN ('completed', 'failed', 'cancelled')",
+                    (job_id,))
+                if cur.rowcount:
+                    jobs += 1
+                    events += self._conn.execute("DELETE FROM events WHERE job_id = ?",
+                                                 (job_id,)).rowcount
+                    self._conn.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
+        return jobs, events
 
     def oldest_queued_at(self) -> int | None:
         """created_at of the job waiting longest: one index probe per priority."""
@@ -1591,6 +1714,35 @@ class _ComfyClient:
         if status in (404, 405):
             return None
         return status == 200
+
+    async def models(self, folder: str) -> list[str]:
+        status, body = await self._call("GET", f"/models/{folder}")
+        if status != 200 or not isinstance(body, list):
+            raise BackendError(f"GET /models/{folder}: HTTP {status}")
+        return [str(name) for name in body]
+
+    async def upload_image(self, name: str, data: bytes, subfolder: str,
+                           overwrite: bool) -> dict[str, Any]:
+        assert self.session is not None
+        form = aiohttp.FormData()
+        form.add_field("image", data, filename=name, content_type="application/octet-stream")
+        form.add_field("type", "input")
+        form.add_field("subfolder", subfolder)
+        form.add_field("overwrite", "true" if overwrite else "false")
+        try:
+            async with self.session.post(self.base_url + "/upload/image", data=form) as resp:
+                raw, status = await resp.read(), resp.status
+        except _CONNECT_ERRORS as exc:
+            raise BackendError(f"cannot connect to {self.base_url}: {exc}", sent=False) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise BackendError(f"POST /upload/image: {type(exc).__name__} {exc}".strip()) from None
+        try:
+            body = _loads(raw.decode("utf-8")) if status == 200 else None
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict) or "name" not in body:
+            raise BackendError(f"POST /upload/image: HTTP {status}")
+        return body
 
     async def system_stats(self) -> dict[str, Any]:
         status, body = await self._call("GET", "/system_stats")
@@ -2839,6 +2991,426 @@ class _Hub:
 
 
 ###############################################################################
+# files
+###############################################################################
+# Models, outputs and inputs. Every walk, stat, hash and read of a file runs
+# in this section's worker threads, never on the event loop. Files are served
+# only from real paths inside the configured roots: the path is resolved,
+# checked against the root, opened without following a final symlink, and
+# the opened descriptor's own path (/proc/self/fd) is checked again, so a
+# symlink swapped in between check and open cannot lead outside (the hole
+# ComfyUI's /view has, upstream issue #12285).
+
+_log_files = logging.getLogger("comfymgr.files")
+
+# API type -> (Config attribute, ComfyUI's folder name for GET /models/<folder>)
+MODEL_TYPES: dict[str, tuple[str, str]] = {
+    "checkpoints": ("models_checkpoints", "checkpoints"),
+    "loras": ("models_loras", "loras"),
+    "vae": ("models_vae", "vae"),
+    "controlnet": ("models_controlnet", "controlnet"),
+    "upscale": ("models_upscale", "upscale_models"),
+}
+# ComfyUI's supported_pt_extensions, plus GGUF.
+_MODEL_EXTENSIONS = frozenset({".safetensors", ".ckpt", ".pt", ".pt2", ".pth", ".bin", ".pkl",
+                               ".sft", ".gguf"})
+_IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"),
+                     (b"GIF87a", ".gif"), (b"GIF89a", ".gif"), (b"BM", ".bmp"),
+                     (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
+_IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+_CHUNK = 256 * 1024
+_DISK_USAGE_INTERVAL = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileInfo:
+    rel: str          # path below its root, "/"-separated
+    size: int
+    mtime_ns: int
+
+
+def _walk_files(root: Path, *, follow_links: bool, suffixes: frozenset[str] | None = None
+                ) -> tuple[list[_FileInfo], list[str]]:
+    """Regular files below root (and the folders that could not be read).
+    With follow_links, directory symlinks are followed once each (no loops)."""
+    files: list[_FileInfo] = []
+    problems: list[str] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    root_text = str(root)
+
+    def on_error(exc: OSError) -> None:
+        problems.append(f"{exc.filename}: {exc.strerror or exc}")
+
+    for folder, dirs, names in os.walk(root_text, onerror=on_error, followlinks=follow_links):
+        try:
+            st = os.stat(folder)
+        except OSError as exc:
+            on_error(exc)
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        prefix = os.path.relpath(folder, root_text)
+        for name in names:
+            if suffixes is not None and os.path.splitext(name)[1].lower() not in suffixes:
+                continue
+            full = os.path.join(folder, name)
+            try:
+                st = os.stat(full) if follow_links else os.lstat(full)
+            except OSError as exc:
+                on_error(exc)
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            rel = name if prefix == "." else f"{prefix}/{name}".replace(os.sep, "/")
+            files.append(_FileInfo(rel, st.st_size, st.st_mtime_ns))
+    return files, problems
+
+
+def _check_rel_path(rel: str) -> None:
+    """Refuse what is never a file name below a root: NUL, backslashes,
+    absolute paths, empty, '.' or '..' components."""
+    if "\x00" in rel or "\\" in rel:
+        raise BadRequest("the path contains a NUL byte or a backslash", code="invalid_path",
+                         details={"path": rel.replace("\x00", "\\x00")})
+    if rel.startswith("/") or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise BadRequest("the path must be relative, without '.', '..' or empty parts",
+                         code="invalid_path", details={"path": rel})
+
+
+def _open_inside(root: Path, rel: str) -> tuple[int, os.stat_result, str]:
+    """Open root/rel read-only if its real path is a regular file inside the
+    real root; NotFound otherwise (never saying which check failed)."""
+    _check_rel_path(rel)
+    missing = NotFound("no such file", details={"path": rel})
+    root_real = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root_real, rel))
+    if not real.startswith(root_real.rstrip(os.sep) + os.sep):
+        raise missing
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        raise missing from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise missing
+        proc = f"/proc/self/fd/{fd}"
+        if os.path.exists(proc) and os.readlink(proc) != real:
+            raise missing  # a path component changed under us
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st, real
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _safe_name(name: str, *, what: str) -> str:
+    """A file or folder name ComfyUI will accept back: its basename, no
+    control characters, no leading dots, at most 200 characters."""
+    name = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    name = "".join(c for c in name if c.isprintable() and c not in '<>:"|?*')
+    name = name.lstrip(".").strip()
+    if not name or len(name) > 200:
+        raise BadRequest(f"{what}: not a usable file name", code="invalid_request",
+                         details={"field": what})
+    return name
+
+
+def _write_unique(folder: Path, name: str, data: bytes, overwrite: bool) -> str:
+    """Write data as folder/name, or as 'stem (1).ext' ... when it exists and
+    overwrite is off (ComfyUI's own rule). Atomic: a temp file renamed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, ext = os.path.splitext(name)
+    candidate, n = name, 0
+    while not overwrite and (folder / candidate).exists():
+        n += 1
+        candidate = f"{stem} ({n}){ext}"
+    tmp = folder / f".{candidate}.{secrets.token_hex(4)}.part"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / candidate)
+    return candidate
+
+
+class _Files:
+    """Model listings (with background SHA-256), output listings, safe
+    downloads, uploads, retention and disk use."""
+
+    def __init__(self, config: Config, db: _Database, clock: Clock) -> None:
+        self.config = config
+        self.db = db
+        self.clock = clock
+        self.roots: dict[str, Path | None] = {"output": config.outputs_dir, "temp": config.temp_dir}
+        # Walks and reads run here; hashing has its own thread so that a
+        # 10 GB checkpoint never delays a listing.
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="comfymgr-files")
+        self._hash_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="comfymgr-hash")
+        self._hash_queue: asyncio.Queue[tuple[str, int, int]] = asyncio.Queue()
+        self._hashing: set[str] = set()
+        self.disk: dict[str, Any] = {}
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._hash_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- models ------------------------------------------------------------------
+
+    async def models(self, types: Sequence[str], backends: Sequence[_Backend]) -> dict[str, Any]:
+        hashes = await self.db.read(lambda s: s.model_hashes())
+        models: list[dict[str, Any]] = []
+        folders: list[dict[str, Any]] = []
+        for type_ in types:
+            attr, comfy_folder = MODEL_TYPES[type_]
+            root: Path | None = getattr(self.config, attr)
+            if root is None:
+                folders.append(await self._backend_models(type_, comfy_folder, backends, models))
+                continue
+            if not root.is_dir():
+                folders.append({"type": type_, "source": "folder", "path": str(root),
+                                "status": "missing", "error": f"{root} is not a folder"})
+                continue
+            files, problems = await self.run(
+                lambda r=root: _walk_files(r, follow_links=True, suffixes=_MODEL_EXTENSIONS))
+            folder = {"type": type_, "source": "folder", "path": str(root),
+                      "status": "partial" if problems else "ok"}
+            if problems:
+                folder["error"] = "; ".join(problems[:5])
+            folders.append(folder)
+            for info in sorted(files, key=lambda f: f.rel):
+                full = str(root / info.rel)
+                cached = hashes.get(full)
+                digest = cached[2] if cached and cached[:2] == (info.size, info.mtime_ns) else None
+                if digest is None:
+                    self._want_hash(full, info.size, info.mtime_ns)
+                models.append({"name": info.rel, "type": type_, "size": info.size, "hash": digest,
+                               "modified": info.mtime_ns // 1_000_000, "source": "folder"})
+        return {"models": models, "folders": folders}
+
+    async def _backend_models(self, type_: str, comfy_folder: str, backends: Sequence[_Backend],
+                              models: list[dict[str, Any]]) -> dict[str, Any]:
+        """No folder configured: ComfyUI's own GET /models/<folder> names."""
+        for backend in backends:
+            if not backend.up:
+                continue
+            try:
+                names = await backend.client.models(comfy_folder)
+            except BackendError as exc:
+                return {"type": type_, "source": "comfyui", "backend": backend.name,
+                        "status": "unavailable", "error": str(exc)}
+            models.extend({"name": name, "type": type_, "size": None, "hash": None,
+                           "modified": None, "source": "comfyui"} for name in sorted(names))
+            return {"type": type_, "source": "comfyui", "backend": backend.name, "status": "ok"}
+        return {"type": type_, "source": "comfyui", "status": "unavailable",
+                "error": "not configured, and no ComfyUI server is reachable to ask"}
+
+    def _want_hash(self, path: str, size: int, mtime_ns: int) -> None:
+        if path not in self._hashing:
+            self._hashing.add(path)
+            self._hash_queue.put_nowait((path, size, mtime_ns))
+
+    async def hash_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            path, size, mtime_ns = await self._hash_queue.get()
+            try:
+                digest = await loop.run_in_executor(self._hash_pool, _sha256_file, path)
+                st = await self.run(os.stat, path)
+                if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):  # unchanged while hashed
+                    await self.db.write(lambda s: s.store_model_hash(path, size, mtime_ns, digest))
+            except (OSError, ApiError) as exc:
+                _log_files.warning("cannot hash %s: %s", path, exc)
+            finally:
+                self._hashing.discard(path)
+                self._hash_queue.task_done()
+
+    async def hashes_done(self) -> None:
+        """Until every queued hash is computed (tests, benchmarks)."""
+        await self._hash_queue.join()
+
+    # -- outputs -------------------------------------------------------------------
+
+    def root(self, type_: str) -> Path:
+        root = self.roots.get(type_)
+        if root is None:
+            raise NotFound(f"no {type_} folder is configured (COMFYUI_"
+                           f"{'OUTPUTS' if type_ == 'output' else 'TEMP'})",
+                           code="not_configured", details={"type": type_})
+        return root
+
+    async def list_outputs(self, type_: str, *, limit: int, after: tuple[int, str] | None
+                           ) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
+        """Newest first; keyset cursor (mtime_ns, path)."""
+        root = self.root(type_)
+        if not root.is_dir():
+            return [], None
+        files, _ = await self.run(lambda: _walk_files(root, follow_links=False))
+        files.sort(key=lambda f: (-f.mtime_ns, f.rel))
+        start = 0
+        if after is not None:
+            keys = [(-f.mtime_ns, f.rel) for f in files]
+            start = bisect.bisect_right(keys, (-after[0], after[1]))
+        page = files[start:start + limit]
+        owners = await self.db.read(lambda s: s.output_owners(type_, [f.rel for f in page]))
+        items = [self._output_item(type_, f, owners.get(f.rel)) for f in page]
+        more = start + limit < len(files)
+        return items, ((page[-1].mtime_ns, page[-1].rel) if more and page else None)
+
+    async def job_outputs(self, job: Job) -> list[dict[str, Any]]:
+        """A job's recorded outputs that still exist, with size and time."""
+        def stat_all() -> list[dict[str, Any]]:
+            items = []
+            for out in job.outputs or []:
+                root = self.roots.get(out["type"])
+                rel = "/".join(p for p in (out.get("subfolder"), out["filename"]) if p)
+                if root is None:
+                    continue
+                try:
+                    fd, st, _ = _open_inside(root, rel)
+                except ApiError:
+                    continue
+                os.close(fd)
+                items.append(self._output_item(out["type"], _FileInfo(rel, st.st_size, st.st_mtime_ns),
+                                               job.id))
+            return items
+        return await self.run(stat_all)
+
+    @staticmethod
+    def _output_item(type_: str, info: _FileInfo, job_id: str | None) -> dict[str, Any]:
+        subfolder, _, filename = info.rel.rpartition("/")
+        record = _output_record("", {"filename": filename, "subfolder": subfolder, "type": type_})
+        return {"filename": filename, "subfolder": subfolder, "workflowId": job_id, "type": type_,
+                "size": info.size, "createdAt": info.mtime_ns // 1_000_000, "url": record["url"]}
+
+    async def open(self, type_: str, rel: str) -> tuple[int, os.stat_result, str]:
+        root = self.root(type_)
+        return await self.run(_open_inside, root, rel)
+
+    # -- inputs ----------------------------------------------------------------------
+
+    async def save_input(self, subfolder: str, name: str, data: bytes, overwrite: bool) -> str:
+        root = self.config.inputs_dir
+        assert root is not None
+
+        def write() -> str:
+            folder = Path(os.path.realpath(root))
+            target = folder.joinpath(*subfolder.split("/")) if subfolder else folder
+            real = os.path.realpath(target)
+            if real != str(folder) and not real.startswith(str(folder) + os.sep):
+                raise BadRequest("subfolder: outside the input folder", details={"field": "subfolder"})
+            return _write_unique(Path(real), name, data, overwrite)
+
+        return await self.run(write)
+
+    # -- retention and disk use ---------------------------------------------------------
+
+    async def delete_outputs_of(self, job: Job) -> int:
+        """Delete the files a removed job produced, unless a newer job now
+        claims the same file (a cached re-run reuses its file names)."""
+        paths = [(o["type"], "/".join(p for p in (o.get("subfolder"), o["filename"]) if p))
+                 for o in job.outputs or []]
+        owners: dict[tuple[str, str], str] = {}
+        for type_ in {t for t, _ in paths}:
+            found = await self.db.read(
+                lambda s, t=type_: s.output_owners(t, [p for tt, p in paths if tt == t]))
+            owners.update(((type_, p), j) for p, j in found.items())
+
+        def unlink() -> int:
+            removed = 0
+            for type_, rel in paths:
+                root = self.roots.get(type_)
+                if root is None or owners.get((type_, rel), job.id) != job.id:
+                    continue
+                try:
+                    fd, _, real = _open_inside(root, rel)
+                    os.close(fd)
+                    os.unlink(real)
+                    removed += 1
+                except (ApiError, OSError):
+                    continue
+            return removed
+        return await self.run(unlink)
+
+    async def measure_disk(self) -> None:
+        for type_, root in self.roots.items():
+            if root is None or not root.is_dir():
+                continue
+            files, _ = await self.run(lambda r=root: _walk_files(r, follow_links=False))
+            usage = await self.run(shutil.disk_usage, root)
+            self.disk[type_] = {"path": str(root), "files": len(files),
+                                "bytes": sum(f.size for f in files),
+                                "filesystemFreeBytes": usage.free,
+                                "filesystemTotalBytes": usage.total,
+                                "measuredAt": _ms(self.clock())}
+
+    async def disk_loop(self) -> None:
+        while True:
+            try:
+                await self.measure_disk()
+            except OSError as exc:
+                _log_files.warning("cannot measure the output folders: %s", exc)
+            await asyncio.sleep(_DISK_USAGE_INTERVAL)
+
+
+class _Retention:
+    """COMFYMGR_RETENTION_DAYS: finished jobs, their events and (optionally)
+    their files are removed once they are older than that."""
+
+    def __init__(self, config: Config, db: _Database, files: _Files, metrics: _Metrics,
+                 clock: Clock) -> None:
+        self.config, self.db, self.files, self.metrics, self.clock = config, db, files, metrics, clock
+
+    async def run_once(self) -> dict[str, int]:
+        removed = {"jobs": 0, "events": 0, "files": 0}
+        if not self.config.retention_days:
+            return removed
+        cutoff = _ms(self.clock() - self.config.retention_days * 86400)
+        while True:
+            jobs = await self.db.read(lambda s: s.expired_jobs(cutoff))
+            if not jobs:
+                break
+            if self.config.retention_delete_outputs:
+                for job in jobs:
+                    removed["files"] += await self.files.delete_outputs_of(job)
+            n_jobs, n_events = await self.db.write(lambda s: s.delete_jobs([j.id for j in jobs]))
+            removed["jobs"] += n_jobs
+            removed["events"] += n_events
+            if n_jobs == 0:
+                break
+        for kind, n in removed.items():
+            if n:
+                self.metrics.retention_removed.labels(kind).inc(n)
+        if any(removed.values()):
+            _log_files.info("retention (%d days): removed %d jobs, %d events, %d files",
+                            self.config.retention_days, removed["jobs"], removed["events"],
+                            removed["files"])
+        return removed
+
+    async def loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except ApiError as exc:
+                _log_files.warning("retention pass failed: %s", exc.message)
+            await asyncio.sleep(3600)
+
+
+###############################################################################
 # http api
 ###############################################################################
 # Handlers, the route table and the middlewares (outermost first):
@@ -2857,6 +3429,8 @@ STARTED_AT = web.AppKey("started_at", float)
 BRIDGE = web.AppKey("bridge", _Bridge)
 HUB = web.AppKey("hub", _Hub)
 GPUS = web.AppKey("gpus", _GpuMonitor)
+FILES = web.AppKey("files", _Files)
+RETENTION = web.AppKey("retention", _Retention)
 
 _OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "docs_assets"})
 # Open for monitoring, so never rate limited either (Prometheus, load balancers).
@@ -2912,10 +3486,15 @@ async def _json_body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}",
                               details={"limit": limit})
-    raw = await request.read()
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"the body is over the limit of {limit} bytes",
-                              details={"limit": limit})
+    # Read at most limit + 1 bytes whatever the framing (chunked bodies have no length).
+    chunks, size = [], 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes",
+                                  details={"limit": limit})
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         raise BadRequest("the request body is empty; send a JSON object", code="invalid_json")
     try:
@@ -3020,6 +3599,263 @@ async def _handle_list(request: web.Request) -> web.Response:
                   "limit": q["limit"]})
 
 
+MODELS_QUERY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"type": {"type": "string", "enum": list(MODEL_TYPES),
+                            "description": "One model type; all when absent."}},
+}
+OUTPUTS_QUERY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "workflowId": {"type": "string", "maxLength": 64, "description": "Only this job's files."},
+        "type": {"type": "string", "enum": ["output", "temp"], "default": "output"},
+        "limit": {"type": "integer", "minimum": 1, "maximum": _MAX_PAGE, "default": _DEFAULT_PAGE},
+        "cursor": {"type": "string", "maxLength": 1200},
+    },
+}
+OUTPUT_QUERY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"type": {"type": "string", "enum": ["output", "temp"], "default": "output"}},
+}
+UPLOAD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["image"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "The image file."},
+        "subfolder": {"type": "string", "maxLength": 200, "default": ""},
+        "overwrite": {"type": "string", "enum": ["true", "false"], "default": "false"},
+        "gpu": {"type": "string", "default": "local",
+                "description": "Where to upload when COMFYUI_INPUTS is not set: local/any (every "
+                               "backend) or one backend's name."},
+    },
+}
+
+
+async def _handle_models(request: web.Request) -> web.Response:
+    q = _query(request, MODELS_QUERY_SCHEMA)
+    types = [q["type"]] if "type" in q else list(MODEL_TYPES)
+    backends = list(request.app[BRIDGE].backends.values())
+    return _json(await request.app[FILES].models(types, backends))
+
+
+def _cursor(value: tuple[Any, ...] | None) -> str | None:
+    return _b64url(_dumps(list(value)).encode()) if value is not None else None
+
+
+def _uncursor(text: str, shape: tuple[type, ...]) -> tuple[Any, ...]:
+    try:
+        value = _loads(_unb64url(text).decode())
+        if isinstance(value, list) and len(value) == len(shape) and all(
+                isinstance(v, t) and not isinstance(v, bool) for v, t in zip(value, shape)):
+            return tuple(value)
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise BadRequest("cursor: not a cursor this API returned", details={"field": "cursor"})
+
+
+async def _handle_outputs(request: web.Request) -> web.Response:
+    q = _query(request, OUTPUTS_QUERY_SCHEMA)
+    files = request.app[FILES]
+    if "workflowId" in q:
+        job, _ = await request.app[QUEUE].get(q["workflowId"])
+        items = await files.job_outputs(job)
+        if "type" in request.query:
+            items = [i for i in items if i["type"] == q["type"]]
+        start = 0
+        if "cursor" in q:
+            start = _uncursor(q["cursor"], (int,))[0]
+        page = items[start:start + q["limit"]]
+        more = start + q["limit"] < len(items)
+        return _json({"outputs": page, "next": _cursor((start + q["limit"],)) if more else None})
+    after = _uncursor(q["cursor"], (int, str)) if "cursor" in q else None
+    items, last = await files.list_outputs(q["type"], limit=q["limit"], after=after)
+    return _json({"outputs": items, "next": _cursor(last)})
+
+
+async def _handle_output(request: web.Request) -> web.StreamResponse:
+    q = _query(request, OUTPUT_QUERY_SCHEMA)
+    rel = request.match_info["path"]
+    fd, st, real = await request.app[FILES].open(q["type"], rel)
+    try:
+        return await _serve_file(request, fd, st, os.path.basename(real))
+    finally:
+        os.close(fd)
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """One `bytes=` range as (start, end inclusive); None to serve the whole
+    file (no range, or several); ValueError when it cannot be satisfied."""
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if first == "":
+            length = int(last)
+            if length <= 0:
+                raise ValueError
+            return max(0, size - length), size - 1
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size or start < 0 or end < start:
+        raise ValueError("unsatisfiable")
+    return start, min(end, size - 1)
+
+
+async def _serve_file(request: web.Request, fd: int, st: os.stat_result, name: str) -> web.StreamResponse:
+    etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+    headers = {
+        "ETag": etag,
+        "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "private, no-cache",
+        "X-Content-Type-Options": "nosniff",
+        # An SVG or HTML output must never run script in comfymgr's origin.
+        "Content-Security-Policy": "default-src 'none'; img-src 'self'; media-src 'self'; sandbox",
+        "Content-Disposition": f"inline; filename*=UTF-8''{_quote(name)}",
+    }
+    match = request.headers.get("If-None-Match")
+    if match is not None:
+        if match.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in match.split(",")]:
+            return web.Response(status=304, headers=headers)
+    elif "If-Modified-Since" in request.headers:
+        since = email.utils.parsedate_to_datetime(request.headers["If-Modified-Since"]) \
+            if _http_date_ok(request.headers["If-Modified-Since"]) else None
+        if since is not None and int(st.st_mtime) <= since.timestamp():
+            return web.Response(status=304, headers=headers)
+    start, end, status = 0, st.st_size - 1, 200
+    range_header = request.headers.get("Range")
+    if range_header and request.headers.get("If-Range", etag) == etag:
+        try:
+            chosen = _parse_range(range_header, st.st_size)
+        except ValueError:
+            raise ApiError(f"the range {range_header} is outside the file ({st.st_size} bytes)",
+                           code="range_not_satisfiable", details={"size": st.st_size},
+                           headers={"Content-Range": f"bytes */{st.st_size}"}).with_status(416) from None
+        if chosen is not None:
+            start, end = chosen
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{st.st_size}"
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    response.content_length = end - start + 1
+    await response.prepare(request)
+    if request.method != "HEAD":
+        files = request.app[FILES]
+        offset = start
+        while offset <= end:
+            chunk = await files.run(os.pread, fd, min(_CHUNK, end - offset + 1), offset)
+            if not chunk:
+                break
+            await response.write(chunk)
+            offset += len(chunk)
+    await response.write_eof()
+    return response
+
+
+def _http_date_ok(value: str) -> bool:
+    try:
+        return email.utils.parsedate_to_datetime(value) is not None
+    except (TypeError, ValueError):
+        return False
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+def _sniff_image(data: bytes) -> bool:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return True
+    return any(data.startswith(signature) for signature, _ in _IMAGE_SIGNATURES)
+
+
+async def _handle_upload(request: web.Request) -> web.Response:
+    """Multipart upload of an input image for LoadImage."""
+    config = request.app[CONFIG]
+    if request.content_type != "multipart/form-data":
+        raise ApiError("send multipart/form-data with an `image` file field",
+                       code="unsupported_media_type").with_status(415)
+    limit = config.max_upload_bytes
+    if request.content_length is not None and request.content_length > limit + 64 * 1024:
+        raise PayloadTooLarge(f"the upload is over the limit of {limit} bytes", details={"limit": limit})
+    fields: dict[str, str] = {}
+    image: tuple[str, bytes] | None = None
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, aiohttp.BodyPartReader):
+                raise BadRequest("nested multipart is not accepted")
+            if part.name == "image":
+                data = bytearray()
+                while chunk := await part.read_chunk(_CHUNK):
+                    data.extend(chunk)
+                    if len(data) > limit:
+                        raise PayloadTooLarge(f"the image is over the limit of {limit} bytes",
+                                              details={"limit": limit})
+                image = (part.filename or "", bytes(data))
+            elif part.name in UPLOAD_SCHEMA["properties"]:
+                value = await part.read(decode=True)
+                if len(value) > 1024:
+                    raise BadRequest(f"{part.name}: too long", details={"field": part.name})
+                fields[part.name] = value.decode("utf-8", "replace")
+            else:
+                raise BadRequest(f"{part.name}: is not a known field", details={"field": part.name})
+    except (ValueError, AssertionError, aiohttp.ClientPayloadError) as exc:
+        raise BadRequest(f"the multipart body cannot be read: {exc}") from None
+    if image is None:
+        raise BadRequest("image: is required", details={"field": "image"})
+    _Schema.validate(UPLOAD_SCHEMA, {**fields, "image": image[0]})
+    # Some clients (aiohttp's among them) percent-encode the part's file name.
+    name = _safe_name(urllib.parse.unquote(image[0]) or "upload.png", what="image")
+    if os.path.splitext(name)[1].lower() not in _IMAGE_EXTENSIONS:
+        raise BadRequest(f"image: {name} is not an image file name "
+                         f"({', '.join(sorted(_IMAGE_EXTENSIONS))})", details={"field": "image"})
+    if not _sniff_image(image[1]):
+        raise BadRequest("image: the file is not a PNG, JPEG, WebP, GIF, BMP or TIFF image",
+                         code="invalid_image", details={"field": "image"})
+    subfolder = "/".join(_safe_name(p, what="subfolder")
+                         for p in fields.get("subfolder", "").replace("\\", "/").split("/") if p.strip())
+    overwrite = fields.get("overwrite", "false") == "true"
+    if config.inputs_dir is not None:
+        saved = await request.app[FILES].save_input(subfolder, name, image[1], overwrite)
+        stored = {"name": saved, "subfolder": subfolder, "type": "input", "backends": []}
+    else:
+        stored = await _upload_to_backends(request, name, image[1], subfolder, overwrite,
+                                           fields.get("gpu", "local"))
+    value = f"{stored['subfolder']}/{stored['name']}" if stored["subfolder"] else stored["name"]
+    return _json({**stored, "workflowValue": value}, status=201)
+
+
+async def _upload_to_backends(request: web.Request, name: str, data: bytes, subfolder: str,
+                              overwrite: bool, gpu: str) -> dict[str, Any]:
+    """No input folder of our own: upload through ComfyUI's /upload/image, to
+    every backend a job may run on, under one name (the first server picks
+    it; the others are told to use it)."""
+    target = request.app[QUEUE].resolve_target(gpu)
+    bridge = request.app[BRIDGE]
+    backends = list(bridge.backends.values()) if target == TARGET_ANY else [bridge.backends[target]]
+    stored: dict[str, Any] | None = None
+    done: list[str] = []
+    for backend in backends:
+        try:
+            answer = await backend.client.upload_image(
+                stored["name"] if stored else name, data, subfolder, overwrite or stored is not None)
+        except BackendError as exc:
+            raise ServiceUnavailable(
+                f"ComfyUI {backend.name} did not take the upload: {exc}", code="backend_unavailable",
+                details={"backend": backend.name, "uploaded": done}) from None
+        stored = stored or {"name": str(answer["name"]), "subfolder": str(answer.get("subfolder") or ""),
+                            "type": "input"}
+        done.append(backend.name)
+    assert stored is not None
+    return {**stored, "backends": done}
+
+
 STREAM_QUERY_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -3083,6 +3919,8 @@ async def _handle_status(request: web.Request) -> web.Response:
         "backends": [b.view() for b in app[BRIDGE].backends.values()],
         "gpu": app[GPUS].view(_gpu_users(app)),
         "stream": {"clients": len(app[HUB].subscribers), "latestSeq": app[HUB].latest_seq},
+        "files": {**{t: app[FILES].disk.get(t) for t in ("output", "temp")},
+                  "retentionDays": app[CONFIG].retention_days or None},
     })
 
 
@@ -3323,6 +4161,7 @@ class _Route:
     query: Mapping[str, Any] | None = None
     responses: Mapping[int, str] = dataclasses.field(default_factory=dict)
     response_schema: str | None = None  # a components/schemas name for the 2xx body
+    body_type: str = "application/json"
 
 
 def _routes() -> list[_Route]:
@@ -3341,6 +4180,23 @@ def _routes() -> list[_Route]:
         r("GET", "/v1/comfyui/workflows", _handle_list, "jobs", "List jobs, newest first", "jobs",
           query=LIST_QUERY_SCHEMA, response_schema="JobList",
           responses={200: "A page of jobs", 400: "Bad query parameter"}),
+        r("GET", "/v1/comfyui/models", _handle_models, "models", "List models", "files",
+          query=MODELS_QUERY_SCHEMA, response_schema="ModelList",
+          responses={200: "Models and the state of each folder", 400: "Bad query parameter"}),
+        r("GET", "/v1/comfyui/outputs", _handle_outputs, "outputs", "List output files, newest first",
+          "files", query=OUTPUTS_QUERY_SCHEMA, response_schema="OutputList",
+          responses={200: "A page of files", 400: "Bad query parameter",
+                     404: "No such job, or no output folder configured"}),
+        r("GET", "/v1/comfyui/output/{path:.+}", _handle_output, "output", "Download an output file",
+          "files", query=OUTPUT_QUERY_SCHEMA,
+          responses={200: "The file", 206: "Part of the file (Range)", 304: "Not modified",
+                     400: "A path that is never a file name", 404: "No such file",
+                     416: "Range outside the file"}),
+        r("POST", "/v1/comfyui/inputs", _handle_upload, "inputs", "Upload an input image for LoadImage",
+          "files", body=UPLOAD_SCHEMA, body_type="multipart/form-data", response_schema="Upload",
+          responses={201: "Stored; put workflowValue in LoadImage's image input",
+                     400: "Not an image, or bad fields", 413: "Over COMFYMGR_MAX_UPLOAD_BYTES",
+                     415: "Not multipart/form-data", 503: "ComfyUI did not take the upload"}),
         r("GET", "/v1/comfyui/stream", _handle_stream, "stream",
           "Event stream (WebSocket): workflow:queued|started|progress|completed|cancelled|error",
           "stream", query=STREAM_QUERY_SCHEMA,
@@ -3428,6 +4284,36 @@ _COMPONENT_SCHEMAS: dict[str, Any] = {
         "properties": {"status": {"type": "string"}, "version": {"type": "string"},
                        "database": {"type": "string"}},
     },
+    "ModelList": {
+        "type": "object", "required": ["models", "folders"],
+        "properties": {
+            "models": {"type": "array", "items": {
+                "type": "object", "required": ["name", "type", "size", "hash", "modified"],
+                "properties": {"name": {"type": "string"}, "type": {"type": "string"},
+                               "size": _NULLABLE_INT, "hash": _NULLABLE_STR,
+                               "modified": _NULLABLE_INT, "source": {"type": "string"}}}},
+            "folders": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "OutputList": {
+        "type": "object", "required": ["outputs", "next"],
+        "properties": {
+            "outputs": {"type": "array", "items": {
+                "type": "object",
+                "required": ["filename", "workflowId", "type", "size", "createdAt", "url"],
+                "properties": {"filename": {"type": "string"}, "subfolder": {"type": "string"},
+                               "workflowId": _NULLABLE_STR, "type": {"type": "string"},
+                               "size": {"type": "integer"}, "createdAt": {"type": "integer"},
+                               "url": {"type": "string"}}}},
+            "next": _NULLABLE_STR,
+        },
+    },
+    "Upload": {
+        "type": "object", "required": ["name", "subfolder", "type", "workflowValue"],
+        "properties": {"name": {"type": "string"}, "subfolder": {"type": "string"},
+                       "type": {"type": "string"}, "workflowValue": {"type": "string"},
+                       "backends": {"type": "array", "items": {"type": "string"}}},
+    },
     "Status": {
         "type": "object", "required": ["version", "uptimeSeconds", "queue", "database"],
         "properties": {"version": {"type": "string"}, "startedAt": {"type": "integer"},
@@ -3450,7 +4336,7 @@ def _openapi_document(routes: Sequence[_Route]) -> dict[str, Any]:
             operation["parameters"] = parameters
         if route.body is not None:
             operation["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": route.body}}}
+                route.body_type: {"schema": route.body}}}
         responses: dict[str, Any] = {}
         for status, description in route.responses.items():
             entry: dict[str, Any] = {"description": description}
@@ -3461,6 +4347,9 @@ def _openapi_document(routes: Sequence[_Route]) -> dict[str, Any]:
                     "schema": {"$ref": f"#/components/schemas/{route.response_schema}"}}}
             elif route.name == "metrics":
                 entry["content"] = {"text/plain": {"schema": {"type": "string"}}}
+            elif route.name == "output" and status in (200, 206):
+                entry["content"] = {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}
             responses[str(status)] = entry
         error_ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         if route.name in _OPEN_ROUTES:
@@ -3471,7 +4360,9 @@ def _openapi_document(routes: Sequence[_Route]) -> dict[str, Any]:
             responses.setdefault("429", {"description": "Rate limited; see Retry-After", **error_ref})
         responses["default"] = {"description": "Any other error, in the same envelope", **error_ref}
         operation["responses"] = responses
-        paths.setdefault(route.path, {})[route.method.lower()] = operation
+        path = "/".join(part.split(":")[0] + "}" if part.startswith("{") and ":" in part else part
+                        for part in route.path.split("/"))
+        paths.setdefault(path, {})[route.method.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": "comfymgr", "version": __version__,
@@ -3690,6 +4581,17 @@ def _live_metrics(app: web.Application) -> Iterable[Any]:
                  [((), float(max((sub.live for sub in hub.subscribers), default=0)))])
 
 
+async def _files_ctx(app: web.Application) -> Any:
+    files = app[FILES]
+    tasks = [asyncio.create_task(files.hash_loop()), asyncio.create_task(files.disk_loop()),
+             asyncio.create_task(app[RETENTION].loop())]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    files.close()
+
+
 async def _gpu_ctx(app: web.Application) -> Any:
     gpus = app[GPUS]
     await gpus.start()
@@ -3707,7 +4609,8 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
     app = web.Application(
         middlewares=[_metrics_middleware, _cors_middleware, _error_middleware,
                      _rate_limit_middleware, _auth_middleware],
-        client_max_size=config.max_body_bytes,
+        # JSON handlers enforce COMFYMGR_MAX_BODY_BYTES themselves; uploads are larger.
+        client_max_size=max(config.max_body_bytes, config.max_upload_bytes + 64 * 1024),
     )
     app[CONFIG] = config
     app[CLOCK] = clock
@@ -3719,12 +4622,17 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
     app[BRIDGE] = _Bridge(config, app[DB], app[QUEUE], clock)
     app[HUB] = _Hub(app[DB], config, clock)
     app[GPUS] = _GpuMonitor(config.gpu_poll_interval, clock, nvml)
+    app[FILES] = _Files(config, app[DB], clock)
+    app[RETENTION] = _Retention(config, app[DB], app[FILES], app[METRICS], clock)
     app[METRICS].live_state = lambda: _live_metrics(app)
     if config.rate_limit:
         app[RATE_LIMITER] = _RateLimiter(config.rate_limit, clock)
     routes = _routes()
     for route in routes:
-        app.router.add_route(route.method, route.path, route.handler, name=route.name)
+        if route.name == "output":  # downloads answer HEAD too
+            app.router.add_get(route.path, route.handler, name=route.name, allow_head=True)
+        else:
+            app.router.add_route(route.method, route.path, route.handler, name=route.name)
     app.router.add_get("/openapi.json", _handle_openapi, name="openapi")
     app.router.add_get("/docs", _handle_docs, name="docs")
     app.router.add_get("/docs/init.js", _handle_docs_init, name="docs_init")
@@ -3735,6 +4643,7 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_hub_ctx)
     app.cleanup_ctx.append(_gpu_ctx)
+    app.cleanup_ctx.append(_files_ctx)
     app.cleanup_ctx.append(_bridge_ctx)
     app.on_shutdown.append(_close_streams)
     return app
