@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import email.utils
 import enum
+import errno
 import hashlib
 import hmac
 import ipaddress
@@ -54,6 +55,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import aiohttp
+import aiohttp.abc
+import yarl
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import disable_created_metrics
@@ -177,6 +180,34 @@ def _parse_url(value: str) -> str:
     if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
         raise ValueError("expected an http:// or https:// URL")
     return value
+
+
+def _parse_webhook_secrets(value: str) -> tuple[bytes, ...]:
+    secrets_: list[bytes] = []
+    for item in _parse_list(value):
+        if not item.startswith("whsec_"):
+            raise ValueError("expected whsec_<base64> (Standard Webhooks secret form)")
+        try:
+            raw = base64.b64decode(item[len("whsec_"):], validate=True)
+        except ValueError:
+            raise ValueError("the part after whsec_ is not base64") from None
+        if len(raw) < 16:
+            raise ValueError("a secret must be at least 16 bytes (24 base64 characters)")
+        secrets_.append(raw)
+    return tuple(secrets_)
+
+
+def _parse_hosts_and_networks(value: str) -> tuple[Any, ...]:
+    """Host names (lower-cased strings) and IP networks, mixed."""
+    entries: list[Any] = []
+    for item in _parse_list(value):
+        try:
+            entries.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            if not item or set(item.lower()) - set("abcdefghijklmnopqrstuvwxyz0123456789-."):
+                raise ValueError(f"{item!r} is neither a host name nor an IP network") from None
+            entries.append(item.lower().rstrip("."))
+    return tuple(entries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +347,27 @@ def _settings() -> tuple[_Setting, ...]:
         s("retention_delete_outputs", "COMFYMGR_RETENTION_DELETE_OUTPUTS", "false", _parse_bool,
           "With COMFYMGR_RETENTION_DAYS, also delete the output files of the jobs removed.",
           "files"),
+        # -- webhooks and idempotency ---------------------------------------
+        s("public_url", "COMFYMGR_PUBLIC_URL", "", lambda v: _parse_url(v) if v.strip() else None,
+          "The URL clients reach comfymgr at (e.g. https://gpu1.example.com); makes output URLs "
+          "in webhooks absolute.", "webhooks"),
+        s("webhook_secrets", "COMFYMGR_WEBHOOK_SECRET", "", _parse_webhook_secrets,
+          "Standard Webhooks signing secret(s), whsec_<base64>, comma-separated to rotate (every "
+          "one signs). Empty: one is generated and stored in the state directory.", "webhooks"),
+        s("webhook_allow", "COMFYMGR_WEBHOOK_ALLOW", "", _parse_hosts_and_networks,
+          "Hosts and networks webhooks may be sent to (e.g. hooks.example.com,10.0.0.0/8). "
+          "Empty: any, except link-local and cloud metadata addresses.", "webhooks"),
+        s("webhook_max_attempts", "COMFYMGR_WEBHOOK_MAX_ATTEMPTS", "8", _parse_positive,
+          "Attempts per delivery before it is marked failed.", "webhooks"),
+        s("webhook_max_age", "COMFYMGR_WEBHOOK_MAX_AGE", "24h", _parse_duration,
+          "A delivery still failing this long after its event is marked failed.", "webhooks"),
+        s("webhook_backoff", "COMFYMGR_WEBHOOK_BACKOFF", "5s", _parse_duration,
+          "Delay before the first retry; it doubles with each attempt (with jitter), "
+          "at most 1h.", "webhooks"),
+        s("webhook_timeout", "COMFYMGR_WEBHOOK_TIMEOUT", "10s", _parse_duration,
+          "Connect-and-answer timeout of one delivery attempt.", "webhooks"),
+        s("idempotency_ttl", "COMFYMGR_IDEMPOTENCY_TTL", "24h", _parse_duration,
+          "How long an Idempotency-Key of a submit is remembered.", "webhooks"),
         # -- gpu ------------------------------------------------------------
         s("gpu_poll_interval", "COMFYMGR_GPU_POLL_INTERVAL", "5s", _parse_duration,
           "How often GPU figures are read from NVML.", "gpu"),
@@ -366,6 +418,14 @@ class Config:
     max_upload_bytes: int
     retention_days: int
     retention_delete_outputs: bool
+    public_url: str | None
+    webhook_secrets: tuple[bytes, ...]
+    webhook_allow: tuple[Any, ...]
+    webhook_max_attempts: int
+    webhook_max_age: float
+    webhook_backoff: float
+    webhook_timeout: float
+    idempotency_ttl: float
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Config:
@@ -710,6 +770,9 @@ class _Metrics:
         self.stream_publish_lag = Histogram(
             "comfymgr_stream_publish_lag_seconds", "Time from an event's commit to its fan-out "
             "to stream clients.", buckets=_LATENCY_BUCKETS, registry=registry)
+        self.webhook_deliveries = Counter(
+            "comfymgr_webhook_deliveries", "Webhook delivery attempts by outcome: sent, retried "
+            "(will be tried again), failed (given up).", ["outcome"], registry=registry)
         self.retention_removed = Counter(
             "comfymgr_retention_removed", "Jobs, events and files removed by retention.",
             ["kind"], registry=registry)
@@ -961,8 +1024,38 @@ CREATE TABLE model_hashes (
 CREATE INDEX jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT NULL;
 """
 
+_SCHEMA_V3 = """
+-- Webhook deliveries: written in the transaction of the event they carry,
+-- so a committed event's delivery survives any crash.
+CREATE TABLE deliveries (
+    id           TEXT PRIMARY KEY,
+    job_id       TEXT NOT NULL,
+    event_seq    INTEGER NOT NULL,
+    event_type   TEXT NOT NULL,
+    url          TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_at      INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL,
+    delivered_at INTEGER,
+    last_status  INTEGER,
+    last_error   TEXT
+);
+CREATE INDEX deliveries_due ON deliveries (next_at) WHERE state = 'pending';
+CREATE INDEX deliveries_job ON deliveries (job_id);
+-- Idempotency-Key of submits, scoped by the API key that sent them.
+CREATE TABLE idempotency (
+    key        TEXT PRIMARY KEY,
+    body_hash  TEXT NOT NULL,
+    job_id     TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX idempotency_age ON idempotency (created_at);
+"""
+
 # Forward migrations; the database's PRAGMA user_version is how many ran.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
 _JOB_COLUMNS = frozenset({
     "backend", "prompt_id", "attempts", "started_at", "completed_at", "progress",
@@ -981,8 +1074,9 @@ class Storage:
     """
 
     def __init__(self, path: str | Path, *, synchronous: str = "full",
-                 busy_timeout_ms: int = 5000) -> None:
+                 busy_timeout_ms: int = 5000, public_url: str | None = None) -> None:
         self.path = Path(path)
+        self.public_url = public_url.rstrip("/") if public_url else None
         self.on_commit: Callable[[list[Event]], None] = lambda events: None
         self._pending: list[Event] = []
         self._depth = 0
@@ -1077,12 +1171,26 @@ class Storage:
             return [(False, exc)] * len(ops)
         return outcomes
 
-    def _event(self, job_id: str, type_: str, ts: int, data: dict[str, Any]) -> Event:
+    def _event(self, job_id: str, type_: str, ts: int, data: dict[str, Any],
+               webhook: Mapping[str, Any] | None = None) -> Event:
         cur = self._conn.execute("INSERT INTO events (job_id, type, ts, data) VALUES (?, ?, ?, ?)",
                                  (job_id, type_, ts, _dumps(data)))
         event = Event(cur.lastrowid, job_id, type_, ts, data)
         self._pending.append(event)
+        if webhook and type_.removeprefix("workflow:") in webhook.get("events", ()):
+            self._conn.execute(
+                "INSERT INTO deliveries (id, job_id, event_seq, event_type, url, payload, state, "
+                "next_at, created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                ("msg_" + uuid.uuid4().hex, job_id, event.seq, type_, webhook["url"],
+                 _dumps(self._webhook_payload(event)), ts, ts))
         return event
+
+    def _webhook_payload(self, event: Event) -> dict[str, Any]:
+        """The stream message; output URLs made absolute when a public URL is known."""
+        message = event.message()
+        if self.public_url and message.get("outputs"):
+            message["outputs"] = [{**o, "url": self.public_url + o["url"]} for o in message["outputs"]]
+        return message
 
     # -- jobs --------------------------------------------------------------------
 
@@ -1105,8 +1213,60 @@ class Storage:
                       completed_at=None, updated_at=now, progress=0.0, current_node=None,
                       outputs=None, error=None, cancel_requested_at=None, extra=extra or {})
             self._event(job_id, "workflow:queued", now, {
-                "status": "queued", "priority": priority.label, "queuePosition": position})
+                "status": "queued", "priority": priority.label, "queuePosition": position},
+                webhook=job.extra.get("webhook"))
         return job, position
+
+    def enqueue_once(self, key: str, body_hash: str, ttl_ms: int, job_id: str, workflow: str,
+                     priority: Priority, target: str, now: int, **kwargs: Any
+                     ) -> tuple[Job, int | None, bool]:
+        """enqueue() under an idempotency key: the same key and body within
+        the TTL return the original job (replayed=True); the same key with
+        another body is refused. Check and insert share one transaction, so
+        concurrent retries make one job."""
+        with self.transaction():
+            row = self._conn.execute("SELECT body_hash, job_id, created_at FROM idempotency "
+                                     "WHERE key = ?", (key,)).fetchone()
+            if row is not None and row["created_at"] >= now - ttl_ms:
+                if row["body_hash"] != body_hash:
+                    raise UnprocessableEntity(
+                        "this Idempotency-Key was used with a different request body",
+                        code="idempotency_conflict", details={"workflowId": row["job_id"]})
+                original = self.get(row["job_id"])
+                if original is not None:
+                    return original, self.position(original), True
+            job, position = self.enqueue(job_id, workflow, priority, target, now, **kwargs)
+            self._conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)",
+                               (key, body_hash, job_id, now))
+        return job, position, False
+
+    def prune_idempotency(self, before_ms: int) -> int:
+        with self.transaction():
+            return self._conn.execute("DELETE FROM idempotency WHERE created_at < ?",
+                                      (before_ms,)).rowcount
+
+    # -- webhook deliveries -----------------------------------------------------------
+
+    def due_deliveries(self, now: int, *, limit: int = 50) -> list[sqlite3.Row]:
+        return self._conn.execute(
+            "SELECT * FROM deliveries WHERE state = 'pending' AND next_at <= ? "
+            "ORDER BY next_at LIMIT ?", (now, limit)).fetchall()
+
+    def next_delivery_at(self) -> int | None:
+        return self._conn.execute(
+            "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'").fetchone()[0]
+
+    def record_attempt(self, delivery_id: str, now: int, *, state: str, status: int | None,
+                       error: str | None, next_at: int | None) -> None:
+        with self.transaction():
+            self._conn.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, state = ?, last_status = ?, "
+                "last_error = ?, next_at = COALESCE(?, next_at), delivered_at = ? WHERE id = ?",
+                (state, status, error, next_at, now if state == "delivered" else None, delivery_id))
+
+    def deliveries_for(self, job_id: str) -> list[sqlite3.Row]:
+        return self._conn.execute(
+            "SELECT * FROM deliveries WHERE job_id = ? ORDER BY event_seq", (job_id,)).fetchall()
 
     def get(self, job_id: str) -> Job | None:
         row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -1202,7 +1362,7 @@ class Storage:
                 if to is JobState.QUEUED:
                     data.setdefault("priority", job.priority.label)
                     data.setdefault("queuePosition", self.position(job))
-                self._event(job.id, _EVENT_FOR_STATE[to], now, data)
+                self._event(job.id, _EVENT_FOR_STATE[to], now, data, webhook=job.extra.get("webhook"))
         return job
 
     def request_cancel(self, job_id: str, now: int) -> Job:
@@ -1309,6 +1469,7 @@ class Storage:
                     events += self._conn.execute("DELETE FROM events WHERE job_id = ?",
                                                  (job_id,)).rowcount
                     self._conn.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
+                    self._conn.execute("DELETE FROM deliveries WHERE job_id = ?", (job_id,))
         return jobs, events
 
     def oldest_queued_at(self) -> int | None:
@@ -1406,9 +1567,11 @@ class _Database:
     _STOP = object()
     _MAX_BATCH = 128
 
-    def __init__(self, path: Path, *, synchronous: str, on_events: Callable[[list[Event]], None]):
+    def __init__(self, path: Path, *, synchronous: str, on_events: Callable[[list[Event]], None],
+                 public_url: str | None = None):
         self.path = path
         self._synchronous = synchronous
+        self._public_url = public_url
         self._on_events = on_events
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -1447,7 +1610,7 @@ class _Database:
         loop = self._loop
         assert loop is not None
         try:
-            storage = Storage(self.path, synchronous=self._synchronous)
+            storage = Storage(self.path, synchronous=self._synchronous, public_url=self._public_url)
         except Exception as exc:  # noqa: BLE001 - reported to start()
             loop.call_soon_threadsafe(_settle, ready, False, exc)
             return
@@ -1527,9 +1690,11 @@ def _output_record(node_id: str, item: Mapping[str, Any], kind: str = "images") 
 
 
 class _Queue:
-    def __init__(self, db: _Database, clock: Clock, backend_names: Sequence[str]) -> None:
+    def __init__(self, db: _Database, clock: Clock, backend_names: Sequence[str],
+                 idempotency_ttl: float = 86400.0) -> None:
         self._db = db
         self._clock = clock
+        self.idempotency_ttl = idempotency_ttl
         self.backend_names = tuple(backend_names)
         self._wakeups: list[asyncio.Event] = []
 
@@ -1563,16 +1728,28 @@ class _Queue:
                          code="unknown_gpu", details={"field": "gpu", "valid": valid})
 
     async def submit(self, workflow: Mapping[str, Any], priority: Priority, target: str, *,
-                     timeout_s: float | None, extra: dict[str, Any] | None = None
-                     ) -> tuple[Job, int]:
+                     timeout_s: float | None, extra: dict[str, Any] | None = None,
+                     idempotency: tuple[str, str] | None = None) -> tuple[Job, int | None, bool]:
+        """Queue a job; with an (idempotency key, body hash), a retry returns
+        the original job instead (replayed=True)."""
         job_id, text, now = _new_id(), _dumps(workflow), self.now_ms()
-        job, position = await self._db.write(
-            lambda s: s.enqueue(job_id, text, priority, target, now, timeout_s=timeout_s,
-                                extra=extra))
-        _log_queue.info("queued %s priority=%s gpu=%s position=%d", job.id,
+        if idempotency is None:
+            job, position = await self._db.write(
+                lambda s: s.enqueue(job_id, text, priority, target, now, timeout_s=timeout_s,
+                                    extra=extra))
+            replayed = False
+        else:
+            key, digest = idempotency
+            job, position, replayed = await self._db.write(
+                lambda s: s.enqueue_once(key, digest, _ms(self.idempotency_ttl), job_id, text,
+                                         priority, target, now, timeout_s=timeout_s, extra=extra))
+        if replayed:
+            _log_queue.info("idempotent retry of %s", job.id, extra={"job": job.id})
+            return job, position, True
+        _log_queue.info("queued %s priority=%s gpu=%s position=%s", job.id,
                         priority.label, target, position, extra={"job": job.id})
         self.notify()
-        return job, position
+        return job, position, False
 
     async def get(self, job_id: str) -> tuple[Job, int | None]:
         def read(s: Storage) -> tuple[Job, int | None]:
@@ -2991,6 +3168,216 @@ class _Hub:
 
 
 ###############################################################################
+# webhooks
+###############################################################################
+# Durable, signed deliveries of job events to applications. A delivery row
+# is written in the transaction of its event (storage), so nothing between
+# commit and send can lose it; this section sends what is due, signs it the
+# Standard Webhooks way, retries with backoff and jitter, and never follows
+# a redirect or talks to an address it may not reach (checked again on every
+# connection, after DNS, so a name cannot be re-pointed at the metadata
+# service between submit and send).
+
+_log_webhooks = logging.getLogger("comfymgr.webhooks")
+
+WEBHOOK_EVENTS = ("queued", "started", "completed", "error", "cancelled")
+_DEFAULT_WEBHOOK_EVENTS = ("completed", "error", "cancelled")
+# Refused unless an allowlist names them: link-local (where cloud metadata
+# services live), the metadata addresses themselves, and nonsense targets.
+_BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32",
+    "0.0.0.0/8", "::/128", "224.0.0.0/4", "ff00::/8", "255.255.255.255/32"))
+_WEBHOOK_RESPONSE_LIMIT = 64 * 1024
+_WEBHOOK_CONCURRENCY = 16
+WEBHOOK_SECRET_FILE = "webhook-secret"
+
+
+def _address_allowed(address: str, host: str, allow: Sequence[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    networks = [a for a in allow if not isinstance(a, str)]
+    if any(ip in net for net in networks):
+        return True  # the operator named this network: their call
+    if allow and host.lower().rstrip(".") not in allow:
+        return False
+    return not any(ip in net for net in _BLOCKED_NETWORKS)
+
+
+class _CheckedResolver(aiohttp.abc.AbstractResolver):
+    """Resolves like aiohttp, then drops every address webhooks may not reach."""
+
+    def __init__(self, allow: Sequence[Any]) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+        self._allow = allow
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict[str, Any]]:
+        infos = await self._inner.resolve(host, port, family)
+        allowed = [info for info in infos if _address_allowed(info["host"], host, self._allow)]
+        if not allowed:
+            raise OSError(errno.EACCES, f"{host} resolves only to addresses webhooks may not be sent to")
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _is_ip(host: str) -> bool:
+    # aiohttp connects to an IP literal without asking the resolver.
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _sign_webhook(secrets_: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks: `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`,
+    one per secret, space-separated."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    return " ".join("v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+                    for key in secrets_)
+
+
+def _retry_after(value: str | None, now: float) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now) if when is not None else None
+
+
+class _Webhooks:
+    def __init__(self, config: Config, db: _Database, metrics: _Metrics, clock: Clock) -> None:
+        self.config = config
+        self.db = db
+        self.metrics = metrics
+        self.clock = clock
+        self.secrets: tuple[bytes, ...] = config.webhook_secrets
+        self.session: aiohttp.ClientSession | None = None
+        self.wake = asyncio.Event()
+        self._in_flight: set[str] = set()
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(resolver=_CheckedResolver(self.config.webhook_allow),
+                                         limit=_WEBHOOK_CONCURRENCY, force_close=True)
+        timeout = aiohttp.ClientTimeout(total=self.config.webhook_timeout,
+                                        sock_connect=self.config.webhook_timeout)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                             auto_decompress=False, trust_env=False)
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def check(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """The submit's webhook, normalised; BadRequest naming what is wrong."""
+        url = yarl_url = None
+        try:
+            yarl_url = yarl.URL(spec["url"])
+            url = str(yarl_url)
+        except (ValueError, TypeError):
+            pass
+        if yarl_url is None or yarl_url.scheme not in ("http", "https") or not yarl_url.host:
+            raise BadRequest("webhook.url: must be an http:// or https:// URL with a host",
+                             details={"field": "webhook.url"})
+        host = yarl_url.host
+        literal = _is_ip(host)
+        allow = self.config.webhook_allow
+        if literal and not _address_allowed(host, host, allow):
+            raise BadRequest(f"webhook.url: {host} is not an address webhooks may be sent to",
+                             code="webhook_forbidden", details={"field": "webhook.url"})
+        if not literal and allow and host.lower() not in allow and not any(
+                not isinstance(a, str) for a in allow):
+            raise BadRequest(f"webhook.url: {host} is not in COMFYMGR_WEBHOOK_ALLOW",
+                             code="webhook_forbidden", details={"field": "webhook.url"})
+        events = list(dict.fromkeys(spec.get("events") or _DEFAULT_WEBHOOK_EVENTS))
+        return {"url": url, "events": events}
+
+    # -- sending -----------------------------------------------------------------
+
+    async def loop(self) -> None:
+        while True:
+            self.wake.clear()
+            try:
+                await self.deliver_due()
+                following = await self.db.read(lambda s: s.next_delivery_at())
+            except ApiError:
+                following = None
+            delay = 5.0 if following is None else max(0.05, following / 1000 - self.clock())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), min(delay, 5.0))
+
+    async def deliver_due(self) -> int:
+        """Send every delivery that is due now; returns how many were tried."""
+        now = _ms(self.clock())
+        rows = [r for r in await self.db.read(lambda s: s.due_deliveries(now, limit=200))
+                if r["id"] not in self._in_flight]
+        for row in rows:
+            self._in_flight.add(row["id"])
+        try:
+            await asyncio.gather(*(self._attempt(row) for row in rows))
+        finally:
+            self._in_flight.difference_update(r["id"] for r in rows)
+        return len(rows)
+
+    async def _attempt(self, row: sqlite3.Row) -> None:
+        assert self.session is not None
+        msg_id, body = row["id"], row["payload"].encode()
+        timestamp = int(self.clock())
+        headers = {"Content-Type": "application/json", "User-Agent": f"comfymgr/{__version__}",
+                   "webhook-id": msg_id, "webhook-timestamp": str(timestamp),
+                   "webhook-signature": _sign_webhook(self.secrets, msg_id, timestamp, body)}
+        status: int | None = None
+        retry_after: float | None = None
+        try:
+            host = yarl.URL(row["url"]).host or ""
+            if _is_ip(host) and not _address_allowed(host, host, self.config.webhook_allow):
+                raise OSError(f"{host} is not an address webhooks may be sent to")
+            async with self.session.post(row["url"], data=body, headers=headers,
+                                         allow_redirects=False) as resp:
+                status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"), self.clock())
+                await resp.content.read(_WEBHOOK_RESPONSE_LIMIT)  # never more than that
+            error = None if 200 <= status < 300 else f"HTTP {status}"
+            retryable = status == 429 or status >= 500
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+            retryable = True
+        await self._record(row, status, error, retryable, retry_after)
+
+    async def _record(self, row: sqlite3.Row, status: int | None, error: str | None,
+                      retryable: bool, retry_after: float | None) -> None:
+        now_s = self.clock()
+        now, attempt = _ms(now_s), row["attempts"] + 1
+        next_at = None
+        if error is None:
+            state, outcome = "delivered", "sent"
+        elif not retryable:
+            state, outcome = "failed", "failed"
+        elif (attempt >= self.config.webhook_max_attempts
+              or now_s - row["created_at"] / 1000 >= self.config.webhook_max_age):
+            state, outcome = "failed", "failed"
+        else:
+            delay = min(3600.0, self.config.webhook_backoff * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+            if retry_after is not None:
+                delay = max(delay, min(retry_after, self.config.webhook_max_age))
+            state, outcome, next_at = "pending", "retried", now + _ms(delay)
+        await self.db.write(lambda s: s.record_attempt(row["id"], now, state=state, status=status,
+                                                       error=error, next_at=next_at))
+        self.metrics.webhook_deliveries.labels(outcome).inc()
+        log = _log_webhooks.info if outcome == "sent" else _log_webhooks.warning
+        log("webhook %s (%s) to %s: %s after attempt %d%s", row["id"], row["event_type"], row["url"],
+            state, attempt, f" ({error})" if error else "", extra={"job": row["job_id"]})
+
+
+###############################################################################
 # files
 ###############################################################################
 # Models, outputs and inputs. Every walk, stat, hash and read of a file runs
@@ -3377,6 +3764,8 @@ class _Retention:
 
     async def run_once(self) -> dict[str, int]:
         removed = {"jobs": 0, "events": 0, "files": 0}
+        expired_keys = _ms(self.clock() - self.config.idempotency_ttl)
+        await self.db.write(lambda s: s.prune_idempotency(expired_keys))
         if not self.config.retention_days:
             return removed
         cutoff = _ms(self.clock() - self.config.retention_days * 86400)
@@ -3430,8 +3819,11 @@ BRIDGE = web.AppKey("bridge", _Bridge)
 HUB = web.AppKey("hub", _Hub)
 GPUS = web.AppKey("gpus", _GpuMonitor)
 FILES = web.AppKey("files", _Files)
+WEBHOOKS = web.AppKey("webhooks", _Webhooks)
 RETENTION = web.AppKey("retention", _Retention)
 
+# request[AUTH_KEY]: SHA-256 of the API key that authenticated the request.
+AUTH_KEY: Any = web.RequestKey("auth_key", bytes) if hasattr(web, "RequestKey") else "comfymgr.auth_key"
 _OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "docs_assets"})
 # Open for monitoring, so never rate limited either (Prometheus, load balancers).
 _UNLIMITED_ROUTES = frozenset({"health", "metrics"})
@@ -3462,6 +3854,16 @@ SUBMIT_SCHEMA: dict[str, Any] = {
                 "description": "local or any: any backend; or one backend's name."},
         "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 7 * 86400,
                     "description": "Run-time limit in seconds (default COMFYMGR_JOB_TIMEOUT)."},
+        "webhook": {
+            "type": "object", "required": ["url"], "additionalProperties": False,
+            "description": "POST signed events of this job to url (Standard Webhooks).",
+            "properties": {
+                "url": {"type": "string", "minLength": 8, "maxLength": 2048},
+                "events": {"type": "array", "minItems": 1, "maxItems": len(WEBHOOK_EVENTS),
+                           "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+                           "default": list(_DEFAULT_WEBHOOK_EVENTS)},
+            },
+        },
     },
 }
 LIST_QUERY_SCHEMA: dict[str, Any] = {
@@ -3556,19 +3958,50 @@ def _job_view(job: Job, position: int | None = None) -> dict[str, Any]:
 async def _handle_submit(request: web.Request) -> web.Response:
     body = await _json_body(request)
     _Schema.validate(SUBMIT_SCHEMA, body)
-    queue_ = request.app[QUEUE]
+    app = request.app
+    queue_ = app[QUEUE]
     target = queue_.resolve_target(body.get("gpu", "local"))
-    request.app[BRIDGE].check_workflow(body["workflow"], target)
+    app[BRIDGE].check_workflow(body["workflow"], target)
     priority = Priority[body.get("priority", "normal").upper()]
-    timeout = body.get("timeout") or request.app[CONFIG].job_timeout or None
-    job, position = await queue_.submit(body["workflow"], priority, target, timeout_s=timeout)
-    return _json(_job_view(job, position), status=202,
-                 headers={"Location": f"/v1/comfyui/workflow/{job.id}"})
+    timeout = body.get("timeout") or app[CONFIG].job_timeout or None
+    extra = {"webhook": app[WEBHOOKS].check(body["webhook"])} if "webhook" in body else None
+    idempotency = None
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        if not 1 <= len(key) <= 255 or not key.isascii() or not key.isprintable():
+            raise BadRequest("Idempotency-Key: 1 to 255 printable ASCII characters",
+                             details={"field": "Idempotency-Key"})
+        # Scoped by the API key that sent it; the body compared as parsed JSON.
+        scope = hashlib.sha256(request[AUTH_KEY] + b"\0" + key.encode()).hexdigest()
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                           ensure_ascii=False).encode()).hexdigest()
+        idempotency = (scope, digest)
+    job, position, replayed = await queue_.submit(body["workflow"], priority, target,
+                                                  timeout_s=timeout, extra=extra,
+                                                  idempotency=idempotency)
+    headers = {"Location": f"/v1/comfyui/workflow/{job.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    view = await _full_view(app, job, position)
+    return _json(view, status=200 if replayed else 202, headers=headers)
+
+
+async def _full_view(app: web.Application, job: Job, position: int | None) -> dict[str, Any]:
+    view = _job_view(job, position)
+    webhook = job.extra.get("webhook")
+    if webhook:
+        rows = await app[DB].read(lambda s: s.deliveries_for(job.id))
+        view["webhook"] = {**webhook, "deliveries": [
+            {"id": r["id"], "event": r["event_type"], "state": r["state"], "attempts": r["attempts"],
+             "lastStatus": r["last_status"], "lastError": r["last_error"],
+             "nextAttemptAt": r["next_at"] if r["state"] == "pending" else None,
+             "deliveredAt": r["delivered_at"]} for r in rows]}
+    return view
 
 
 async def _handle_get(request: web.Request) -> web.Response:
     job, position = await request.app[QUEUE].get(request.match_info["id"])
-    return _json(_job_view(job, position))
+    return _json(await _full_view(request.app, job, position))
 
 
 async def _handle_cancel(request: web.Request) -> web.Response:
@@ -4140,7 +4573,9 @@ async def _auth_middleware(request: web.Request, handler: Callable) -> web.Strea
         if not _key_matches(given, request.app[API_KEYS]):
             raise Unauthorized("a valid X-API-Key header is required" if given is None
                                else "the API key is not valid")
+        request[AUTH_KEY] = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
     return await handler(request)
+
 
 
 # Routes whose clients may not be able to set headers (browser WebSockets).
@@ -4464,10 +4899,30 @@ def _resolve_api_keys(config: Config) -> tuple[bytes, ...]:
     return (key.encode(),)
 
 
+def _resolve_webhook_secrets(config: Config) -> tuple[bytes, ...]:
+    """The configured signing secrets, or one generated and kept (0600) in
+    the state directory, in the whsec_ form receivers are given."""
+    if config.webhook_secrets:
+        return config.webhook_secrets
+    path = config.state_dir / WEBHOOK_SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            return _parse_webhook_secrets(path.read_text().strip())
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}; delete it to generate a new secret") from None
+    with os.fdopen(fd, "w") as handle:
+        handle.write("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+    _log_app.info("COMFYMGR_WEBHOOK_SECRET is not set: generated a signing secret in %s", path)
+    return _parse_webhook_secrets(path.read_text().strip())
+
+
 async def _storage_ctx(app: web.Application) -> Any:
     config = app[CONFIG]
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     app[API_KEYS] = _resolve_api_keys(config)
+    app[WEBHOOKS].secrets = _resolve_webhook_secrets(config)
     db = app[DB]
     await db.start()
     _log_app.info("database %s ready", db.path)
@@ -4500,6 +4955,8 @@ async def _close_streams(app: web.Application) -> None:
 def _publish_events(app: web.Application, events: list[Event]) -> None:
     """Every committed event passes here, in seq order, on the event loop."""
     app[HUB].publish(events)
+    if any(e.type != EVENT_PROGRESS for e in events):
+        app[WEBHOOKS].wake.set()  # a delivery may have been written with them
     metrics = app[METRICS]
     now = app[CLOCK]()
     for event in events:
@@ -4592,6 +5049,16 @@ async def _files_ctx(app: web.Application) -> Any:
     files.close()
 
 
+async def _webhooks_ctx(app: web.Application) -> Any:
+    webhooks = app[WEBHOOKS]
+    await webhooks.start()
+    task = asyncio.create_task(webhooks.loop())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await webhooks.stop()
+
+
 async def _gpu_ctx(app: web.Application) -> Any:
     gpus = app[GPUS]
     await gpus.start()
@@ -4617,13 +5084,16 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
     app[STARTED_AT] = clock()
     app[METRICS] = _Metrics()
     app[DB] = _Database(config.state_dir / "comfymgr.db", synchronous=config.db_synchronous,
-                        on_events=lambda events: _publish_events(app, events))
-    app[QUEUE] = _Queue(app[DB], clock, [b.name for b in config.backend_specs])
+                        on_events=lambda events: _publish_events(app, events),
+                        public_url=config.public_url)
+    app[QUEUE] = _Queue(app[DB], clock, [b.name for b in config.backend_specs],
+                        config.idempotency_ttl)
     app[BRIDGE] = _Bridge(config, app[DB], app[QUEUE], clock)
     app[HUB] = _Hub(app[DB], config, clock)
     app[GPUS] = _GpuMonitor(config.gpu_poll_interval, clock, nvml)
     app[FILES] = _Files(config, app[DB], clock)
     app[RETENTION] = _Retention(config, app[DB], app[FILES], app[METRICS], clock)
+    app[WEBHOOKS] = _Webhooks(config, app[DB], app[METRICS], clock)
     app[METRICS].live_state = lambda: _live_metrics(app)
     if config.rate_limit:
         app[RATE_LIMITER] = _RateLimiter(config.rate_limit, clock)
@@ -4644,6 +5114,7 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
     app.cleanup_ctx.append(_hub_ctx)
     app.cleanup_ctx.append(_gpu_ctx)
     app.cleanup_ctx.append(_files_ctx)
+    app.cleanup_ctx.append(_webhooks_ctx)
     app.cleanup_ctx.append(_bridge_ctx)
     app.on_shutdown.append(_close_streams)
     return app
