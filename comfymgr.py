@@ -156,6 +156,13 @@ def _parse_path(value: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def _parse_required_path(value: str) -> Path:
+    path = _parse_path(value)
+    if path is None:
+        raise ValueError("expected a directory path")
+    return path
+
+
 def _parse_bool(value: str) -> bool:
     text = value.strip().lower()
     if text in ("1", "true", "yes", "on"):
@@ -269,7 +276,7 @@ def _settings() -> tuple[_Setting, ...]:
         s("api_keys", "MANAGEMENT_API_KEY", "", _parse_list,
           "API key(s) clients send as X-API-Key; comma-separated to rotate. "
           "Empty: one is generated and stored in the state directory.", "service"),
-        s("state_dir", "COMFYMGR_STATE_DIR", "./comfymgr-state", _parse_path,
+        s("state_dir", "COMFYMGR_STATE_DIR", "./comfymgr-state", _parse_required_path,
           "Directory for the database and the generated API key.", "service"),
         s("rate_limit", "COMFYMGR_RATE_LIMIT", "100", _parse_count,
           "Requests per minute per client address; 0 turns rate limiting off.", "service"),
@@ -590,12 +597,26 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
 def _loads(text: str | bytes) -> Any:
-    """Strict JSON: no NaN/Infinity, bounded nesting (RecursionError -> ValueError)."""
+    """Strict JSON: no NaN/Infinity (not even 1e999), no lone UTF-16
+    surrogates (they cannot be stored as UTF-8), bounded nesting."""
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+    if "\\u" in (text if isinstance(text, str) else text.decode("utf-8", "replace")):
+        try:  # only a \uD8xx escape can smuggle one in
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds an unpaired UTF-16 surrogate (\\uD800-\\uDFFF)") from None
+    return value
 
 
 def _b64url(data: bytes) -> str:
@@ -1290,6 +1311,27 @@ class Storage:
             (int(job.priority), job.n)).fetchone()[0]
         return ahead + same
 
+    def positions(self, jobs: Sequence[Job]) -> dict[str, int]:
+        """Queue positions of the queued jobs among `jobs`, in one pass per
+        priority: each job's count continues from the previous one's."""
+        out: dict[str, int] = {}
+        for priority in Priority:
+            queued = sorted((j for j in jobs if j.state is JobState.QUEUED and j.priority is priority),
+                            key=lambda j: j.n)
+            if not queued:
+                continue
+            position = self._conn.execute(
+                "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state = 'queued' AND priority < ?",
+                (int(priority),)).fetchone()[0]
+            last = 0
+            for job in queued:
+                position += self._conn.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND priority = ? "
+                    "AND n > ? AND n <= ?", (int(priority), last, job.n)).fetchone()[0]
+                out[job.id] = position
+                last = job.n
+        return out
+
     def list_jobs(self, *, statuses: Sequence[str] = (), priority: Priority | None = None,
                   before: int | None = None, limit: int = 50) -> list[Job]:
         """Newest first; `before` is the keyset cursor (a job's n)."""
@@ -1723,7 +1765,7 @@ class _Queue:
             return TARGET_ANY
         if gpu in self.backend_names:
             return gpu
-        valid = ["local", TARGET_ANY, *self.backend_names]
+        valid = list(dict.fromkeys(["local", TARGET_ANY, *self.backend_names]))
         raise BadRequest(f"gpu: unknown value {gpu!r}; use one of {', '.join(valid)}",
                          code="unknown_gpu", details={"field": "gpu", "valid": valid})
 
@@ -1769,9 +1811,12 @@ class _Queue:
         return job
 
     async def list(self, *, statuses: Sequence[str], priority: Priority | None,
-                   before: int | None, limit: int) -> list[Job]:
-        return await self._db.read(lambda s: s.list_jobs(
-            statuses=statuses, priority=priority, before=before, limit=limit))
+                   before: int | None, limit: int) -> tuple[list[Job], dict[str, int]]:
+        """A page of jobs, newest first, with the queue positions of the queued ones."""
+        def read(s: Storage) -> tuple[list[Job], dict[str, int]]:
+            jobs = s.list_jobs(statuses=statuses, priority=priority, before=before, limit=limit)
+            return jobs, s.positions(jobs)
+        return await self._db.read(read)
 
     async def counts(self) -> dict[tuple[JobState, Priority], int]:
         return await self._db.read(lambda s: s.counts())
@@ -1843,7 +1888,7 @@ class _ComfyClient:
         if status >= 500:
             raise BackendError(f"{method} {path}: HTTP {status}")
         if not expect_json:
-            return status, None
+            return status, raw
         try:
             return status, _loads(raw.decode("utf-8")) if raw else None
         except (ValueError, UnicodeDecodeError):
@@ -1887,10 +1932,14 @@ class _ComfyClient:
     async def cancel_job(self, prompt_id: str) -> bool | None:
         """The newer POST /api/jobs/{id}/cancel: True/False as ComfyUI says
         whether it cancelled, None when the server has no such route."""
-        status, body = await self._call("POST", f"/api/jobs/{prompt_id}/cancel", expect_json=False)
+        status, raw = await self._call("POST", f"/api/jobs/{prompt_id}/cancel", expect_json=False)
         if status in (404, 405):
-            return None
-        return status == 200
+            return None  # an older server: no such route
+        try:
+            body = _loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise BackendError(f"POST /api/jobs/{prompt_id}/cancel: HTTP {status}, not JSON") from None
+        return status == 200 and isinstance(body, dict) and body.get("cancelled") is True
 
     async def models(self, folder: str) -> list[str]:
         status, body = await self._call("GET", f"/models/{folder}")
@@ -3879,8 +3928,10 @@ LIST_QUERY_SCHEMA: dict[str, Any] = {
 
 
 def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(text=_dumps(data), status=status, headers=headers,
-                        content_type="application/json")
+    # backslashreplace: whatever a client managed to put in a string, the
+    # answer stays valid UTF-8.
+    return web.Response(body=_dumps(data).encode("utf-8", "backslashreplace"), status=status,
+                        headers=headers, content_type="application/json")
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -4020,16 +4071,18 @@ async def _handle_list(request: web.Request) -> web.Response:
     if "cursor" in q:
         try:
             before = int(_unb64url(q["cursor"]).decode())
+            if not 0 < before < 2**63:
+                raise ValueError
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("cursor: not a cursor this API returned",
                              details={"field": "cursor"}) from None
-    jobs = await request.app[QUEUE].list(
+    jobs, positions = await request.app[QUEUE].list(
         statuses=[q["status"]] if "status" in q else [],
         priority=Priority[q["priority"].upper()] if "priority" in q else None,
         before=before, limit=q["limit"])
     next_cursor = _b64url(str(jobs[-1].n).encode()) if len(jobs) == q["limit"] else None
-    return _json({"workflows": [_job_view(j) for j in jobs], "next": next_cursor,
-                  "limit": q["limit"]})
+    return _json({"workflows": [_job_view(j, positions.get(j.id)) for j in jobs],
+                  "next": next_cursor, "limit": q["limit"]})
 
 
 MODELS_QUERY_SCHEMA: dict[str, Any] = {
@@ -4857,12 +4910,25 @@ async def _handle_docs_init(request: web.Request) -> web.Response:
     return web.Response(text=_DOCS_INIT_JS, content_type="application/javascript")
 
 
-def _swagger_ui_dir() -> Path | None:
+def _swagger_ui_files() -> dict[str, Path]:
+    """Swagger UI's files by name, from the swagger-ui-bundle package."""
     try:
         import swagger_ui_bundle
     except ImportError:
-        return None
-    return Path(swagger_ui_bundle.swagger_ui_path)
+        return {}
+    folder = Path(swagger_ui_bundle.swagger_ui_path)
+    return {p.name: p for p in folder.iterdir() if p.is_file()}
+
+
+DOCS_FILES = web.AppKey("docs_files", dict)
+
+
+async def _handle_docs_asset(request: web.Request) -> web.StreamResponse:
+    path = request.app[DOCS_FILES].get(request.match_info["name"])
+    if path is None:
+        raise NotFound(f"no docs asset {request.match_info['name']!r}",
+                       details={"path": request.path})
+    return web.FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
 
 
 ###############################################################################
@@ -5106,9 +5172,8 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
     app.router.add_get("/openapi.json", _handle_openapi, name="openapi")
     app.router.add_get("/docs", _handle_docs, name="docs")
     app.router.add_get("/docs/init.js", _handle_docs_init, name="docs_init")
-    assets = _swagger_ui_dir()
-    if assets is not None:
-        app.router.add_static("/docs/assets", assets, name="docs_assets")
+    app.router.add_get("/docs/assets/{name}", _handle_docs_asset, name="docs_assets")
+    app[DOCS_FILES] = _swagger_ui_files()
     app[OPENAPI] = _openapi_document(routes)
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_hub_ctx)
