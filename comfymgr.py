@@ -4489,10 +4489,13 @@ async def _cors_middleware(request: web.Request, handler: Callable) -> web.Strea
             "Vary": "Origin",
         })
     response = await handler(request)
-    if allowed and not response.prepared:
-        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
-        response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS
+    if origins and not response.prepared:
+        # Vary on every answer, so that a cache never hands an allowed origin
+        # a copy made for another one (or for none).
         response.headers.add("Vary", "Origin")
+        if allowed:
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+            response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS
     return response
 
 
@@ -4565,6 +4568,11 @@ class _RateLimiter:
                 if t + (now - last) * self.rate >= self.capacity]
         for client in full:
             del self._buckets[client]
+        if len(self._buckets) > self._max_clients * 3 // 4:
+            # Still crowded (very many active addresses): forget the longest
+            # known quarter, so that pruning stays rare rather than per request.
+            for client in list(self._buckets)[: len(self._buckets) // 4]:
+                del self._buckets[client]
 
 
 RATE_LIMITER = web.AppKey("rate_limiter", _RateLimiter)
@@ -5165,7 +5173,7 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
         app[RATE_LIMITER] = _RateLimiter(config.rate_limit, clock)
     routes = _routes()
     for route in routes:
-        if route.name == "output":  # downloads answer HEAD too
+        if route.method == "GET":  # every GET answers HEAD too (load balancers, downloads)
             app.router.add_get(route.path, route.handler, name=route.name, allow_head=True)
         else:
             app.router.add_route(route.method, route.path, route.handler, name=route.name)

@@ -1,0 +1,123 @@
+"""The bridge scenarios against a REAL ComfyUI, when one is reachable.
+
+    make contract COMFYUI_URL=http://127.0.0.1:8188
+
+runs them (skipped otherwise: CI has no ComfyUI). The workflows are the
+model-free ones of the recordings; they need no weights. The contract is
+what the fake claims: same answers, same ends, outputs from /history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import aiohttp
+import pytest
+
+import comfymgr
+from conftest import HEADERS, workflow
+from test_bridge import get_job, slow_workflow, status_is, submit, unique, wait_backends_up, wait_job
+
+URL = os.environ.get("COMFYMGR_CONTRACT_URL", "")
+pytestmark = pytest.mark.skipif(not URL, reason="set COMFYMGR_CONTRACT_URL (make contract COMFYUI_URL=...)")
+WAIT = 120.0  # a real CPU ComfyUI blurs 2048 px in seconds
+
+
+@pytest.fixture
+def real_config(make_config):
+    def make(**overrides):
+        return make_config(comfyui_url=URL.rstrip("/"), progress_interval=0.0,
+                           reconcile_interval=1.0, backend_timeout=30.0, **overrides)
+    return make
+
+
+def tagged(graph):
+    return unique(graph, uuid.uuid4().hex[:8])  # never served from ComfyUI's cache
+
+
+async def test_success_and_chain(make_client, real_config):
+    client = await make_client(real_config())
+    await wait_backends_up(client, timeout=WAIT)
+    for name in ("simple", "chain"):
+        job = await submit(client, tagged(workflow(name)))
+        done = await wait_job(client, job["workflowId"], status_is("completed", "failed"), WAIT)
+        assert done["status"] == "completed", done
+        assert done["progress"] == 100 and done["outputs"]
+        assert all(o["type"] == "output" for o in done["outputs"])
+
+
+async def test_cached_rerun_completes_with_outputs(make_client, real_config):
+    client = await make_client(real_config())
+    await wait_backends_up(client, timeout=WAIT)
+    graph = tagged(workflow("chain"))
+    first = await wait_job(client, (await submit(client, graph))["workflowId"],
+                           status_is("completed", "failed"), WAIT)
+    second = await wait_job(client, (await submit(client, graph))["workflowId"],
+                            status_is("completed", "failed"), WAIT)
+    assert second["status"] == "completed"
+    assert [o["filename"] for o in second["outputs"]] == [o["filename"] for o in first["outputs"]]
+
+
+async def test_validation_at_submit_and_at_dispatch(make_client, real_config):
+    client = await make_client(real_config())
+    await wait_backends_up(client, timeout=WAIT)
+    body = await submit(client, {"1": {"class_type": "NoSuchNode", "inputs": {}},
+                                 "2": {"class_type": "SaveImage",
+                                       "inputs": {"images": ["1", 0], "filename_prefix": "x"}}},
+                        status=400)
+    assert body["error"] == "invalid_workflow"
+    graph = tagged(workflow("simple"))
+    graph["1"]["inputs"]["width"] = 0
+    job = await submit(client, graph)
+    done = await wait_job(client, job["workflowId"], status_is("failed", "completed"), WAIT)
+    assert done["status"] == "failed" and done["error"]["code"] == "invalid_workflow"
+    assert done["error"]["details"]["node_errors"]["1"]["errors"][0]["type"] == "value_smaller_than_min"
+
+
+async def test_execution_error(make_client, real_config):
+    client = await make_client(real_config())
+    await wait_backends_up(client, timeout=WAIT)
+    name = f"contract_corrupt_{uuid.uuid4().hex[:6]}.png"
+    form = aiohttp.FormData(default_to_multipart=True)
+    form.add_field("image", b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, filename=name,
+                   content_type="image/png")
+    resp = await client.post("/v1/comfyui/inputs", data=form, headers=HEADERS)
+    assert resp.status == 201, await resp.text()
+    value = (await resp.json())["workflowValue"]
+    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": value}},
+             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "e"}}}
+    job = await submit(client, graph)
+    done = await wait_job(client, job["workflowId"], status_is("failed", "completed"), WAIT)
+    assert done["status"] == "failed" and done["error"]["code"] == "execution_error"
+    assert done["error"]["nodeType"] == "LoadImage"
+
+
+async def test_cancel_queued_and_running(make_client, real_config):
+    client = await make_client(real_config())
+    await wait_backends_up(client, timeout=WAIT)
+    slow = tagged(json_slow())
+    running = await submit(client, slow)
+    await wait_job(client, running["workflowId"], status_is("running"), WAIT)
+    queued = await submit(client, tagged(workflow("simple")))
+    resp = await client.delete(f"/v1/comfyui/workflow/{queued['workflowId']}", headers=HEADERS)
+    assert resp.status == 200
+    resp = await client.delete(f"/v1/comfyui/workflow/{running['workflowId']}", headers=HEADERS)
+    assert resp.status == 202
+    done = await wait_job(client, running["workflowId"], status_is("cancelled", "failed", "completed"), WAIT)
+    assert done["status"] == "cancelled", done
+
+
+async def test_timeout(make_client, real_config):
+    client = await make_client(real_config())
+    await wait_backends_up(client, timeout=WAIT)
+    job = await submit(client, tagged(json_slow()), timeout=1)
+    done = await wait_job(client, job["workflowId"], status_is("failed", "completed", "cancelled"), WAIT)
+    assert done["status"] == "failed" and done["error"]["code"] == "timeout"
+
+
+def json_slow():
+    import json
+    from conftest import DATA
+    return json.loads((DATA / "workflows" / "slow.json").read_text())
