@@ -316,6 +316,10 @@ def _settings() -> tuple[_Setting, ...]:
         s("cancel_grace", "COMFYMGR_CANCEL_GRACE", "30s", _parse_duration,
           "How long a cancel waits for ComfyUI to confirm the interrupt before the job is "
           "recorded cancelled anyway.", "comfyui"),
+        s("prefetch", "COMFYMGR_PREFETCH", "true", _parse_bool,
+          "While a job runs, hand the next one to ComfyUI's own queue, so the GPU does not "
+          "idle between jobs; a more urgent job arriving later takes its place back.",
+          "comfyui"),
         s("progress_interval", "COMFYMGR_PROGRESS_INTERVAL", "500ms", _parse_duration,
           "Least time between two progress events of one job (the latest value is kept).",
           "comfyui"),
@@ -408,6 +412,7 @@ class Config:
     backend_retries: int
     reconcile_interval: float
     cancel_grace: float
+    prefetch: bool
     progress_interval: float
     heartbeat: float
     event_retention: float
@@ -874,6 +879,7 @@ _PUBLIC_STATUS = {S.QUEUED: "queued", S.DISPATCHING: "queued", S.SUBMITTED: "que
                   S.CANCELLED: "cancelled"}
 PUBLIC_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 _TERMINAL = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
+_PUBLIC_QUEUED = (S.QUEUED, S.DISPATCHING, S.SUBMITTED)
 _IN_FLIGHT = (S.DISPATCHING, S.SUBMITTED, S.RUNNING)
 _ALLOWED: dict[JobState, frozenset[JobState]] = {
     S.QUEUED: frozenset({S.DISPATCHING, S.CANCELLED, S.FAILED}),
@@ -1352,19 +1358,24 @@ class Storage:
         args.append(limit)
         return [Job.from_row(row) for row in self._conn.execute(sql, args)]
 
+    def queue_head(self, backend: str) -> tuple[int, int] | None:
+        """(priority, n) of the job `backend` would claim next: two index probes."""
+        heads = [self._conn.execute(
+            "SELECT priority, n FROM jobs WHERE state = 'queued' AND target = ? "
+            "ORDER BY priority, n LIMIT 1", (target,)).fetchone()
+            for target in (TARGET_ANY, backend)]
+        found = [(row[0], row[1]) for row in heads if row]
+        return min(found) if found else None
+
     def claim_next(self, backend: str, prompt_id: str, now: int) -> Job | None:
         """Atomically take the next queued job this backend may run (priority,
         then age; jobs for "any" backend and for this one) and mark it
         dispatching with a freshly minted prompt id, stored before any POST."""
         with self.transaction():
-            heads = [self._conn.execute(
-                "SELECT priority, n FROM jobs WHERE state = 'queued' AND target = ? "
-                "ORDER BY priority, n LIMIT 1", (target,)).fetchone()
-                for target in ("any", backend)]
-            heads = [tuple(h) for h in heads if h]
-            if not heads:
+            head = self.queue_head(backend)
+            if head is None:
                 return None
-            _, n = min(heads)
+            _, n = head
             self._conn.execute(
                 "UPDATE jobs SET state = 'dispatching', status = 'queued', backend = ?, "
                 "prompt_id = ?, attempts = attempts + 1, progress = 0, current_node = NULL, "
@@ -2132,6 +2143,7 @@ class _Run:
 
     job_id: str
     prompt_id: str
+    priority: int
     nodes: frozenset[str]            # what ComfyUI will execute (reachable from outputs)
     timeout_s: float | None
     started: float | None = None     # clock() at execution_start
@@ -2188,7 +2200,8 @@ class _Backend:
             "comfyuiVersion": self.version,
             "devices": [{k: d.get(k) for k in ("name", "type", "index", "vram_total", "vram_free")}
                         for d in self.devices],
-            "runningJob": next(iter(self.runs), None),
+            "runningJob": next((r.job_id for r in self.runs.values() if r.started), None),
+            "waitingJob": next((r.job_id for r in self.runs.values() if not r.started), None),
             "comfyuiQueueRemaining": self.queue_remaining,
         }
 
@@ -2308,19 +2321,40 @@ class _Backend:
 
     # -- the dispatcher task -------------------------------------------------------
 
+    def can_take_another(self) -> bool:
+        """One job at a time; with prefetch, one more waits in ComfyUI's own
+        queue while the first runs (never two waiting)."""
+        if not self.up:
+            return False
+        if not self.runs:
+            return True
+        if not self.bridge.config.prefetch or len(self.runs) > 1:
+            return False
+        return all(run.started is not None for run in self.runs.values())
+
+    def waiting_run(self) -> _Run | None:
+        """The prefetched run: handed to ComfyUI, not started, behind a running one."""
+        if len(self.runs) < 2:
+            return None
+        return next((r for r in self.runs.values() if r.started is None and not r.posting), None)
+
     async def dispatch_loop(self) -> None:
-        """Feed this backend one job at a time, by priority then age."""
+        """Feed this backend by priority then age (see can_take_another)."""
         while True:
             self.wake.clear()
-            if self.up and not self.runs:
-                try:
-                    dispatched = await self.bridge.dispatch_next(self)
-                except ApiError as exc:  # storage unavailable: try again on the next wake
-                    _log_bridge.error("backend %s: cannot claim a job: %s", self.name, exc.message)
-                    dispatched = False
-                    await asyncio.sleep(1)
-                if dispatched:
-                    continue
+            try:
+                if self.up and self.waiting_run() is not None:
+                    await self.bridge.preempt_if_overtaken(self)
+                dispatched = self.can_take_another() and await self.bridge.dispatch_next(self)
+            except ApiError as exc:  # storage unavailable: try again on the next wake
+                _log_bridge.error("backend %s: cannot claim a job: %s", self.name, exc.message)
+                dispatched = False
+                await asyncio.sleep(1)
+            except BackendError as exc:
+                self._error(str(exc))
+                dispatched = False
+            if dispatched:
+                continue
             await self.wake.wait()
 
     # -- the tick task ---------------------------------------------------------------
@@ -2414,7 +2448,7 @@ class _Bridge:
     async def dispatch_next(self, backend: _Backend) -> bool:
         """Claim the next job for `backend` and POST it. False when none waits."""
         async with backend.lock:
-            if not backend.up or backend.runs:
+            if not backend.can_take_another():
                 return False
             prompt_id = _new_id()
             job = await self.db.write(lambda s: s.claim_next(backend.name, prompt_id, self.now_ms()))
@@ -2447,6 +2481,30 @@ class _Bridge:
                 await self._interrupt(backend, run, run.interrupt or "cancel")
         return True
 
+    async def preempt_if_overtaken(self, backend: _Backend) -> None:
+        """A job more urgent than the one waiting in ComfyUI's queue arrived:
+        take the waiting one back (POST /queue delete) to its place in
+        comfymgr's queue, so that priorities hold with prefetch too."""
+        async with backend.lock:
+            run = backend.waiting_run()
+            if run is None:
+                return
+            head = await self.db.read(lambda s: s.queue_head(backend.name))
+            if head is None or head[0] >= run.priority:
+                return
+            pid = run.prompt_id
+            await backend.client.delete_pending(pid)
+            running, pending = await backend.client.queue()
+            if pid in running or pid in pending:
+                return  # it started first: it runs, the urgent job comes next
+            entry = await backend.client.history(pid)
+            if entry is not None:
+                await self.finish(backend, run, entry)
+                return
+            _log_bridge.info("%s: a more urgent job arrived; taken back from ComfyUI's queue",
+                             run.job_id, extra={"job": run.job_id})
+            await self._requeue(backend, run, count_loss=False, reason="preempted")
+
     def _attach(self, backend: _Backend, job: Job) -> _Run:
         run = backend.runs.get(job.id)
         if run is not None:
@@ -2460,7 +2518,8 @@ class _Bridge:
             outputs = _output_nodes(workflow, backend.object_info)
             if outputs:
                 nodes = _reachable(workflow, outputs)
-        run = _Run(job_id=job.id, prompt_id=job.prompt_id or "", nodes=frozenset(map(str, nodes)),
+        run = _Run(job_id=job.id, prompt_id=job.prompt_id or "", priority=int(job.priority),
+                   nodes=frozenset(map(str, nodes)),
                    timeout_s=job.timeout_s, progress=job.progress)
         if job.started_at is not None:
             run.started = job.started_at / 1000
@@ -2489,6 +2548,7 @@ class _Bridge:
         if job is not None:
             run.started = now / 1000
             _log_bridge.info("%s running on %s", run.job_id, backend.name, extra={"job": run.job_id})
+            backend.wake.set()  # the next job may now wait in ComfyUI's queue (prefetch)
 
     async def flush_progress(self, run: _Run, *, force: bool = False) -> None:
         """Progress is kept on the run and written at most once per
@@ -4424,7 +4484,8 @@ async def _handle_metrics(request: web.Request) -> web.Response:
     metrics = app[METRICS]
     counts, oldest, size = await app[DB].read(
         lambda s: (s.counts(), s.oldest_queued_at(), s.size_bytes()))
-    queued = {p: counts.get((JobState.QUEUED, p), 0) for p in Priority}
+    # "queued" as the API shows it: waiting here, or handed to ComfyUI and not started.
+    queued = {p: sum(counts.get((state, p), 0) for state in _PUBLIC_QUEUED) for p in Priority}
     metrics.queue_length.set(sum(queued.values()))
     for p, n in queued.items():
         metrics.queue_by_priority.labels(p.label).set(n)

@@ -273,14 +273,89 @@ async def test_cancel_queued_never_reaches_comfyui(make_client, bridge_config, f
     await wait_backends_up(client)
     busy = await submit(client, slow_workflow())
     await wait_job(client, busy["workflowId"], status_is("running"))
+    prefetched = await submit(client, unique(workflow("simple"), "next"))
+    await wait_job(client, prefetched["workflowId"], lambda j: j["state"] == "submitted")
     waiting = await submit(client, workflow("simple"))
-    assert waiting["queuePosition"] == 1
+    assert waiting["queuePosition"] == 1 and waiting["state"] == "queued"
     resp = await client.delete(f"/v1/comfyui/workflow/{waiting['workflowId']}", headers=HEADERS)
     assert resp.status == 200
     assert await resp.json() == {"workflowId": waiting["workflowId"], "status": "cancelled"}
     gate.set()
-    await wait_job(client, busy["workflowId"], status_is("completed"))
+    await wait_job(client, prefetched["workflowId"], status_is("completed"))
+    assert len(fake.posted_prompt_ids) == 2  # busy and prefetched; never the cancelled one
+
+
+async def test_prefetch_keeps_exactly_one_job_waiting_in_comfyui(make_client, bridge_config, fake):
+    gate = fake.gate("ImageBlur")
+    client = await make_client(bridge_config())
+    await wait_backends_up(client)
+    jobs = [await submit(client, unique(slow_workflow(), f"p{i}")) for i in range(4)]
+    await wait_job(client, jobs[0]["workflowId"], status_is("running"))
+    waiting = await wait_job(client, jobs[1]["workflowId"], lambda j: j["state"] == "submitted")
+    assert waiting["status"] == "queued" and waiting["queuePosition"] == 0
+    for job in jobs[2:]:
+        assert (await get_job(client, job["workflowId"]))["state"] == "queued"
+    assert len(fake.posted_prompt_ids) == 2
+    status = await (await client.get("/v1/status", headers=HEADERS)).json()
+    assert status["backends"][0]["runningJob"] == jobs[0]["workflowId"]
+    assert status["backends"][0]["waitingJob"] == jobs[1]["workflowId"]
+    gate.set()
+    for job in jobs:
+        assert (await wait_job(client, job["workflowId"], status_is("completed")))["status"] == "completed"
+    done = [await get_job(client, j["workflowId"]) for j in jobs]
+    assert fake.posted_prompt_ids == [j["promptId"] for j in done]  # in queue order
+
+
+async def test_a_more_urgent_job_takes_the_prefetched_place(make_client, bridge_config, fake):
+    gate = fake.gate("ImageBlur")
+    client = await make_client(bridge_config())
+    await wait_backends_up(client)
+    busy = await submit(client, slow_workflow())
+    await wait_job(client, busy["workflowId"], status_is("running"))
+    normal = await submit(client, unique(workflow("simple"), "normal"))
+    first_try = await wait_job(client, normal["workflowId"], lambda j: j["state"] == "submitted")
+    urgent = await submit(client, unique(workflow("simple"), "urgent"), priority="high")
+    await wait_job(client, urgent["workflowId"], lambda j: j["state"] == "submitted")
+    back = await get_job(client, normal["workflowId"])
+    assert back["state"] == "queued" and back["queuePosition"] == 1
+    assert first_try["promptId"] in fake.queue_delete_ids
+    gate.set()
+    urgent = await wait_job(client, urgent["workflowId"], status_is("completed"))
+    normal = await wait_job(client, normal["workflowId"], status_is("completed"))
+    assert urgent["startTime"] <= normal["startTime"]
+    assert first_try["promptId"] not in fake.execution_count  # taken back before it ran
+    assert normal["attempts"] == 2
+
+
+async def test_cancel_the_prefetched_job_removes_it_from_comfyui(make_client, bridge_config, fake):
+    gate = fake.gate("ImageBlur")
+    client = await make_client(bridge_config())
+    await wait_backends_up(client)
+    busy = await submit(client, slow_workflow())
+    await wait_job(client, busy["workflowId"], status_is("running"))
+    nxt = await submit(client, unique(workflow("simple"), "next"))
+    waiting = await wait_job(client, nxt["workflowId"], lambda j: j["state"] == "submitted")
+    resp = await client.delete(f"/v1/comfyui/workflow/{nxt['workflowId']}", headers=HEADERS)
+    assert resp.status == 202
+    done = await wait_job(client, nxt["workflowId"], status_is("cancelled", "completed", "failed"))
+    assert done["status"] == "cancelled"
+    assert waiting["promptId"] not in fake.execution_count
+    gate.set()
+    assert (await wait_job(client, busy["workflowId"], status_is("completed")))["status"] == "completed"
+
+
+async def test_without_prefetch_one_job_at_a_time(make_client, bridge_config, fake):
+    gate = fake.gate("ImageBlur")
+    client = await make_client(bridge_config(prefetch=False))
+    await wait_backends_up(client)
+    busy = await submit(client, slow_workflow())
+    await wait_job(client, busy["workflowId"], status_is("running"))
+    nxt = await submit(client, workflow("simple"))
+    await asyncio.sleep(0.2)
+    assert (await get_job(client, nxt["workflowId"]))["state"] == "queued"
     assert len(fake.posted_prompt_ids) == 1
+    gate.set()
+    assert (await wait_job(client, nxt["workflowId"], status_is("completed")))["status"] == "completed"
 
 
 async def test_cancel_running_interrupts_the_prompt(make_client, bridge_config, fake):
@@ -389,9 +464,10 @@ async def test_priorities_across_two_backends(make_client, make_config, tmp_path
         await f.start()
     try:
         gates = [f.gate("ImageBlur") for f in fakes]
+        # Plain queue order (prefetch has its own tests).
         config = make_config(
             backends=(comfymgr.BackendSpec("a", fakes[0].url, 0), comfymgr.BackendSpec("b", fakes[1].url, 1)),
-            progress_interval=0.0, reconcile_interval=0.2)
+            progress_interval=0.0, reconcile_interval=0.2, prefetch=False)
         client = await make_client(config)
         await wait_backends_up(client)
         busy = [await submit(client, unique(slow_workflow(), f"busy{i}")) for i in range(2)]
