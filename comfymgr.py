@@ -4119,6 +4119,8 @@ async def _handle_cancel(request: web.Request) -> web.Response:
     job = await request.app[QUEUE].cancel(request.match_info["id"])
     if not job.terminal:
         await request.app[BRIDGE].request_cancel(job)
+        # A job still waiting in ComfyUI's queue is removed from it at once.
+        job, _ = await request.app[QUEUE].get(job.id)
     if job.terminal:
         return _json({"workflowId": job.id, "status": job.status})
     return _json({"workflowId": job.id, "status": job.status, "cancelRequested": True,

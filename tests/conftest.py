@@ -40,8 +40,10 @@ def make_config(tmp_path):
     """Config for a test: its own state dir, a known key, no rate limit unless asked."""
 
     def make(**overrides):
+        # ComfyUI at a port nothing listens on, unless a test brings its fake:
+        # a real ComfyUI on this box's default port must never get test jobs.
         values = {"state_dir": tmp_path / "state", "api_keys": (API_KEY,), "rate_limit": 0,
-                  "port": 0, "host": "127.0.0.1"}
+                  "port": 0, "host": "127.0.0.1", "comfyui_url": "http://127.0.0.1:9"}
         values.update(overrides)
         return comfymgr.Config.defaults(**values)
 

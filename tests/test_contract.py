@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import uuid
 
 import aiohttp
@@ -34,7 +35,40 @@ def real_config(make_config):
 
 
 def tagged(graph):
-    return unique(graph, uuid.uuid4().hex[:8])  # never served from ComfyUI's cache
+    """A copy no earlier prompt can serve from ComfyUI's cache. ComfyUI caches
+    per node, keyed by the node's inputs and those of its ancestors: a new
+    SaveImage prefix alone re-runs only SaveImage, and a slow graph run just
+    before is served from cache in ~0.2 s. A new EmptyImage colour changes the
+    key of every node downstream of it."""
+    graph = unique(graph, uuid.uuid4().hex[:8])
+    for node in graph.values():
+        if node["class_type"] == "EmptyImage":
+            node["inputs"]["color"] = random.randrange(0x1000000)
+    return graph
+
+
+@pytest.fixture(autouse=True)
+async def idle_comfyui():
+    """Leave the real ComfyUI idle after each test, so that a test that fails
+    mid-way does not leave a slow prompt running under the next one."""
+    yield
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{URL.rstrip('/')}/queue", json={"clear": True})
+        for _ in range(600):
+            async with session.get(f"{URL.rstrip('/')}/queue") as resp:
+                queue = await resp.json()
+            if not queue["queue_running"] and not queue["queue_pending"]:
+                return
+            for item in queue["queue_running"]:  # [number, prompt_id, ...]
+                await session.post(f"{URL.rstrip('/')}/interrupt", json={"prompt_id": item[1]})
+            await asyncio.sleep(0.1)
+
+
+async def comfyui_history(prompt_id):
+    async with aiohttp.ClientSession() as session, \
+            session.get(f"{URL.rstrip('/')}/history/{prompt_id}") as resp:
+        assert resp.status == 200
+        return await resp.json()
 
 
 async def test_success_and_chain(make_client, real_config):
@@ -100,9 +134,22 @@ async def test_cancel_queued_and_running(make_client, real_config):
     slow = tagged(json_slow())
     running = await submit(client, slow)
     await wait_job(client, running["workflowId"], status_is("running"), WAIT)
+    # With prefetch (the default) the next job goes to ComfyUI's own queue
+    # while the slow one runs; only the one after it waits in comfymgr's.
+    prefetched = await submit(client, tagged(workflow("simple")))
+    prefetched = await wait_job(client, prefetched["workflowId"],
+                                lambda j: j["state"] == "submitted", WAIT)
     queued = await submit(client, tagged(workflow("simple")))
+    assert queued["state"] == "queued"
     resp = await client.delete(f"/v1/comfyui/workflow/{queued['workflowId']}", headers=HEADERS)
     assert resp.status == 200
+    assert (await resp.json())["status"] == "cancelled"
+    # In ComfyUI's queue: removed there (POST /queue delete), never run.
+    resp = await client.delete(f"/v1/comfyui/workflow/{prefetched['workflowId']}", headers=HEADERS)
+    assert resp.status == 200  # removed from ComfyUI's queue before the answer
+    done = await get_job(client, prefetched["workflowId"])
+    assert done["status"] == "cancelled", done
+    assert await comfyui_history(prefetched["promptId"]) == {}
     resp = await client.delete(f"/v1/comfyui/workflow/{running['workflowId']}", headers=HEADERS)
     assert resp.status == 202
     done = await wait_job(client, running["workflowId"], status_is("cancelled", "failed", "completed"), WAIT)
