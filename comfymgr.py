@@ -32,6 +32,7 @@ import dataclasses
 import email.utils
 import enum
 import errno
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -51,15 +52,22 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import aiohttp
 import aiohttp.abc
 import yarl
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -1678,7 +1686,7 @@ class _Database:
                     break
                 fn, write, future = item
                 if not write:
-                    self._resolve(future, *self._call(lambda: fn(storage)))
+                    self._resolve(future, *self._call(functools.partial(fn, storage)))
                     continue
                 batch = [item]
                 while len(batch) < self._MAX_BATCH:
@@ -3183,7 +3191,8 @@ class _Hub:
                             "since": since, "oldestSeq": oldest})
         cursor = since
         while True:
-            page = await self.db.read(lambda s: s.events_since(cursor, job_ids=ids, limit=_REPLAY_PAGE))
+            page = await self.db.read(
+                lambda s, after=cursor: s.events_since(after, job_ids=ids, limit=_REPLAY_PAGE))
             for event in page:
                 await sub.send(event.message())
                 cursor = event.seq
@@ -3237,8 +3246,8 @@ class _Hub:
         if (not isinstance(ids, list) or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids)
                 or (since is not None and (not isinstance(since, int) or isinstance(since, bool)
                                            or since < 0))):
-            await self._invalid(sub, 'use {"type": "%s", "workflowId": "<id>"} or "workflowIds": '
-                                     '[...]; "since" must be a seq >= 0' % kind)
+            await self._invalid(sub, f'use {{"type": "{kind}", "workflowId": "<id>"}} or '
+                                     f'"workflowIds": [...]; "since" must be a seq >= 0')
             return
         if kind == "unsubscribe":
             if message.get("all") is True:
@@ -3266,7 +3275,7 @@ class _Hub:
                 cursor = since
                 while True:
                     page = await self.db.read(
-                        lambda s: s.events_since(cursor, job_ids=new, limit=_REPLAY_PAGE))
+                        lambda s, after=cursor: s.events_since(after, job_ids=new, limit=_REPLAY_PAGE))
                     for event in page:
                         await sub.ws.send_str(_dumps(event.message()))
                         cursor = event.seq
@@ -3677,12 +3686,14 @@ class _Files:
             if root is None:
                 folders.append(await self._backend_models(type_, comfy_folder, backends, models))
                 continue
-            if not root.is_dir():
+            found = await self.run(
+                lambda r=root: _walk_files(r, follow_links=True, suffixes=_MODEL_EXTENSIONS)
+                if r.is_dir() else None)
+            if found is None:
                 folders.append({"type": type_, "source": "folder", "path": str(root),
                                 "status": "missing", "error": f"{root} is not a folder"})
                 continue
-            files, problems = await self.run(
-                lambda r=root: _walk_files(r, follow_links=True, suffixes=_MODEL_EXTENSIONS))
+            files, problems = found
             folder = {"type": type_, "source": "folder", "path": str(root),
                       "status": "partial" if problems else "ok"}
             if problems:
@@ -3728,7 +3739,8 @@ class _Files:
                 digest = await loop.run_in_executor(self._hash_pool, _sha256_file, path)
                 st = await self.run(os.stat, path)
                 if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):  # unchanged while hashed
-                    await self.db.write(lambda s: s.store_model_hash(path, size, mtime_ns, digest))
+                    await self.db.write(functools.partial(
+                        Storage.store_model_hash, path=path, size=size, mtime_ns=mtime_ns, sha256=digest))
             except (OSError, ApiError) as exc:
                 _log_files.warning("cannot hash %s: %s", path, exc)
             finally:
@@ -3753,9 +3765,8 @@ class _Files:
                            ) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
         """Newest first; keyset cursor (mtime_ns, path)."""
         root = self.root(type_)
-        if not root.is_dir():
-            return [], None
-        files, _ = await self.run(lambda: _walk_files(root, follow_links=False))
+        files, _ = await self.run(
+            lambda: _walk_files(root, follow_links=False) if root.is_dir() else ([], []))
         files.sort(key=lambda f: (-f.mtime_ns, f.rel))
         start = 0
         if after is not None:
@@ -3844,7 +3855,7 @@ class _Files:
 
     async def measure_disk(self) -> None:
         for type_, root in self.roots.items():
-            if root is None or not root.is_dir():
+            if root is None or not await self.run(root.is_dir):
                 continue
             files, _ = await self.run(lambda r=root: _walk_files(r, follow_links=False))
             usage = await self.run(shutil.disk_usage, root)
@@ -3885,7 +3896,8 @@ class _Retention:
             if self.config.retention_delete_outputs:
                 for job in jobs:
                     removed["files"] += await self.files.delete_outputs_of(job)
-            n_jobs, n_events = await self.db.write(lambda s: s.delete_jobs([j.id for j in jobs]))
+            ids = [j.id for j in jobs]
+            n_jobs, n_events = await self.db.write(lambda s, ids=ids: s.delete_jobs(ids))
             removed["jobs"] += n_jobs
             removed["events"] += n_events
             if n_jobs == 0:
@@ -4578,7 +4590,7 @@ async def _error_middleware(request: web.Request, handler: Callable) -> web.Stre
                               if k.lower() in ("allow", "retry-after")})
     except asyncio.CancelledError:
         raise
-    except Exception:
+    except Exception:  # noqa: BLE001 - the last line of defence: logged, answered 500
         _log_http.exception("unhandled error in %s %s", request.method, request.path)
         return _json(ApiError("internal error; it has been logged").envelope(), status=500)
 

@@ -424,8 +424,8 @@ class _PromptValidator:
             result = self._check_node(prompt, node_id, validated, visiting)
         except _ValidationCrash:
             raise
-        except Exception as ex:  # noqa: BLE001 - whatever a malformed node makes ComfyUI trip over
-            raise _ValidationCrash(ex, VALIDATE_INPUTS_FRAME)
+        except Exception as ex:
+            raise _ValidationCrash(ex, VALIDATE_INPUTS_FRAME) from ex
         visiting.discard(node_id)
         validated[node_id] = result
         return result
@@ -458,11 +458,11 @@ class _PromptValidator:
                 try:
                     source_class = prompt[source_id]["class_type"]
                 except (KeyError, TypeError) as ex:
-                    raise _ValidationCrash(ex, LINKED_NODE_FRAME)
+                    raise _ValidationCrash(ex, LINKED_NODE_FRAME) from ex
                 try:
                     received_type = self.catalog.return_types(source_class)[value[1]]
                 except (IndexError, TypeError) as ex:
-                    raise _ValidationCrash(ex, LINKED_SOCKET_FRAME)
+                    raise _ValidationCrash(ex, LINKED_SOCKET_FRAME) from ex
                 if not _node_input_types_match(received_type, input_type):
                     errors.append({"type": "return_type_mismatch", "message": "Return type mismatch between linked nodes",
                                    "details": f"{name}, received_type({received_type}) mismatch input_type({input_type})",
@@ -1440,7 +1440,7 @@ class FakeComfyUI:
     async def _send_to(self, conn: _Connection, text: str):
         try:
             await conn.ws.send_str(text)
-        except Exception:  # noqa: BLE001 - a socket closing under us; ComfyUI ignores those too
+        except Exception:
             return
         self.ws_sent[conn.index].append(json.loads(text))
 

@@ -11,11 +11,11 @@ import sqlite3
 import uuid
 
 import pytest
-from conftest import HEADERS, workflow
 from prometheus_client.parser import text_string_to_metric_families
 
 import comfymgr
 from comfymgr import BackendSpec, JobState, Priority
+from conftest import HEADERS, workflow
 
 SUBMIT = "/v1/comfyui/workflow"
 LIST = "/v1/comfyui/workflows"

@@ -16,10 +16,9 @@ import uuid
 
 import aiohttp
 import pytest
+from test_bridge import get_job, status_is, submit, unique, wait_backends_up, wait_job
 
-import comfymgr
 from conftest import HEADERS, workflow
-from test_bridge import get_job, slow_workflow, status_is, submit, unique, wait_backends_up, wait_job
 
 URL = os.environ.get("COMFYMGR_CONTRACT_URL", "")
 pytestmark = pytest.mark.skipif(not URL, reason="set COMFYMGR_CONTRACT_URL (make contract COMFYUI_URL=...)")
@@ -166,5 +165,6 @@ async def test_timeout(make_client, real_config):
 
 def json_slow():
     import json
+
     from conftest import DATA
     return json.loads((DATA / "workflows" / "slow.json").read_text())

@@ -3,18 +3,16 @@ with their HTTP edge cases; a traversal corpus; uploads; retention."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-import urllib.parse
 
 import aiohttp
 import pytest
+from test_bridge import status_is, submit, wait_backends_up, wait_job
 
 import comfymgr
 from conftest import HEADERS, workflow
 from fake_comfyui import FakeComfyUI
-from test_bridge import get_job, status_is, submit, wait_backends_up, wait_job
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                     "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")

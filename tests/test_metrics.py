@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_bridge import slow_workflow, status_is, submit, wait_backends_up, wait_job
 
 import comfymgr
 from conftest import HEADERS, workflow
 from fake_comfyui import FakeComfyUI
-from test_bridge import get_job, slow_workflow, status_is, submit, wait_backends_up, wait_job
 
 
 class FakeNVML:
@@ -254,8 +254,7 @@ async def test_random_404_paths_add_no_series(make_client):
         resp = await client.get(path, headers=HEADERS)
         assert resp.status == 404
     after = set(samples(await scrape(client)))
-    added = {name for name, labels in after - before}
-    labels = {dict(l).get("route") for name, l in after - before}
+    labels = {dict(pairs).get("route") for _, pairs in after - before}
     assert labels <= {"unmatched", None}, labels
     assert len(after - before) <= 20, sorted(after - before)  # one route label, its buckets
 
@@ -272,6 +271,6 @@ async def test_promtool_accepts_a_live_scrape(make_client, make_config, fake):
     ws = await client.ws_connect("/v1/comfyui/stream", headers=HEADERS)
     text = await scrape(client)
     await ws.close()
-    result = subprocess.run([promtool, "check", "metrics"], input=text.encode(),
-                            capture_output=True, timeout=30)
+    result = await asyncio.to_thread(subprocess.run, [promtool, "check", "metrics"],
+                                     input=text.encode(), capture_output=True, timeout=30)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()

@@ -10,10 +10,10 @@ import socket
 
 import jsonschema
 import pytest
-from conftest import HEADERS, workflow
 from openapi_spec_validator import validate
 
 import comfymgr
+from conftest import HEADERS, workflow
 
 DOC_ROUTES = {"openapi", "docs", "docs_init", "docs_assets"}  # serve the docs, not in them
 

@@ -18,9 +18,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import workflow
 
 import comfymgr
+from conftest import workflow
 
 ROOT = Path(comfymgr.__file__).resolve().parent
 KEY = "restart-test-key-0123456789"
@@ -51,7 +51,7 @@ class Service:
             "COMFYUI_URL": f"http://127.0.0.1:{free_port()}",
         }
         self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - held for the process's life, closed in stop()
+        self._log = open(log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "comfymgr.py")], env=env,
                                      cwd=state_dir.parent, stdout=self._log,
                                      stderr=subprocess.STDOUT)

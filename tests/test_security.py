@@ -12,11 +12,11 @@ import uuid
 
 import aiohttp
 import pytest
-from conftest import API_KEY, HEADERS, workflow
 from multidict import CIMultiDict
 from yarl import URL
 
 import comfymgr
+from conftest import API_KEY, HEADERS, workflow
 
 SUBMIT = "/v1/comfyui/workflow"
 STATUS = "/v1/status"
@@ -131,7 +131,7 @@ async def test_every_route_but_the_open_ones_needs_a_valid_key(make_client):
     jobs = (await resp.json())["workflows"]
     assert [(j["workflowId"], j["status"]) for j in jobs] == [(job_id, "queued")]
     # The right key passes the gate (whatever the route then answers).
-    for name, method, path in routes:
+    for _, method, path in routes:
         resp = await client.request(method, path, headers=HEADERS)
         assert resp.status != 401, (method, path)
 

@@ -15,11 +15,11 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
+from test_bridge import free_port, start_comfymgr, status_is, submit, wait_backends_up, wait_job
 
 import comfymgr
 from conftest import API_KEY, HEADERS, workflow
 from fake_comfyui import FakeComfyUI
-from test_bridge import free_port, start_comfymgr, status_is, submit, wait_backends_up, wait_job
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"fedcba9876543210fedcba9876543210").decode()
