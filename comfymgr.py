@@ -465,8 +465,10 @@ class Config:
 def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comfymgr",
+        usage="comfymgr [--help] [--version] [--config-table] [--SETTING VALUE ...]",
         description="The management API in front of ComfyUI. Every setting can be given as a "
-        "flag or as its environment variable; flags win.",
+        "flag or as its environment variable; flags win. Prefer the environment for keys "
+        "and secrets: flags show in the process list.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"comfymgr {__version__}")
