@@ -9,10 +9,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml requirements.lock 2>/dev/null | sha1sum | cut -c1-12)
 
-.PHONY: help venv run test lint pyz bench contract clean
+.PHONY: help venv run test readme lint pyz deploy-check bench contract clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 venv: $(STAMP) ## create .venv with comfymgr and its test tools
 
@@ -28,8 +28,67 @@ run: venv ## start comfymgr with the settings in the environment (see README)
 test: venv ## run the test suite
 	$(BIN)/python -m pytest
 
+contract: venv ## the bridge scenarios against a real ComfyUI: make contract COMFYUI_URL=http://127.0.0.1:8188
+	@test -n "$${COMFYUI_URL:-}" || { echo "make contract needs COMFYUI_URL=http://host:port"; exit 2; }
+	COMFYMGR_CONTRACT_URL="$$COMFYUI_URL" $(BIN)/python -m pytest tests/test_contract.py -v
+
+readme: venv ## regenerate the README's settings table from comfymgr.py
+	$(BIN)/python -c 'import re, comfymgr, pathlib; p = pathlib.Path("README.md"); t = p.read_text(); \
+	p.write_text(re.sub(r"(<!-- config-table -->\n).*?(<!-- /config-table -->)", lambda m: m.group(1) + comfymgr._config_table() + "\n" + m.group(2), t, flags=re.S))'
+
 lint: venv ## static checks
 	$(BIN)/ruff check comfymgr.py tests bench
 
+# -- the .pyz ---------------------------------------------------------------
+# One zipapp for every CPython in PYZ_PYTHONS on Linux x86_64 (glibc 2.17+).
+# The pins in requirements.lock are installed once per version into one
+# site-packages: compiled modules carry the version in their file names
+# (_quoting_c.cpython-310-x86_64-linux-gnu.so beside ...-311-...), the
+# pure-Python files are the same for all. Wheels are kept in $(WHEELS), one
+# folder per version, so a rebuild with an unchanged lock is offline.
+PYZ := dist/comfymgr.pyz
+PYZ_PYTHONS := 3.10 3.11 3.12 3.13
+# glibc 2.17+ x86_64 wheels (manylinux2014 and older tags, e.g. frozenlist's
+# manylinux_2_5): without the older tags pip would settle for pure-Python
+# fallbacks, which run, slower.
+PYZ_PLATFORMS := manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_5_x86_64 manylinux1_x86_64
+PYZ_BUILD := build/pyz
+SHIV_VERSION := 1.0.8
+WHEELS := .cache/wheels
+LOCK_ID := $(shell { cat requirements.lock; echo $(PYZ_PLATFORMS); } 2>/dev/null | sha1sum | cut -c1-12)
+WHEEL_STAMPS := $(foreach v,$(PYZ_PYTHONS),$(WHEELS)/$(v)/.lock-$(LOCK_ID))
+PIP_TARGET_ARGS = --no-deps --only-binary=:all: --implementation cp --python-version $(1) $(addprefix --platform ,$(PYZ_PLATFORMS))
+
+pyz: $(PYZ) ## build dist/comfymgr.pyz (shiv; CPython 3.10-3.13, Linux x86_64)
+
+$(PYZ): comfymgr.py requirements.lock Makefile $(WHEEL_STAMPS) $(BIN)/shiv
+	rm -rf $(PYZ_BUILD) && mkdir -p $(PYZ_BUILD)/site-packages $(dir $@)
+	for v in $(PYZ_PYTHONS); do \
+	  $(BIN)/python -m pip install -q --no-index --find-links $(WHEELS)/$$v --no-compile \
+	    $(call PIP_TARGET_ARGS,$$v) --target $(PYZ_BUILD)/$$v -r requirements.lock; \
+	  cp -a $(PYZ_BUILD)/$$v/. $(PYZ_BUILD)/site-packages/; \
+	done
+	# Not needed at run time: console scripts, nvidia-ml-py's top-level
+	# example.py, Swagger UI's source maps (8 MB /docs never sends) and the
+	# debug info in the compiled modules (three quarters of their size).
+	cd $(PYZ_BUILD)/site-packages && rm -rf bin example.py && find swagger_ui_bundle -name '*.map' -delete
+	if command -v strip >/dev/null; then find $(PYZ_BUILD)/site-packages -name '*.so' -exec strip --strip-debug {} +; fi
+	cp comfymgr.py $(PYZ_BUILD)/site-packages/
+	$(BIN)/shiv --site-packages $(PYZ_BUILD)/site-packages --entry-point comfymgr:main \
+	  --python '/usr/bin/env python3' --reproducible --output-file $@.tmp
+	mv $@.tmp $@
+	@echo "built $@: $$(du -k $@ | cut -f1) KiB, $$(SHIV_ROOT=$(PYZ_BUILD)/shiv $(BIN)/python $@ --version)"
+
+$(WHEELS)/%/.lock-$(LOCK_ID): requirements.lock | $(STAMP)
+	rm -rf $(@D)
+	$(BIN)/python -m pip download -q $(call PIP_TARGET_ARGS,$*) --dest $(@D) -r requirements.lock
+	touch $@
+
+$(BIN)/shiv: | $(STAMP)
+	$(BIN)/python -m pip install -q 'shiv==$(SHIV_VERSION)'
+
+deploy-check: venv ## test the .pyz, systemd units, nginx and Prometheus files
+	$(BIN)/python -m pytest tests/test_deploy.py
+
 clean: ## remove the venv, builds and caches
-	rm -rf $(VENV) dist build *.egg-info .pytest_cache
+	rm -rf $(VENV) dist build .cache *.egg-info .pytest_cache
