@@ -19,7 +19,7 @@ venv: $(STAMP) ## create .venv with comfymgr and its test tools
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	$(BIN)/python -m pip install -q -e '.[test,dev]' -c requirements.lock  # test what the .pyz ships
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: venv ## start comfymgr with the settings in the environment (see README)
