@@ -8,8 +8,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml requirements.lock 2>/dev/null | sha1sum | cut -c1-12)
+BENCH_STAMP := $(VENV)/.bench-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help venv run test readme lint pyz deploy-check bench contract clean
+.PHONY: help venv run test readme lint pyz deploy-check bench contract crash clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -27,6 +28,16 @@ run: venv ## start comfymgr with the settings in the environment (see README)
 
 test: venv ## run the test suite
 	$(BIN)/python -m pytest
+
+bench: $(BENCH_STAMP) ## measure comfymgr against this machine's limits (BENCH_QUICK=1: shorter); see docs/PERFORMANCE.md
+	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)"; exit 2; }
+	@# Figure 8 times the .pyz; without one (no network for its wheels) it is skipped, not fatal.
+	$(MAKE) --no-print-directory pyz || echo "bench: could not build $(PYZ); the .pyz figure is skipped"
+	$(BIN)/python bench/run.py $(if $(BENCH_QUICK),--quick)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]' -c requirements.lock
+	rm -f $(VENV)/.bench-* && touch $@
 
 contract: venv ## the bridge scenarios against a real ComfyUI: make contract COMFYUI_URL=http://127.0.0.1:8188
 	@test -n "$${COMFYUI_URL:-}" || { echo "make contract needs COMFYUI_URL=http://host:port"; exit 2; }
@@ -89,6 +100,18 @@ $(BIN)/shiv: | $(STAMP)
 
 deploy-check: venv ## test the .pyz, systemd units, nginx and Prometheus files
 	$(BIN)/python -m pytest tests/test_deploy.py
+
+# The long versions of tests/test_reliability.py: 60 SIGKILLs and 20 SIGTERMs
+# under load with the audit after them, then the abuse tests at full size
+# (schemathesis 150 examples per operation, 2,000 slow-header clients held
+# past aiohttp's 75 s, ...). About 10 minutes; figures in bench/results/.
+crash: venv ## the long reliability run (kill -9 under load, faults, abuse); see docs/RELIABILITY.md
+	mkdir -p bench/results
+	$(BIN)/python bench/crash_harness.py --kills 60 --sigterms 20 --out bench/results/crash.json \
+	  --logs bench/results/crash-logs
+	rm -f bench/results/reliability-long.jsonl
+	COMFYMGR_RELIABILITY_LONG=1 COMFYMGR_RELIABILITY_REPORT=bench/results/reliability-long.jsonl \
+	  $(BIN)/python -m pytest tests/test_reliability.py -k 'not crash_harness_short'
 
 clean: ## remove the venv, builds and caches
 	rm -rf $(VENV) dist build .cache *.egg-info .pytest_cache
