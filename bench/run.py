@@ -817,7 +817,7 @@ def fig_depth(s: Suite) -> None:
                   ok=value / base[key] <= 2 if key != "http_submit_ms" or depth == depths[-1] else None)
     for depth in depths:
         s.row("5", f"  queue position of the last job @ {depth:,}", "ms", per[depth]["position_of_last_ms"],
-              None, note="COUNT over the jobs ahead: grows with depth (GET of a queued job)")
+              None, note="block counts + one block's index range (GET of a queued job)")
 
 
 # =====================================================================================

@@ -368,6 +368,49 @@ EVENT_FOR = {S.QUEUED: "workflow:queued", S.RUNNING: "workflow:started",
              S.CANCELLED: "workflow:cancelled"}
 
 
+def test_positions_across_many_queue_blocks_match_the_brute_force(storage):
+    """Deep queues: positions sum per-block counts (comfymgr._QUEUE_BLOCK jobs
+    a block) and count within blocks; compare with counting every job."""
+    rng = random.Random(11)
+    block = comfymgr._QUEUE_BLOCK
+    total = 3 * block + 777
+    ops = [lambda i=i: storage.enqueue(f"j{i}", WORKFLOW, rng.choice([HIGH, NORMAL, NORMAL, LOW]),
+                                        "any", 1000) for i in range(total)]
+    assert all(ok for ok, _ in storage.run_batch(ops))
+    for i in rng.sample(range(total), 2000):
+        storage.request_cancel(f"j{i}", 2000)
+    for k in range(300):
+        storage.claim_next("local", f"p{k}", 3000)
+    expected = queued_brute_force(storage)
+    sample = rng.sample(sorted(expected), 300)
+    for job_id in sample:
+        assert storage.position(storage.get(job_id)) == expected[job_id], job_id
+    jobs = [storage.get(job_id) for job_id in sample]
+    assert storage.positions(jobs) == {job_id: expected[job_id] for job_id in sample}
+    blocks = storage._conn.execute(
+        "SELECT priority, block, n FROM queue_blocks WHERE n != 0 ORDER BY 1, 2").fetchall()
+    brute = storage._conn.execute(
+        f"SELECT priority, n / {block}, COUNT(*) FROM jobs WHERE state = 'queued' "
+        "GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+    assert [tuple(r) for r in blocks] == [tuple(r) for r in brute]
+
+
+def test_the_queue_blocks_migration_counts_the_jobs_already_queued(db_path, monkeypatch):
+    monkeypatch.setattr(comfymgr, "_MIGRATIONS", comfymgr._MIGRATIONS[:3])
+    old = comfymgr.Storage(db_path)
+    for i in range(50):
+        old.enqueue(f"j{i}", WORKFLOW, [HIGH, NORMAL, LOW][i % 3], "any", 1000)
+    old.request_cancel("j4", 2000)
+    old.close()
+    monkeypatch.undo()
+    new = comfymgr.Storage(db_path)
+    assert new.schema_version == len(comfymgr._MIGRATIONS)
+    expected = queued_brute_force(new)
+    for job_id, position in expected.items():
+        assert new.position(new.get(job_id)) == position
+    new.close()
+
+
 def test_the_transition_table_is_the_designed_one():
     """A change to _ALLOWED must be a conscious one: update this table too."""
     assert {k: set(v) for k, v in comfymgr._ALLOWED.items()} == EXPECTED_ALLOWED
