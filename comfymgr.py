@@ -899,16 +899,11 @@ def _gauge(name: str, documentation: str, labels: Sequence[str],
 
 
 ###############################################################################
-# storage
+# jobs
 ###############################################################################
-# SQLite through the stdlib. Storage is synchronous and narrow, with no
-# asyncio inside: the event loop reaches it only through _Database below, whose
-# single worker thread owns the connection. Every change goes through one
-# explicit BEGIN IMMEDIATE transaction (a SAVEPOINT when batched), and every
-# job state change goes through Storage.transition(), which checks it against
-# _ALLOWED and writes the job row and its event row together.
-
-_log_storage = logging.getLogger("comfymgr.storage")
+# What a job is: its priorities, its states and the moves between them (one
+# table, _ALLOWED, that Storage.transition() enforces), and the rows jobs and
+# events are read into.
 
 
 class Priority(enum.IntEnum):
@@ -1031,6 +1026,12 @@ class Event:
         return {"type": self.type, "seq": self.seq, "workflowId": self.job_id,
                 "timestamp": self.ts, **self.data}
 
+
+###############################################################################
+# schema
+###############################################################################
+# The SQLite schema as forward migrations: the database's PRAGMA user_version
+# is how many of _MIGRATIONS ran. DDL is kept as constants, read top to bottom.
 
 _SCHEMA_V1 = """
 CREATE TABLE jobs (
@@ -1181,6 +1182,18 @@ INSERT INTO queue_blocks (priority, block, n)
 
 # Forward migrations; the database's PRAGMA user_version is how many ran.
 _MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+
+###############################################################################
+# storage
+###############################################################################
+# SQLite through the stdlib. Storage is synchronous and narrow, with no
+# asyncio inside: the event loop reaches it only through _Database (next
+# section), whose single worker thread owns the connection. Every change goes
+# through one explicit BEGIN IMMEDIATE transaction (a SAVEPOINT when batched),
+# and every job state change goes through Storage.transition(), which checks
+# it against _ALLOWED and writes the job row and its event row together.
+
+_log_storage = logging.getLogger("comfymgr.storage")
 
 _JOB_COLUMNS = frozenset({
     "backend", "prompt_id", "attempts", "started_at", "completed_at", "progress",
@@ -1731,6 +1744,12 @@ def _split_sql(script: str) -> list[str]:
     return statements
 
 
+###############################################################################
+# database
+###############################################################################
+# The event loop's way to Storage: one worker thread, group commit.
+
+
 class _Database:
     """The event loop's door to Storage.
 
@@ -2004,8 +2023,8 @@ class _Queue:
 # - reconcile what each in-flight prompt became at start, after every
 #   reconnect and on a timer: re-attach, record, resubmit if ComfyUI never
 #   saw it, or fail it `backend_lost` if ComfyUI restarted and forgot it.
-# Each backend has three tasks (its WebSocket, its dispatcher, its tick),
-# started and cancelled by _Bridge.start()/stop() only.
+# This section is the client (HTTP calls, workflow checks against
+# /object_info, reading /history); the bridge section below drives it.
 
 _log_bridge = logging.getLogger("comfymgr.bridge")
 
@@ -2319,7 +2338,13 @@ def _execution_error(data: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-# -- the bridge itself ---------------------------------------------------------------
+###############################################################################
+# bridge
+###############################################################################
+# What happens to a job between its claim and its end, on each backend: the
+# rules are in the comfyui client section's header. Each backend has three
+# tasks (its WebSocket, its dispatcher, its tick), started and cancelled by
+# _Bridge.start()/stop() only.
 
 @dataclasses.dataclass(eq=False)
 class _Run:
@@ -4143,9 +4168,9 @@ class _Retention:
 ###############################################################################
 # http api
 ###############################################################################
-# Handlers, the route table and the middlewares (outermost first):
-#   metrics -> cors -> errors (the one envelope) -> rate limit -> auth.
-# Every route needs X-API-Key except those in _OPEN_ROUTES.
+# What every handler shares: the app keys, the open and unlimited routes,
+# JSON answers and bodies, query strings checked against their schemas, and
+# the job as the API shows it.
 
 _log_http = logging.getLogger("comfymgr.http")
 
@@ -4303,7 +4328,222 @@ def _job_view(job: Job, position: int | None = None) -> dict[str, Any]:
     }
 
 
-# -- handlers ---------------------------------------------------------------------
+###############################################################################
+# http middlewares
+###############################################################################
+# Outermost first: metrics -> cors -> errors (the one envelope) -> rate
+# limit -> auth. Every route needs X-API-Key except those in _OPEN_ROUTES.
+
+def _route_name(request: web.Request) -> str | None:
+    route = request.match_info.route
+    return getattr(route, "name", None)
+
+
+def _route_template(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def _metrics_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        route = _route_template(request)
+        method = request.method if request.method in _KNOWN_METHODS else "other"
+        request.app[METRICS].count_request(route, method, status, time.perf_counter() - started)
+
+
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_CORS_ALLOW_HEADERS = "X-API-Key, Content-Type, Idempotency-Key, Range, If-None-Match"
+_CORS_EXPOSE_HEADERS = "Location, Retry-After, ETag, Content-Length, Content-Range"
+
+
+@web.middleware
+async def _cors_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Same-origin unless COMFYMGR_CORS_ORIGINS allows the Origin. Preflights
+    are answered here, before auth: browsers never send keys with them."""
+    origins = request.app[CONFIG].cors_origins
+    origin = request.headers.get("Origin")
+    allowed = bool(origin) and ("*" in origins or origin in origins)
+    if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
+        if not allowed:
+            return _json(Forbidden(f"origin {origin} is not allowed",
+                                   code="cors_forbidden").envelope(), status=403)
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Origin": "*" if "*" in origins else origin,
+            "Access-Control-Allow-Methods": "GET, HEAD, POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": _CORS_ALLOW_HEADERS,
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        })
+    response = await handler(request)
+    if origins and not response.prepared:
+        # Vary on every answer, so that a cache never hands an allowed origin
+        # a copy made for another one (or for none).
+        response.headers.add("Vary", "Origin")
+        if allowed:
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+            response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS
+    return response
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """The one error envelope, for everything a client can cause; anything
+    else is logged with its traceback and answered with a bare 500."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _json(exc.envelope(), status=exc.status, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _json(_http_exception_envelope(request, exc), status=exc.status,
+                     headers={k: v for k, v in exc.headers.items()
+                              if k.lower() in ("allow", "retry-after")})
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the last line of defence: logged, answered 500
+        _log_http.exception("unhandled error in %s %s", request.method, request.path)
+        return _json(ApiError("internal error; it has been logged").envelope(), status=500)
+
+
+def _http_exception_envelope(request: web.Request, exc: web.HTTPException) -> dict[str, Any]:
+    if exc.status == 404:
+        err: ApiError = NotFound(f"no route for {request.method} {request.path}",
+                                 details={"path": request.path})
+    elif exc.status == 405:
+        allowed = sorted(getattr(exc, "allowed_methods", ()) or ())
+        err = MethodNotAllowed(f"{request.method} is not allowed here; use {', '.join(allowed)}",
+                               details={"allowed": allowed})
+    elif exc.status == 413:
+        limit = request.app[CONFIG].max_body_bytes
+        err = PayloadTooLarge(f"the body is over the limit of {limit} bytes",
+                              details={"limit": limit})
+    else:
+        err = ApiError(exc.reason or "request failed", code=f"http_{exc.status}").with_status(exc.status)
+    return err.envelope()
+
+
+class _RateLimiter:
+    """A token bucket per client address: `per_minute` requests a minute,
+    bursts up to `per_minute`. Only the event loop touches it (no lock).
+    Memory stays bounded: buckets that have refilled are dropped once the
+    table grows past `max_clients`."""
+
+    def __init__(self, per_minute: int, clock: Clock, max_clients: int = 10_000) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._clock = clock
+        self._max_clients = max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def check(self, client: str) -> float | None:
+        """None when the request may pass, else the seconds until it could."""
+        now = self._clock()
+        tokens, last = self._buckets.get(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens < 1:
+            self._buckets[client] = (tokens, now)
+            return (1 - tokens) / self.rate
+        self._buckets[client] = (tokens - 1, now)
+        if len(self._buckets) > self._max_clients:
+            self._prune(now)
+        return None
+
+    def _prune(self, now: float) -> None:
+        full = [c for c, (t, last) in self._buckets.items()
+                if t + (now - last) * self.rate >= self.capacity]
+        for client in full:
+            del self._buckets[client]
+        if len(self._buckets) > self._max_clients * 3 // 4:
+            # Still crowded (very many active addresses): forget the longest
+            # known quarter, so that pruning stays rare rather than per request.
+            for client in list(self._buckets)[: len(self._buckets) // 4]:
+                del self._buckets[client]
+
+
+RATE_LIMITER = web.AppKey("rate_limiter", _RateLimiter)
+
+
+def _client_address(request: web.Request) -> str:
+    """The peer, or, when the peer is a trusted proxy, the right-most
+    X-Forwarded-For address that is not itself a trusted proxy."""
+    peer = request.remote or "unknown"
+    trusted = request.app[CONFIG].trusted_proxies
+    if not trusted or not _in_networks(peer, trusted):
+        return peer
+    forwarded = [a.strip() for h in request.headers.getall("X-Forwarded-For", [])
+                 for a in h.split(",") if a.strip()]
+    for address in reversed(forwarded):
+        if not _in_networks(address, trusted):
+            return address
+    return forwarded[0] if forwarded else peer
+
+
+def _in_networks(address: str, networks: Sequence[Any]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+@web.middleware
+async def _rate_limit_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    limiter = request.app.get(RATE_LIMITER)
+    if limiter is not None and _route_name(request) not in _UNLIMITED_ROUTES:
+        wait = limiter.check(_client_address(request))
+        if wait is not None:
+            retry_after = max(1, math.ceil(wait))
+            raise RateLimited(
+                f"too many requests; the limit is {request.app[CONFIG].rate_limit} a minute",
+                details={"limit": request.app[CONFIG].rate_limit, "retryAfter": retry_after},
+                headers={"Retry-After": str(retry_after)})
+    return await handler(request)
+
+
+def _key_matches(given: str | None, keys: Sequence[bytes]) -> bool:
+    if not given:
+        return False
+    candidate = given.encode("utf-8", "surrogateescape")
+    matched = False
+    for key in keys:  # every key compared, in constant time each
+        matched |= hmac.compare_digest(candidate, key)
+    return matched
+
+
+@web.middleware
+async def _auth_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    if _route_name(request) not in _OPEN_ROUTES:
+        given = request.headers.get("X-API-Key")
+        if given is None and _route_name(request) in _QUERY_KEY_ROUTES:
+            given = request.query.get("api_key")
+        if not _key_matches(given, request.app[API_KEYS]):
+            raise Unauthorized("a valid X-API-Key header is required" if given is None
+                               else "the API key is not valid")
+        request[AUTH_KEY] = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
+    return await handler(request)
+
+
+
+# Routes whose clients may not be able to set headers (browser WebSockets).
+_QUERY_KEY_ROUTES: frozenset[str] = frozenset({"stream"})
+
+
+###############################################################################
+# job routes
+###############################################################################
+# Submit, status, cancel and list; the event stream; health, status and
+# metrics.
 
 async def _handle_submit(request: web.Request) -> web.Response:
     body = await _json_body(request)
@@ -4390,6 +4630,111 @@ async def _handle_list(request: web.Request) -> web.Response:
     return _json({"workflows": [_job_view(j, positions.get(j.id)) for j in jobs],
                   "next": next_cursor, "limit": q["limit"]})
 
+
+STREAM_QUERY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        # Job ids and keys are ASCII: said here, a URL that carries them stays
+        # under the HTTP layer's 8 KiB request line (over it: a plain-text 400).
+        "workflowId": {"type": "string", "maxLength": 64 * 100, "pattern": "^[A-Za-z0-9_.,-]*$",
+                       "description": "Follow only these workflows (comma-separated)."},
+        "since": {"type": "integer", "minimum": 0, "maximum": _MAX_SEQ,
+                  "description": "Replay stored events after this seq first."},
+        "api_key": {"type": "string", "maxLength": 1024, "pattern": "^[ -~]*$",
+                    "description": "For clients that cannot set X-API-Key."},
+    },
+}
+
+
+async def _handle_stream(request: web.Request) -> web.StreamResponse:
+    q = _query(request, STREAM_QUERY_SCHEMA)
+    ids = [i for raw in request.query.getall("workflowId", []) for i in raw.split(",") if i]
+    if len(ids) > _MAX_SUBSCRIPTIONS:
+        raise BadRequest(f"workflowId: at most {_MAX_SUBSCRIPTIONS} workflows",
+                         details={"field": "workflowId"})
+    hub = request.app[HUB]
+    config = request.app[CONFIG]
+    ws = web.WebSocketResponse(heartbeat=config.heartbeat or None, max_msg_size=64 * 1024)
+    if not ws.can_prepare(request).ok:
+        raise ApiError("this is a WebSocket endpoint; connect with an Upgrade request "
+                       "(e.g. websocat)", code="upgrade_required", headers={"Upgrade": "websocket"}
+                       ).with_status(426)
+    if len(hub.subscribers) >= config.ws_max_clients:
+        raise ServiceUnavailable(f"already {config.ws_max_clients} stream clients; try later",
+                                 code="too_many_clients", headers={"Retry-After": "5"})
+    await ws.prepare(request)
+    sub = _Subscriber(ws, hub, _client_address(request))
+    await hub.serve(sub, since=q.get("since"), workflow_ids=ids)
+    return ws
+
+
+async def _handle_health(request: web.Request) -> web.Response:
+    try:
+        await asyncio.wait_for(request.app[DB].read(lambda s: s.ping()), timeout=2)
+    except (asyncio.TimeoutError, ApiError, sqlite3.Error) as exc:
+        raise ServiceUnavailable("the database is not answering", code="unhealthy",
+                                 details={"database": str(exc) or type(exc).__name__}) from None
+    return _json({"status": "ok", "version": __version__, "database": "ok"})
+
+
+async def _handle_status(request: web.Request) -> web.Response:
+    app = request.app
+    counts = await app[QUEUE].counts()
+    by_status = dict.fromkeys(PUBLIC_STATUSES, 0)
+    by_priority = {p.label: dict.fromkeys(PUBLIC_STATUSES, 0) for p in Priority}
+    for (state, priority), n in counts.items():
+        by_status[_PUBLIC_STATUS[state]] += n
+        by_priority[priority.label][_PUBLIC_STATUS[state]] += n
+    size, version = await app[DB].read(lambda s: (s.size_bytes(), s.schema_version))
+    now = app[CLOCK]()
+    return _json({
+        "version": __version__,
+        "startedAt": _ms(app[STARTED_AT]),
+        "uptimeSeconds": round(now - app[STARTED_AT], 3),
+        "queue": {"byStatus": by_status, "byPriority": by_priority},
+        "database": {"path": str(app[DB].path), "sizeBytes": size, "schemaVersion": version,
+                     "lastError": app[DB].last_error or app[DB].write_error},
+        "runtime": {"python": sys.version.split()[0],
+                    "eventLoop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+                    "json": "orjson" if orjson is not None else "json"},
+        "backends": [b.view() for b in app[BRIDGE].backends.values()],
+        "gpu": app[GPUS].view(_gpu_users(app)),
+        "stream": {"clients": len(app[HUB].subscribers), "latestSeq": app[HUB].latest_seq},
+        "files": {**{t: app[FILES].disk.get(t) for t in ("output", "temp")},
+                  "retentionDays": app[CONFIG].retention_days or None},
+    })
+
+
+def _gpu_users(app: web.Application) -> dict[int, list[str]]:
+    """Physical GPU index -> the backends configured to run on it."""
+    users: dict[int, list[str]] = {}
+    for backend in app[BRIDGE].backends.values():
+        if backend.spec.gpu_index is not None:
+            users.setdefault(backend.spec.gpu_index, []).append(backend.name)
+    return users
+
+
+async def _handle_metrics(request: web.Request) -> web.Response:
+    app = request.app
+    metrics = app[METRICS]
+    counts, oldest, size = await app[DB].read(
+        lambda s: (s.counts(), s.oldest_queued_at(), s.size_bytes()))
+    # "queued" as the API shows it: waiting here, or handed to ComfyUI and not started.
+    queued = {p: sum(counts.get((state, p), 0) for state in _PUBLIC_QUEUED) for p in Priority}
+    metrics.queue_length.set(sum(queued.values()))
+    for p, n in queued.items():
+        metrics.queue_by_priority.labels(p.label).set(n)
+    metrics.queue_oldest_age.set(max(0.0, app[CLOCK]() - oldest / 1000) if oldest else 0.0)
+    metrics.database_size.set(size)
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+###############################################################################
+# file routes
+###############################################################################
+# The HTTP side of the files section: model and output listings, downloads
+# (Range, ETag, 304) from descriptors the files section opened safely, and
+# input uploads.
 
 MODELS_QUERY_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -4655,310 +5000,11 @@ async def _upload_to_backends(request: web.Request, name: str, data: bytes, subf
     return {**stored, "backends": done}
 
 
-STREAM_QUERY_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        # Job ids and keys are ASCII: said here, a URL that carries them stays
-        # under the HTTP layer's 8 KiB request line (over it: a plain-text 400).
-        "workflowId": {"type": "string", "maxLength": 64 * 100, "pattern": "^[A-Za-z0-9_.,-]*$",
-                       "description": "Follow only these workflows (comma-separated)."},
-        "since": {"type": "integer", "minimum": 0, "maximum": _MAX_SEQ,
-                  "description": "Replay stored events after this seq first."},
-        "api_key": {"type": "string", "maxLength": 1024, "pattern": "^[ -~]*$",
-                    "description": "For clients that cannot set X-API-Key."},
-    },
-}
-
-
-async def _handle_stream(request: web.Request) -> web.StreamResponse:
-    q = _query(request, STREAM_QUERY_SCHEMA)
-    ids = [i for raw in request.query.getall("workflowId", []) for i in raw.split(",") if i]
-    if len(ids) > _MAX_SUBSCRIPTIONS:
-        raise BadRequest(f"workflowId: at most {_MAX_SUBSCRIPTIONS} workflows",
-                         details={"field": "workflowId"})
-    hub = request.app[HUB]
-    config = request.app[CONFIG]
-    ws = web.WebSocketResponse(heartbeat=config.heartbeat or None, max_msg_size=64 * 1024)
-    if not ws.can_prepare(request).ok:
-        raise ApiError("this is a WebSocket endpoint; connect with an Upgrade request "
-                       "(e.g. websocat)", code="upgrade_required", headers={"Upgrade": "websocket"}
-                       ).with_status(426)
-    if len(hub.subscribers) >= config.ws_max_clients:
-        raise ServiceUnavailable(f"already {config.ws_max_clients} stream clients; try later",
-                                 code="too_many_clients", headers={"Retry-After": "5"})
-    await ws.prepare(request)
-    sub = _Subscriber(ws, hub, _client_address(request))
-    await hub.serve(sub, since=q.get("since"), workflow_ids=ids)
-    return ws
-
-
-async def _handle_health(request: web.Request) -> web.Response:
-    try:
-        await asyncio.wait_for(request.app[DB].read(lambda s: s.ping()), timeout=2)
-    except (asyncio.TimeoutError, ApiError, sqlite3.Error) as exc:
-        raise ServiceUnavailable("the database is not answering", code="unhealthy",
-                                 details={"database": str(exc) or type(exc).__name__}) from None
-    return _json({"status": "ok", "version": __version__, "database": "ok"})
-
-
-async def _handle_status(request: web.Request) -> web.Response:
-    app = request.app
-    counts = await app[QUEUE].counts()
-    by_status = dict.fromkeys(PUBLIC_STATUSES, 0)
-    by_priority = {p.label: dict.fromkeys(PUBLIC_STATUSES, 0) for p in Priority}
-    for (state, priority), n in counts.items():
-        by_status[_PUBLIC_STATUS[state]] += n
-        by_priority[priority.label][_PUBLIC_STATUS[state]] += n
-    size, version = await app[DB].read(lambda s: (s.size_bytes(), s.schema_version))
-    now = app[CLOCK]()
-    return _json({
-        "version": __version__,
-        "startedAt": _ms(app[STARTED_AT]),
-        "uptimeSeconds": round(now - app[STARTED_AT], 3),
-        "queue": {"byStatus": by_status, "byPriority": by_priority},
-        "database": {"path": str(app[DB].path), "sizeBytes": size, "schemaVersion": version,
-                     "lastError": app[DB].last_error or app[DB].write_error},
-        "runtime": {"python": sys.version.split()[0],
-                    "eventLoop": type(asyncio.get_running_loop()).__module__.split(".")[0],
-                    "json": "orjson" if orjson is not None else "json"},
-        "backends": [b.view() for b in app[BRIDGE].backends.values()],
-        "gpu": app[GPUS].view(_gpu_users(app)),
-        "stream": {"clients": len(app[HUB].subscribers), "latestSeq": app[HUB].latest_seq},
-        "files": {**{t: app[FILES].disk.get(t) for t in ("output", "temp")},
-                  "retentionDays": app[CONFIG].retention_days or None},
-    })
-
-
-def _gpu_users(app: web.Application) -> dict[int, list[str]]:
-    """Physical GPU index -> the backends configured to run on it."""
-    users: dict[int, list[str]] = {}
-    for backend in app[BRIDGE].backends.values():
-        if backend.spec.gpu_index is not None:
-            users.setdefault(backend.spec.gpu_index, []).append(backend.name)
-    return users
-
-
-async def _handle_metrics(request: web.Request) -> web.Response:
-    app = request.app
-    metrics = app[METRICS]
-    counts, oldest, size = await app[DB].read(
-        lambda s: (s.counts(), s.oldest_queued_at(), s.size_bytes()))
-    # "queued" as the API shows it: waiting here, or handed to ComfyUI and not started.
-    queued = {p: sum(counts.get((state, p), 0) for state in _PUBLIC_QUEUED) for p in Priority}
-    metrics.queue_length.set(sum(queued.values()))
-    for p, n in queued.items():
-        metrics.queue_by_priority.labels(p.label).set(n)
-    metrics.queue_oldest_age.set(max(0.0, app[CLOCK]() - oldest / 1000) if oldest else 0.0)
-    metrics.database_size.set(size)
-    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-# -- middlewares -----------------------------------------------------------------
-
-def _route_name(request: web.Request) -> str | None:
-    route = request.match_info.route
-    return getattr(route, "name", None)
-
-
-def _route_template(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
-@web.middleware
-async def _metrics_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        route = _route_template(request)
-        method = request.method if request.method in _KNOWN_METHODS else "other"
-        request.app[METRICS].count_request(route, method, status, time.perf_counter() - started)
-
-
-_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_CORS_ALLOW_HEADERS = "X-API-Key, Content-Type, Idempotency-Key, Range, If-None-Match"
-_CORS_EXPOSE_HEADERS = "Location, Retry-After, ETag, Content-Length, Content-Range"
-
-
-@web.middleware
-async def _cors_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Same-origin unless COMFYMGR_CORS_ORIGINS allows the Origin. Preflights
-    are answered here, before auth: browsers never send keys with them."""
-    origins = request.app[CONFIG].cors_origins
-    origin = request.headers.get("Origin")
-    allowed = bool(origin) and ("*" in origins or origin in origins)
-    if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
-        if not allowed:
-            return _json(Forbidden(f"origin {origin} is not allowed",
-                                   code="cors_forbidden").envelope(), status=403)
-        return web.Response(status=204, headers={
-            "Access-Control-Allow-Origin": "*" if "*" in origins else origin,
-            "Access-Control-Allow-Methods": "GET, HEAD, POST, DELETE, OPTIONS",
-            "Access-Control-Allow-Headers": _CORS_ALLOW_HEADERS,
-            "Access-Control-Max-Age": "600",
-            "Vary": "Origin",
-        })
-    response = await handler(request)
-    if origins and not response.prepared:
-        # Vary on every answer, so that a cache never hands an allowed origin
-        # a copy made for another one (or for none).
-        response.headers.add("Vary", "Origin")
-        if allowed:
-            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
-            response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE_HEADERS
-    return response
-
-
-@web.middleware
-async def _error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """The one error envelope, for everything a client can cause; anything
-    else is logged with its traceback and answered with a bare 500."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return _json(exc.envelope(), status=exc.status, headers=exc.headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _json(_http_exception_envelope(request, exc), status=exc.status,
-                     headers={k: v for k, v in exc.headers.items()
-                              if k.lower() in ("allow", "retry-after")})
-    except asyncio.CancelledError:
-        raise
-    except Exception:  # noqa: BLE001 - the last line of defence: logged, answered 500
-        _log_http.exception("unhandled error in %s %s", request.method, request.path)
-        return _json(ApiError("internal error; it has been logged").envelope(), status=500)
-
-
-def _http_exception_envelope(request: web.Request, exc: web.HTTPException) -> dict[str, Any]:
-    if exc.status == 404:
-        err: ApiError = NotFound(f"no route for {request.method} {request.path}",
-                                 details={"path": request.path})
-    elif exc.status == 405:
-        allowed = sorted(getattr(exc, "allowed_methods", ()) or ())
-        err = MethodNotAllowed(f"{request.method} is not allowed here; use {', '.join(allowed)}",
-                               details={"allowed": allowed})
-    elif exc.status == 413:
-        limit = request.app[CONFIG].max_body_bytes
-        err = PayloadTooLarge(f"the body is over the limit of {limit} bytes",
-                              details={"limit": limit})
-    else:
-        err = ApiError(exc.reason or "request failed", code=f"http_{exc.status}").with_status(exc.status)
-    return err.envelope()
-
-
-class _RateLimiter:
-    """A token bucket per client address: `per_minute` requests a minute,
-    bursts up to `per_minute`. Only the event loop touches it (no lock).
-    Memory stays bounded: buckets that have refilled are dropped once the
-    table grows past `max_clients`."""
-
-    def __init__(self, per_minute: int, clock: Clock, max_clients: int = 10_000) -> None:
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
-        self._clock = clock
-        self._max_clients = max_clients
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def check(self, client: str) -> float | None:
-        """None when the request may pass, else the seconds until it could."""
-        now = self._clock()
-        tokens, last = self._buckets.get(client, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        if tokens < 1:
-            self._buckets[client] = (tokens, now)
-            return (1 - tokens) / self.rate
-        self._buckets[client] = (tokens - 1, now)
-        if len(self._buckets) > self._max_clients:
-            self._prune(now)
-        return None
-
-    def _prune(self, now: float) -> None:
-        full = [c for c, (t, last) in self._buckets.items()
-                if t + (now - last) * self.rate >= self.capacity]
-        for client in full:
-            del self._buckets[client]
-        if len(self._buckets) > self._max_clients * 3 // 4:
-            # Still crowded (very many active addresses): forget the longest
-            # known quarter, so that pruning stays rare rather than per request.
-            for client in list(self._buckets)[: len(self._buckets) // 4]:
-                del self._buckets[client]
-
-
-RATE_LIMITER = web.AppKey("rate_limiter", _RateLimiter)
-
-
-def _client_address(request: web.Request) -> str:
-    """The peer, or, when the peer is a trusted proxy, the right-most
-    X-Forwarded-For address that is not itself a trusted proxy."""
-    peer = request.remote or "unknown"
-    trusted = request.app[CONFIG].trusted_proxies
-    if not trusted or not _in_networks(peer, trusted):
-        return peer
-    forwarded = [a.strip() for h in request.headers.getall("X-Forwarded-For", [])
-                 for a in h.split(",") if a.strip()]
-    for address in reversed(forwarded):
-        if not _in_networks(address, trusted):
-            return address
-    return forwarded[0] if forwarded else peer
-
-
-def _in_networks(address: str, networks: Sequence[Any]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
-
-
-@web.middleware
-async def _rate_limit_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    limiter = request.app.get(RATE_LIMITER)
-    if limiter is not None and _route_name(request) not in _UNLIMITED_ROUTES:
-        wait = limiter.check(_client_address(request))
-        if wait is not None:
-            retry_after = max(1, math.ceil(wait))
-            raise RateLimited(
-                f"too many requests; the limit is {request.app[CONFIG].rate_limit} a minute",
-                details={"limit": request.app[CONFIG].rate_limit, "retryAfter": retry_after},
-                headers={"Retry-After": str(retry_after)})
-    return await handler(request)
-
-
-def _key_matches(given: str | None, keys: Sequence[bytes]) -> bool:
-    if not given:
-        return False
-    candidate = given.encode("utf-8", "surrogateescape")
-    matched = False
-    for key in keys:  # every key compared, in constant time each
-        matched |= hmac.compare_digest(candidate, key)
-    return matched
-
-
-@web.middleware
-async def _auth_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
-    if _route_name(request) not in _OPEN_ROUTES:
-        given = request.headers.get("X-API-Key")
-        if given is None and _route_name(request) in _QUERY_KEY_ROUTES:
-            given = request.query.get("api_key")
-        if not _key_matches(given, request.app[API_KEYS]):
-            raise Unauthorized("a valid X-API-Key header is required" if given is None
-                               else "the API key is not valid")
-        request[AUTH_KEY] = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
-    return await handler(request)
-
-
-
-# Routes whose clients may not be able to set headers (browser WebSockets).
-_QUERY_KEY_ROUTES: frozenset[str] = frozenset({"stream"})
-
+###############################################################################
+# routes
+###############################################################################
+# The route table: create_app() registers it and /openapi.json is generated
+# from it, with the schemas the handlers validate with.
 
 @dataclasses.dataclass(frozen=True)
 class _Route:
