@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import sqlite3
 import uuid
 
@@ -70,25 +69,6 @@ async def listing(client, **params):
 async def no_jobs_stored(client):
     body = await listing(client)
     return body["workflows"] == []
-
-
-def closed_url():
-    """A local port with nothing listening: the bridge finds ComfyUI down, so
-    every job stays in comfymgr's queue."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-@pytest.fixture
-def make_config(make_config):
-    url = closed_url()
-
-    def make(**overrides):
-        overrides.setdefault("comfyui_url", url)
-        return make_config(**overrides)
-
-    return make
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 
 import jsonschema
 import pytest
@@ -16,23 +15,6 @@ import comfymgr
 from conftest import HEADERS, workflow
 
 DOC_ROUTES = {"openapi", "docs", "docs_init", "docs_assets"}  # serve the docs, not in them
-
-
-def closed_url():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-@pytest.fixture
-def make_config(make_config):
-    url = closed_url()
-
-    def make(**overrides):
-        overrides.setdefault("comfyui_url", url)
-        return make_config(**overrides)
-
-    return make
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import socket
 import stat
 import uuid
 
@@ -43,24 +42,6 @@ WRONG_KEYS = {
     "longer": API_KEY + "0",
     "empty": "",
 }
-
-
-def closed_url():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-@pytest.fixture
-def make_config(make_config):
-    """ComfyUI is never reachable in these tests: jobs stay queued."""
-    url = closed_url()
-
-    def make(**overrides):
-        overrides.setdefault("comfyui_url", url)
-        return make_config(**overrides)
-
-    return make
 
 
 async def status_of(client, path=STATUS, **headers):
