@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import comfymgr  # noqa: E402
+from fake_comfyui import FakeComfyUI  # noqa: E402
 
 API_KEY = "test-key-0123456789"
 HEADERS = {"X-API-Key": API_KEY}
@@ -48,6 +49,15 @@ def make_config(tmp_path):
         return comfymgr.Config.defaults(**values)
 
     return make
+
+
+@pytest.fixture
+async def fake(tmp_path):
+    """A fake ComfyUI on a loopback port, its folders in tmp_path/comfy."""
+    server = FakeComfyUI(output_dir=tmp_path / "comfy" / "output")
+    await server.start()
+    yield server
+    await server.stop()
 
 
 @pytest.fixture

@@ -22,14 +22,6 @@ WAIT = 15.0  # generous ceiling for awaited states; tests normally pass in milli
 
 
 @pytest.fixture
-async def fake(tmp_path):
-    server = FakeComfyUI(output_dir=tmp_path / "comfy" / "output")
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 def bridge_config(make_config, fake):
     def make(**overrides):
         values = dict(comfyui_url=fake.url, progress_interval=0.0, reconcile_interval=0.2,

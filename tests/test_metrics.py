@@ -16,7 +16,6 @@ from test_bridge import slow_workflow, status_is, submit, wait_backends_up, wait
 
 import comfymgr
 from conftest import HEADERS, workflow
-from fake_comfyui import FakeComfyUI
 
 
 class FakeNVML:
@@ -108,14 +107,6 @@ def samples(text):
 
 def value(text, metric, **labels):
     return samples(text).get((metric, frozenset(labels.items())))
-
-
-@pytest.fixture
-async def fake(tmp_path):
-    server = FakeComfyUI(output_dir=tmp_path / "comfy" / "output")
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def test_values_after_real_job_lifecycles(make_client, make_config, fake):

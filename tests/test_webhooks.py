@@ -19,7 +19,6 @@ from test_bridge import free_port, start_comfymgr, status_is, submit, wait_backe
 
 import comfymgr
 from conftest import API_KEY, HEADERS, workflow
-from fake_comfyui import FakeComfyUI
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"fedcba9876543210fedcba9876543210").decode()
@@ -85,14 +84,6 @@ async def receiver(aiohttp_server):
     server = await aiohttp_server(app)
     r.url = f"http://127.0.0.1:{server.port}/hook"
     return r
-
-
-@pytest.fixture
-async def fake(tmp_path):
-    server = FakeComfyUI(output_dir=tmp_path / "comfy" / "output")
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture
