@@ -710,6 +710,60 @@ def fig_stream(s: Suite) -> None:
     asyncio.run(_stream(s, 1000, 10 if s.quick else 20))
 
 
+async def _stream_scale(s: Suite, clients: int, triggers: int, burst: int) -> None:
+    """Issue 4's figures for one subscriber count: commit -> delivery at the
+    last subscriber (median and p99 over `triggers` events, one at a time),
+    then events/s sustained: `burst` submits from 20 concurrent clients, timed
+    until every subscriber has every one of their events."""
+    raise_fd_limit()
+    cm, url = s.comfymgr(f"stream-scale-{clients}", None, harness=["--trace"])
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        listeners = Listeners(clients)
+        await listeners.connect(session, url.replace("http", "ws") + "/v1/comfyui/stream", HEADERS)
+        await asyncio.sleep(0.5)
+        last: list[float] = []
+        for i in range(-2, triggers):  # two warm-up rounds, not counted
+            async with session.post(url + "/v1/comfyui/workflow", headers=HEADERS,
+                                    json={"workflow": quick_workflow(i + 10)}) as resp:
+                if resp.status != 202:
+                    raise RuntimeError(f"submit answered {resp.status}")
+            seq = await asyncio.wait_for(listeners.completed.get(), 30)
+            async with session.get(url + "/__bench__/trace", headers=HEADERS) as resp:
+                t0 = (await resp.json())["commits"][str(seq)]
+            if i >= 0:
+                last.append(max(listeners.arrivals[seq]) - t0)
+            await asyncio.sleep(0.02)
+        while not listeners.completed.empty():
+            listeners.completed.get_nowait()
+        sem = asyncio.Semaphore(20)
+
+        async def one(k: int) -> None:
+            async with sem, session.post(url + "/v1/comfyui/workflow", headers=HEADERS,
+                                         json={"workflow": quick_workflow(100_000 + k)}) as resp:
+                if resp.status != 202:
+                    raise RuntimeError(f"submit answered {resp.status}")
+
+        started = time.monotonic()
+        await asyncio.gather(*(one(k) for k in range(burst)))
+        for _ in range(burst):
+            await asyncio.wait_for(listeners.completed.get(), 60)
+        elapsed = time.monotonic() - started
+        await listeners.close()
+    s.details.setdefault("stream_scale", {})[clients] = {"last_s": last, "burst": burst, "elapsed_s": elapsed}
+    s.row("4", f"commit -> last of {clients:,} subscribers, median", "ms", 1e3 * median(last))
+    s.row("4", f"commit -> last of {clients:,} subscribers, p99", "ms", 1e3 * percentile(last, 99))
+    s.row("4", f"events/s sustained to {clients:,} subscribers", "events/s", burst / elapsed,
+          note=f"{burst} submits, 20 at a time, until every subscriber had every event "
+               f"({burst * clients / elapsed:,.0f} deliveries/s)")
+    s.stop_all()
+
+
+def fig_stream_scale(s: Suite) -> None:
+    for clients, burst in ((100, 2000), (1000, 300 if s.quick else 500)):
+        asyncio.run(_stream_scale(s, clients, 20 if s.quick else 50, burst))
+
+
 # =====================================================================================
 # 5: queue depth
 # =====================================================================================
@@ -1102,6 +1156,7 @@ FIGURES: dict[str, tuple[str, Callable[[Suite], None]]] = {
     "1": ("submits and GET (1, 2)", fig_http),
     "3": ("dispatch", fig_dispatch),
     "4": ("stream and 1,000 clients (4, 7)", fig_stream),
+    "4s": ("stream: 100 and 1,000 subscribers, p99, events/s", fig_stream_scale),
     "5": ("queue depth", fig_depth),
     "6": ("/metrics", fig_metrics),
     "7": ("memory", fig_memory),
