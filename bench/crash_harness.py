@@ -409,15 +409,20 @@ def integrity_check(db_path: Path, scratch: Path) -> str:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _all_jobs(storage: comfymgr.Storage) -> list[comfymgr.Job]:
+    jobs: list[comfymgr.Job] = []
+    before = None
+    while page := storage.list_jobs(before=before, limit=500):
+        jobs.extend(page)
+        before = page[-1].n
+    return jobs
+
+
 def read_db(db_path: Path, scratch: Path) -> tuple[list[comfymgr.Job], list[comfymgr.Event], str]:
     """Every job and event, through comfymgr's own Storage, opened on a copy."""
     storage = comfymgr.Storage(snapshot_db(db_path, scratch))
     try:
-        jobs: list[comfymgr.Job] = []
-        before = None
-        while page := storage.list_jobs(before=before, limit=500):
-            jobs.extend(page)
-            before = page[-1].n
+        jobs = _all_jobs(storage)
         events: list[comfymgr.Event] = []
         seq = 0
         while page := storage.events_since(seq, limit=5000):
@@ -437,11 +442,7 @@ def read_db_live(db_path: Path) -> tuple[list[comfymgr.Job], list[comfymgr.Event
     storage._conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
     storage._conn.row_factory = sqlite3.Row
     try:
-        jobs: list[comfymgr.Job] = []
-        before = None
-        while page := storage.list_jobs(before=before, limit=500):
-            jobs.extend(page)
-            before = page[-1].n
+        jobs = _all_jobs(storage)
         return jobs, storage.events_since(0, limit=1_000_000), "unchecked"
     finally:
         storage.close()
