@@ -5568,16 +5568,6 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
 ###############################################################################
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when it is installed: the same asyncio API with a fifth less CPU
-    per request (bench/ab.py: GET x1.20); else asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run comfymgr until SIGTERM/SIGINT. Exit codes: 0 stopped cleanly,
     2 bad configuration, 1 could not start."""
@@ -5595,8 +5585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         app = create_app(config)
         _log_app.info("comfymgr %s listening on %s:%d", __version__, config.host, config.port)
         web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
-                    shutdown_timeout=config.shutdown_timeout, handle_signals=True,
-                    loop=_new_event_loop())
+                    shutdown_timeout=config.shutdown_timeout, handle_signals=True)
     except (OSError, ConfigError, sqlite3.Error) as exc:
         _log_app.error("cannot start: %s", exc)
         return 1

@@ -503,7 +503,7 @@ def test_pyz_packs_only_the_runtime_dependencies(pyz):
     assert packages == {
         "comfymgr.py", "aiohttp", "aiohappyeyeballs", "aiosignal", "async_timeout", "attr",
         "attrs", "frozenlist", "idna", "multidict", "propcache", "prometheus_client", "pynvml.py",
-        "swagger_ui_bundle", "typing_extensions.py", "yarl", "orjson", "uvloop"}, packages
+        "swagger_ui_bundle", "typing_extensions.py", "yarl", "orjson"}, packages
 
 
 @pytest.mark.parametrize("minor", sorted(PYTHONS))
@@ -527,7 +527,7 @@ def test_pyz_core_smoke(pyz, minor, fake_comfyui, tmp_path):
         status, body = http_get(f"{url}/docs/assets/swagger-ui.css")
         assert status == 200 and body, "Swagger UI's assets are in the .pyz"
         status, info = http_json("GET", url + "/v1/status")
-        assert info["runtime"]["eventLoop"] == "uvloop" and info["runtime"]["json"] == "orjson", info
+        assert info["runtime"]["eventLoop"] == "asyncio" and info["runtime"]["json"] == "orjson", info
     finally:
         code = service.stop(signal.SIGTERM)
     assert code == 0, service.log()
@@ -536,7 +536,7 @@ def test_pyz_core_smoke(pyz, minor, fake_comfyui, tmp_path):
     site = next((tmp_path / "shiv").glob("*/site-packages"))
     check = ("import sys; sys.path.insert(0, sys.argv[1]); import aiohttp._http_parser, "
              "aiohttp._websocket.reader_c, multidict._multidict, yarl._quoting_c, "
-             "propcache._helpers_c, frozenlist._frozenlist, orjson, uvloop.loop")
+             "propcache._helpers_c, frozenlist._frozenlist, orjson")
     done = subprocess.run([python, "-I", "-c", check, str(site)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
