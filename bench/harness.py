@@ -10,7 +10,7 @@ and the steps of the bridge's dispatch path are recorded on the system-wide
 monotonic clock and served at GET /__bench__/trace (API key required), so the
 suite can measure commit-to-delivery latency and break the dispatch gap
 down. --fake-gpus gives comfymgr a stand-in NVML with N GPUs (the /metrics
-figure); --no-accel hides orjson and uvloop from it (comfymgr uses them when
+figure); --no-accel hides orjson from it (comfymgr uses it when
 they are installed).
 """
 
@@ -30,7 +30,7 @@ from types import SimpleNamespace
 # --comfymgr-dir DIR: run the comfymgr.py in DIR instead (A/B of two versions).
 _DIR = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--comfymgr-dir"), None)
 sys.path.insert(0, _DIR or str(Path(__file__).resolve().parent.parent))
-if "--no-accel" in sys.argv:  # as if orjson and uvloop were not installed
+if "--no-accel" in sys.argv:  # as if orjson were not installed
     sys.modules["orjson"] = None  # type: ignore[assignment]
     sys.modules["uvloop"] = None  # type: ignore[assignment]
 
@@ -147,7 +147,7 @@ def main() -> int:
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--fake-gpus", type=int, default=0)
     parser.add_argument("--no-accel", action="store_true",
-                        help="run without orjson and uvloop even where they are installed")
+                        help="run without orjson even where it is installed")
     parser.add_argument("--comfymgr-dir", help="import comfymgr.py from this folder (A/B runs)")
     parser.add_argument("--switch-interval", type=float,
                         help="sys.setswitchinterval (seconds) for comfymgr's threads (experiments)")

@@ -1168,7 +1168,7 @@ FIGURES: dict[str, tuple[str, Callable[[Suite], None]]] = {
 def accelerators() -> list[str]:
     """The optional packages comfymgr uses when installed."""
     import importlib.util
-    return [name for name in ("orjson", "uvloop") if importlib.util.find_spec(name) is not None]
+    return [name for name in ("orjson",) if importlib.util.find_spec(name) is not None]
 
 
 def machine() -> dict[str, Any]:
@@ -1215,7 +1215,7 @@ def main() -> int:
                         help=f"comma-separated figures to run, of {','.join(FIGURES)}")
     parser.add_argument("--update-doc", action="store_true", help="put the table into docs/PERFORMANCE.md")
     parser.add_argument("--no-accel", action="store_true", default=bool(os.environ.get("BENCH_NO_ACCEL")),
-                        help="run comfymgr without orjson and uvloop even where installed (also BENCH_NO_ACCEL=1)")
+                        help="run comfymgr without orjson even where installed (also BENCH_NO_ACCEL=1)")
     args = parser.parse_args()
     only = [f.strip() for f in args.only.split(",") if f.strip()] or list(FIGURES)
     unknown = set(only) - set(FIGURES)
