@@ -11,7 +11,7 @@ monotonic clock and served at GET /__bench__/trace (API key required), so the
 suite can measure commit-to-delivery latency and break the dispatch gap
 down. --fake-gpus gives comfymgr a stand-in NVML with N GPUs (the /metrics
 figure); --no-accel hides orjson from it (comfymgr uses it when
-they are installed).
+it is installed).
 """
 
 from __future__ import annotations
