@@ -5569,9 +5569,17 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: `comfymgr [serve] [--SETTING VALUE ...]` runs the
+    service."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        argv = argv[1:]
+    return _serve_main(argv)
+
+
+def _serve_main(argv: list[str]) -> int:
     """Run comfymgr until SIGTERM/SIGINT. Exit codes: 0 stopped cleanly,
     2 bad configuration, 1 could not start."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(argv)
     except ConfigError as exc:
