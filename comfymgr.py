@@ -4190,7 +4190,10 @@ RETENTION = web.AppKey("retention", _Retention)
 
 # request[AUTH_KEY]: SHA-256 of the API key that authenticated the request.
 AUTH_KEY: Any = web.RequestKey("auth_key", bytes) if hasattr(web, "RequestKey") else "comfymgr.auth_key"
-_OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "docs_assets"})
+# The dashboard's page and files (ui, ui_files) hold no data; what they show
+# comes from the keyed API.
+_OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "docs_assets",
+                          "ui", "ui_files"})
 # Open for monitoring, so never rate limited either (Prometheus, load balancers).
 _UNLIMITED_ROUTES = frozenset({"health", "metrics"})
 
@@ -5310,6 +5313,92 @@ async def _handle_docs_asset(request: web.Request) -> web.StreamResponse:
 
 
 ###############################################################################
+# dashboard
+###############################################################################
+# GET /ui: one page that shows the service live (ui/index.html, app.js and
+# app.css beside this file, beside it in the .pyz too). The page and its
+# files hold no data, so they need no key; everything they show comes from
+# the keyed API. They are read once at startup and served from memory under
+# a strict Content-Security-Policy: script and style from this origin only
+# (no inline code, no eval), images from here or blob: (outputs and
+# previews are fetched with the key, then shown from memory), no framing.
+
+_UI_DIR = Path(__file__).resolve().parent / "ui"
+_UI_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+             ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+# A Host header fit to appear in the policy: a name or an IP, and a port.
+_UI_HOST = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class _UiFile:
+    body: bytes
+    content_type: str
+    etag: str
+
+
+def _ui_files(folder: Path | None = None) -> dict[str, _UiFile]:
+    """The page's files by name. Only these names are ever served, so no
+    request path can reach another file."""
+    folder = folder or _UI_DIR
+    files = {}
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            content_type = _UI_TYPES.get(path.suffix)
+            if content_type and path.is_file():
+                body = path.read_bytes()
+                files[path.name] = _UiFile(body, content_type, f'"{hashlib.sha256(body).hexdigest()[:20]}"')
+    return files
+
+
+def _ui_headers(request: web.Request) -> dict[str, str]:
+    # 'self' covers ws: and wss: to this host in current browsers (CSP 3);
+    # the explicit sources are for older ones. Behind a proxy that drops the
+    # port from Host they do not match, and 'self' still does.
+    host = request.headers.get("Host", "")
+    sockets = f" ws://{host} wss://{host}" if _UI_HOST.match(host) else ""
+    return {
+        "Content-Security-Policy": (
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+            f"connect-src 'self'{sockets}; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'"),
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cross-Origin-Opener-Policy": "same-origin",
+        "Cache-Control": "no-cache",  # revalidated (ETag): an upgrade shows at once
+    }
+
+
+UI_FILES = web.AppKey("ui_files", dict)
+
+
+def _ui_response(request: web.Request, name: str) -> web.Response:
+    file = request.app[UI_FILES].get(name)
+    if file is None:
+        if not request.app[UI_FILES]:
+            raise NotFound("the dashboard is not installed: its ui/ folder is not beside comfymgr.py",
+                           details={"path": request.path})
+        raise NotFound(f"no dashboard file {name!r}", details={"path": request.path})
+    headers = {**_ui_headers(request), "ETag": file.etag}
+    given = request.headers.get("If-None-Match", "")
+    if given.strip() == "*" or file.etag in (t.strip().removeprefix("W/") for t in given.split(",")):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=file.body, headers={**headers, "Content-Type": file.content_type})
+
+
+async def _handle_ui(request: web.Request) -> web.Response:
+    return _ui_response(request, "index.html")
+
+
+async def _handle_ui_file(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not name:
+        raise web.HTTPMovedPermanently("/ui")  # one address for the page: /ui
+    return _ui_response(request, name)
+
+
+###############################################################################
 # app
 ###############################################################################
 # create_app(config) wires the sections together. Each resource has one
@@ -5552,6 +5641,9 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
     app.router.add_get("/docs/init.js", _handle_docs_init, name="docs_init")
     app.router.add_get("/docs/assets/{name}", _handle_docs_asset, name="docs_assets")
     app[DOCS_FILES] = _swagger_ui_files()
+    app.router.add_get("/ui", _handle_ui, name="ui")
+    app.router.add_get("/ui/{name:[^/]*}", _handle_ui_file, name="ui_files")
+    app[UI_FILES] = _ui_files()
     app[OPENAPI] = _openapi_document(routes)
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_hub_ctx)
