@@ -16,6 +16,7 @@ installs them all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import json
 import os
@@ -30,6 +31,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -254,11 +256,12 @@ class Nginx:
                                      timeout=aiohttp.ClientTimeout(total=60))
 
 
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory, backend):
+@contextlib.contextmanager
+def running_nginx(prefix: Path, upstream_port: int) -> Iterator[Nginx]:
+    """A real nginx with contrib/nginx/comfymgr.conf in front of the comfymgr
+    on 127.0.0.1:upstream_port; its files in prefix (tests/test_ui.py too)."""
     nginx_bin = needs("nginx")
     openssl = needs("openssl")
-    prefix = tmp_path_factory.mktemp("nginx")
     for sub in ("logs", "temp", "tls"):
         (prefix / sub).mkdir()
     cert, key = prefix / "tls" / "cert.pem", prefix / "tls" / "key.pem"
@@ -268,7 +271,7 @@ def nginx(tmp_path_factory, backend):
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     port = free_port()
     site = prefix / "comfymgr.conf"
-    site.write_text(render_nginx_conf(listen_port=port, upstream_port=int(backend.rsplit(":", 1)[1]),
+    site.write_text(render_nginx_conf(listen_port=port, upstream_port=upstream_port,
                                       cert=cert, key=key, logs=prefix / "logs"))
     main_conf = prefix / "nginx.conf"
     main_conf.write_text(nginx_main_conf(prefix, site))
@@ -283,9 +286,15 @@ def nginx(tmp_path_factory, backend):
 
     try:
         wait_until(proc, listening, "not listening")
-        yield Nginx(f"https://127.0.0.1:{port}", cert, prefix / "logs", backend)
+        yield Nginx(f"https://127.0.0.1:{port}", cert, prefix / "logs", f"http://127.0.0.1:{upstream_port}")
     finally:
         proc.stop(signal.SIGQUIT)  # graceful: finish requests, then exit
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory, backend):
+    with running_nginx(tmp_path_factory.mktemp("nginx"), int(backend.rsplit(":", 1)[1])) as server:
+        yield server
 
 
 # -- nginx in front of comfymgr ------------------------------------------------
