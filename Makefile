@@ -72,7 +72,7 @@ PIP_TARGET_ARGS = --no-deps --only-binary=:all: --implementation cp --python-ver
 
 pyz: $(PYZ) ## build dist/comfymgr.pyz (shiv; CPython 3.10-3.13, Linux x86_64)
 
-$(PYZ): comfymgr.py requirements.lock Makefile $(WHEEL_STAMPS) $(BIN)/shiv
+$(PYZ): comfymgr.py $(wildcard ui/*) requirements.lock Makefile $(WHEEL_STAMPS) $(BIN)/shiv
 	rm -rf $(PYZ_BUILD) && mkdir -p $(PYZ_BUILD)/site-packages $(dir $@)
 	for v in $(PYZ_PYTHONS); do \
 	  $(BIN)/python -m pip install -q --no-index --find-links $(WHEELS)/$$v --no-compile \
@@ -84,7 +84,9 @@ $(PYZ): comfymgr.py requirements.lock Makefile $(WHEEL_STAMPS) $(BIN)/shiv
 	# debug info in the compiled modules (three quarters of their size).
 	cd $(PYZ_BUILD)/site-packages && rm -rf bin example.py && find swagger_ui_bundle -name '*.map' -delete
 	if command -v strip >/dev/null; then find $(PYZ_BUILD)/site-packages -name '*.so' -exec strip --strip-debug {} +; fi
+	# The dashboard's files (GET /ui) go beside comfymgr.py, where it looks for them.
 	cp comfymgr.py $(PYZ_BUILD)/site-packages/
+	cp -R ui $(PYZ_BUILD)/site-packages/ui
 	$(BIN)/shiv --site-packages $(PYZ_BUILD)/site-packages --entry-point comfymgr:main \
 	  --python '/usr/bin/env python3' --reproducible --output-file $@.tmp
 	mv $@.tmp $@

@@ -508,11 +508,15 @@ def test_pyz_packs_only_the_runtime_dependencies(pyz):
     with zipfile.ZipFile(pyz) as archive:
         tops = {name.split("/")[1] for name in archive.namelist()
                 if name.startswith("site-packages/") and name.count("/") >= 1}
+        dashboard = {name.split("/", 2)[2]: archive.read(name) for name in archive.namelist()
+                     if name.startswith("site-packages/ui/")}
     packages = {t for t in tops if not t.endswith(".dist-info") and t}
     assert packages == {
-        "comfymgr.py", "aiohttp", "aiohappyeyeballs", "aiosignal", "async_timeout", "attr",
+        "comfymgr.py", "ui", "aiohttp", "aiohappyeyeballs", "aiosignal", "async_timeout", "attr",
         "attrs", "frozenlist", "idna", "multidict", "propcache", "prometheus_client", "pynvml.py",
         "swagger_ui_bundle", "typing_extensions.py", "yarl", "orjson"}, packages
+    # The dashboard's files, beside comfymgr.py as it expects them.
+    assert dashboard == {p.name: p.read_bytes() for p in (ROOT / "ui").iterdir()}
 
 
 @pytest.mark.parametrize("minor", sorted(PYTHONS))
@@ -535,6 +539,10 @@ def test_pyz_core_smoke(pyz, minor, fake_comfyui, tmp_path):
         assert job["status"] == "completed" and job["outputs"], job
         status, body = http_get(f"{url}/docs/assets/swagger-ui.css")
         assert status == 200 and body, "Swagger UI's assets are in the .pyz"
+        # The dashboard, served from the files unpacked from the .pyz.
+        for path, name in (("/ui", "index.html"), ("/ui/app.js", "app.js"), ("/ui/app.css", "app.css")):
+            status, body = http_get(url + path)
+            assert (status, body) == (200, (ROOT / "ui" / name).read_bytes()), path
         status, info = http_json("GET", url + "/v1/status")
         assert info["runtime"]["eventLoop"] == "asyncio" and info["runtime"]["json"] == "orjson", info
     finally:
