@@ -751,6 +751,10 @@ async def test_the_dashboard_works_behind_the_shipped_nginx(make_client, ui_conf
             assert (page["x-frame-options"], page["strict-transport-security"]) == ("DENY", "max-age=63072000")
             assert browser.errors == []
             assert browser.foreign_requests(nginx.url) == []
+    # The stream's URL carried the key; nginx's access log keeps it out.
+    log = (tmp_path / "nginx" / "logs" / "comfymgr.access.log").read_text()
+    assert '"GET /v1/comfyui/stream HTTP/1.1" 101' in log and '"GET /ui HTTP/1.1" 200' in log
+    assert API_KEY not in log and "api_key" not in log
 
 
 # -- a busy box: two backends on two GPUs --------------------------------------------------
