@@ -575,9 +575,10 @@ async def test_the_dashboard_runs_a_workflow_from_the_form_to_its_thumbnail(
         assert seen[-1] == 100 and seen == sorted(seen) and held in seen, seen
         recent = await browser.evaluate(f"""(c => ({{
             status: c.dataset.status, alt: c.querySelector('.thumbs img').alt,
-            images: c.querySelectorAll('img').length}}))({item('done', first)})""")
+            images: c.querySelectorAll('img').length,
+            opens: c.querySelector('.thumbs a').href === c.querySelector('.thumbs img').src}}))({item('done', first)})""")
         job = await api_job(client, first)
-        assert recent == {"status": "completed", "alt": job["outputs"][0]["filename"], "images": 1}
+        assert recent == {"status": "completed", "alt": job["outputs"][0]["filename"], "images": 1, "opens": True}
         await browser.wait_for(f"{item('done', second)}?.dataset.status === 'completed'", "the second done")
         await browser.wait_for(f"{item('running', first)} === null", "the running list emptied")
 

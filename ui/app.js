@@ -17,15 +17,16 @@
 
 (() => {
   const KEY_STORE = "comfymgr.apiKey";
-  const STATUS_EVERY = 4000;   // ms between two reads of /v1/status
+  const STATUS_EVERY = 5000;   // ms between two reads of /v1/status
   const REFRESH_GAP = 2000;    // least ms between two reloads of the job lists
-  const PREVIEW_GAP = 1000;    // least ms between two preview downloads, all jobs together
+  const PREVIEW_GAP = 1500;    // least ms between two preview downloads, all jobs together
   const PAGE = 6;              // jobs per page of the completed and failed lists
   const LIST_LIMIT = 500;      // the API's largest page
   const THUMBS_PER_JOB = 4;
   const MAX_FILE = 64 * 1024 * 1024;
   const IMAGE_FILE = /\.(png|jpe?g|webp|gif|bmp|avif)$/i;
   const PRIORITIES = ["high", "normal", "low"];
+  const STATUSES = ["queued", "running", "completed", "failed", "cancelled"];
 
   const $ = (id) => document.getElementById(id);
 
@@ -183,7 +184,7 @@
     $("key").focus();
   }
 
-  // -- the event stream ---------------------------------------------------------
+  // -- the event stream -------------------------------------------------------
 
   function connect() {
     const mine = session;
@@ -265,7 +266,7 @@
     if (card) fillRunning(card, job);
   }
 
-  // -- reloading the lists ---------------------------------------------------------
+  // -- reloading the lists ----------------------------------------------------
 
   function scheduleRefresh(lists) {
     for (const list of lists) stale.add(list);
@@ -321,6 +322,7 @@
   }
 
   async function pollStatus() {
+    if (document.hidden) return;  // nobody looking: save the rate limit's budget
     try {
       onStatus(await api("/v1/status"));
     } catch (err) {
@@ -334,13 +336,12 @@
       offset = value.startedAt + value.uptimeSeconds * 1000 - Date.now();
     }
     const counts = (value.queue && value.queue.byStatus) || {};
-    $("summary").textContent = ["queued", "running", "completed", "failed", "cancelled"]
-      .map((s) => `${counts[s] ?? 0} ${s}`).join(" · ");
+    $("summary").textContent = STATUSES.map((s) => `${counts[s] ?? 0} ${s}`).join(" · ");
     renderBackends();
     renderQueueNote();
   }
 
-  // -- backends ---------------------------------------------------------------------
+  // -- backends ---------------------------------------------------------------
 
   function renderBackends() {
     if (!status) return;
@@ -392,7 +393,7 @@
     set(card, name, text);
   }
 
-  // -- running jobs --------------------------------------------------------------------
+  // -- running jobs -----------------------------------------------------------
 
   function renderRunning() {
     const box = $("running");
@@ -448,7 +449,7 @@
     set(card, "progress-text", `${Math.round(v)} %`);
   }
 
-  // -- live previews ---------------------------------------------------------------------
+  // -- live previews ----------------------------------------------------------
 
   function onPreview(message) {
     const id = message.workflowId;
@@ -503,7 +504,7 @@
     }
   }
 
-  // -- the queue ---------------------------------------------------------------------------
+  // -- the queue --------------------------------------------------------------
 
   function renderQueue() {
     const box = $("queue");
@@ -550,7 +551,7 @@
       ? `Showing the newest ${queued.length} of ${total ?? "more"} queued jobs.` : "";
   }
 
-  // -- completed, failed and cancelled jobs ------------------------------------------------------
+  // -- completed, failed and cancelled jobs -----------------------------------
 
   function pagePath(list) {
     const p = pages[list];
@@ -578,7 +579,7 @@
       item.dataset.status = job.status;
       set(item, "id", job.workflowId);
       set(item, "status", job.status);
-      field(item, "status").classList.add(job.status);
+      if (STATUSES.includes(job.status)) field(item, "status").classList.add(job.status);
       // A finished job's bar says how far it got; a completed one needs none.
       if (job.status === "completed") field(item, "progress").remove();
       else progress(item, job.progress);
@@ -661,7 +662,7 @@
     return `submitted ${ago(job.createdAt)}`;
   }
 
-  // -- cancel -------------------------------------------------------------------------------------
+  // -- cancel -----------------------------------------------------------------
 
   // Two clicks: the first arms the button for a few seconds, the second cancels.
   function cancelButton(button, id) {
@@ -692,7 +693,7 @@
     });
   }
 
-  // -- submitting a workflow ---------------------------------------------------------------------
+  // -- submitting a workflow --------------------------------------------------
 
   function isObject(value) {
     return value !== null && typeof value === "object" && !Array.isArray(value);
@@ -792,7 +793,7 @@
     }
   }
 
-  // -- small helpers ----------------------------------------------------------------------------
+  // -- small helpers ----------------------------------------------------------
 
   function clone(id) {
     return $(id).content.firstElementChild.cloneNode(true);
@@ -845,7 +846,7 @@
     }, 8000);
   }
 
-  // -- wiring ------------------------------------------------------------------------------------
+  // -- wiring -----------------------------------------------------------------
 
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -883,7 +884,11 @@
     const file = event.dataTransfer && event.dataTransfer.files[0];
     if (file) choose(file);
   });
-  document.addEventListener("visibilitychange", pumpPreviews);
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden || key === null) return;
+    pollStatus();
+    pumpPreviews();
+  });
 
   const saved = sessionStorage.getItem(KEY_STORE);
   if (saved) start(saved);
