@@ -4617,6 +4617,7 @@ class _Files:
         self._hash_queue: asyncio.Queue[tuple[str, int, int]] = asyncio.Queue()
         self._hashing: set[str] = set()
         self.disk: dict[str, Any] = {}
+        self.filesystems: dict[str, dict[str, Any]] = {}
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -4821,8 +4822,26 @@ class _Files:
                                 "filesystemTotalBytes": usage.total,
                                 "measuredAt": _ms(self.clock())}
 
+    async def measure_filesystems(self) -> None:
+        """Free and total bytes of the filesystems comfymgr writes to or
+        reads from: one statvfs each, cheap enough for every pass."""
+        folders = {"state": self.config.state_dir, "output": self.roots["output"],
+                   "temp": self.roots["temp"], "input": self.config.inputs_dir}
+        found = {}
+        for name, folder in folders.items():
+            if folder is None:
+                continue
+            try:
+                usage = await self.run(shutil.disk_usage, folder)
+            except OSError as exc:
+                _log_files.warning("cannot measure the %s filesystem (%s): %s", name, folder, exc)
+                continue
+            found[name] = {"path": str(folder), "freeBytes": usage.free, "sizeBytes": usage.total}
+        self.filesystems = found
+
     async def disk_loop(self) -> None:
         while True:
+            await self.measure_filesystems()
             try:
                 await self.measure_disk()
             except OSError as exc:
@@ -5414,6 +5433,7 @@ async def _handle_status(request: web.Request) -> web.Response:
         "gpu": app[GPUS].view(_gpu_users(app)),
         "stream": {"clients": len(app[HUB].subscribers), "latestSeq": app[HUB].latest_seq},
         "files": {**{t: app[FILES].disk.get(t) for t in ("output", "temp")},
+                  "filesystems": app[FILES].filesystems,
                   "retentionDays": app[CONFIG].retention_days or None},
     })
 
@@ -6186,6 +6206,15 @@ def _live_metrics(app: web.Application) -> Iterable[Any]:
         yield _gauge("comfymgr_gpu_info", "Always 1; each GPU's name and UUID.",
                      ["gpu_id", "name", "uuid"],
                      [((str(r.index), r.name or "", r.uuid or ""), 1.0) for r in readings])
+    yield _gauge("comfymgr_gpu_available", "1 while NVML reads the GPUs, else 0 (no driver, a "
+                 "CPU box, NVML failing: /v1/status gpu.reason says why).", [],
+                 [((), 1.0 if gpus.available else 0.0)])
+    filesystems = app[FILES].filesystems
+    yield _gauge("comfymgr_filesystem_free_bytes", "Free bytes of the filesystem of the state "
+                 "directory and of the configured ComfyUI folders (measured every minute).",
+                 ["filesystem"], [((name, ), float(fs["freeBytes"])) for name, fs in filesystems.items()])
+    yield _gauge("comfymgr_filesystem_size_bytes", "Size in bytes of the same filesystems.",
+                 ["filesystem"], [((name, ), float(fs["sizeBytes"])) for name, fs in filesystems.items()])
     hub = app[HUB]
     yield _gauge("comfymgr_stream_clients", "WebSocket stream clients connected.", [],
                  [((), float(len(hub.subscribers)))])
