@@ -944,9 +944,11 @@ class _TaskState:
     last_error: str | None = None
     last_error_at: float | None = None
     task: asyncio.Task[None] | None = None
+    restarted: bool = False  # started by the supervisor (else only reported: per-client tasks)
 
     def view(self) -> dict[str, Any]:
-        return {"name": self.name, "running": self.task is not None and not self.task.done(),
+        running = (self.task is not None and not self.task.done()) if self.restarted else None
+        return {"name": self.name, "running": running,
                 "failures": self.failures, "lastError": self.last_error,
                 "lastErrorAt": _ms(self.last_error_at) if self.last_error_at else None}
 
@@ -966,6 +968,7 @@ class _Supervisor:
         """Run `run()` (a coroutine function that loops until cancelled) as
         task `name`; on_error hears the text of each failure."""
         state = self.tasks.setdefault(name, _TaskState(name))
+        state.restarted = True
         state.task = asyncio.create_task(self._keep(state, run, on_error), name=name)
 
     def report(self, name: str, exc: BaseException) -> str:
@@ -3840,12 +3843,11 @@ class _GpuMonitor:
             self.read_at = self.clock()
 
     async def poll_loop(self) -> None:
+        """Supervised: an unexpected failure is reported and polling restarts
+        (a failing GPU is not one: _read_all records it in its reading)."""
         while True:
             await asyncio.sleep(self.interval)
-            try:
-                await self.poll()
-            except Exception:  # noqa: BLE001 - keep polling; the reading says what failed
-                _log_gpu.exception("GPU poll failed")
+            await self.poll()
 
     def _read_all(self) -> dict[int, GpuReading]:
         nvml = self._nvml
@@ -4622,10 +4624,14 @@ class _Files:
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop the worker threads; a hash under way gives up within a MiB."""
         self._stopping.set()
+        if self._hashing:
+            _log_files.info("hashing of %s stopped: comfymgr is stopping", ", ".join(sorted(self._hashing)))
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._hash_pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self._hash_pool.shutdown, wait=True, cancel_futures=True))
 
     # -- models ------------------------------------------------------------------
 
@@ -4692,8 +4698,7 @@ class _Files:
                 digest = await loop.run_in_executor(self._hash_pool, _sha256_file, path,
                                                     self._stopping)
                 if digest is None:
-                    _log_files.info("hashing of %s stopped: comfymgr is stopping", path)
-                    continue
+                    continue  # comfymgr is stopping
                 st = await self.run(os.stat, path)
                 if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):  # unchanged while hashed
                     await self.db.write(functools.partial(
@@ -6229,7 +6234,7 @@ async def _files_ctx(app: web.Application) -> Any:
     supervisor.start("files:disk", files.disk_loop)
     supervisor.start("files:retention", app[RETENTION].loop)
     yield
-    files.close()
+    await files.close()
     await supervisor.stop("files:")
 
 
