@@ -125,6 +125,7 @@
 
   async function start(given) {
     key = given;
+    retries = 0;
     const mine = ++session;
     $("key-message").textContent = "Connecting…";
     let first;
@@ -296,8 +297,7 @@
         if (list === "running") {
           running = answers[i].workflows;
           running.sort((a, b) => String(a.backend).localeCompare(String(b.backend)));
-        }
-        else if (list === "queued") {
+        } else if (list === "queued") {
           queued = answers[i].workflows;
           queueTruncated = answers[i].next !== null;
         } else showPage(list, answers[i]);
@@ -308,13 +308,15 @@
       }
       if (wanted.includes("queued")) renderQueue();
     } catch (err) {
+      // Kept stale: the next event, or the stream's next (re)connect, reloads them.
       if (mine === session && err.status !== 401) {
         for (const list of wanted) stale.add(list);
-        notice(`Could not load the jobs: ${err.message}`);
+        if (err.status === 429) refreshAt = pausedUntil;
+        else notice(`Could not load the jobs: ${err.message}`);
       }
     } finally {
       refreshing = false;
-      if (refreshAgain || (stale.size && mine === session && !timers.refresh)) {
+      if (refreshAgain || (mine === session && refreshAt > Date.now())) {
         refreshAgain = false;
         scheduleRefresh([]);
       }
@@ -410,6 +412,7 @@
         previews.delete(id);
       }
     }
+    pumpPreviews();
   }
 
   function newRunningCard(job) {
@@ -432,13 +435,18 @@
     if (job.status !== "running") {
       set(card, "priority", job.status);
       field(card, "cancel").disabled = true;
+    } else if (job.cancelRequested) {
+      Object.assign(field(card, "cancel"), { disabled: true, textContent: "Cancelling…" });
     }
-    const p = previews.get(job.workflowId);
-    if (p && p.url) {
-      const img = field(card, "preview-img");
-      if (img.src !== p.url) img.src = p.url;
-      field(card, "preview").hidden = false;
-    }
+    showPreview(card, job.workflowId);
+  }
+
+  function showPreview(card, id) {
+    const p = previews.get(id);
+    if (!p || !p.url) return;
+    const img = field(card, "preview-img");
+    if (img.src !== p.url) img.src = p.url;
+    field(card, "preview").hidden = false;
   }
 
   function progress(card, value) {
@@ -463,12 +471,15 @@
   }
 
   // One download at a time, at most one per PREVIEW_GAP, the job served
-  // longest ago first; none while the tab is hidden.
+  // longest ago first; none while the tab is hidden. Only for jobs shown as
+  // running: comfymgr drops a job's preview when it ends (then 404).
   function pumpPreviews() {
     if (previewBusy || timers.preview || document.hidden || key === null) return;
     let due = null;
     for (const entry of previews) {
-      if (entry[1].counter > entry[1].fetched && (!due || entry[1].fetchedAt < due[1].fetchedAt)) due = entry;
+      const [id, p] = entry;
+      if (p.counter <= p.fetched || !running.some((j) => j.workflowId === id && j.status === "running")) continue;
+      if (!due || p.fetchedAt < due[1].fetchedAt) due = entry;
     }
     if (!due) return;
     const wait = previewLast + PREVIEW_GAP - Date.now();
@@ -495,7 +506,7 @@
       if (p.url) URL.revokeObjectURL(p.url);
       p.url = URL.createObjectURL(blob);
       const card = findCard($("running"), id);
-      if (card) fillRunning(card, running.find((j) => j.workflowId === id) || { workflowId: id });
+      if (card) showPreview(card, id);
     } catch {
       // 404 no_preview: the job moved on between the message and the download.
     } finally {
