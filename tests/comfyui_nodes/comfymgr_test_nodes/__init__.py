@@ -15,10 +15,9 @@ restart ComfyUI; `make contract` then runs the scenarios that need them
 
 import time
 
+import comfy.utils
 import numpy as np
 from PIL import Image
-
-import comfy.utils
 from server import PromptServer
 
 CHATTER = [
