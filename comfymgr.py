@@ -2494,18 +2494,20 @@ def _read_object_info(body: Any) -> tuple[dict[str, Any], int]:
         raise _ProtocolError("GET /object_info: not an object", _excerpt(type(body).__name__))
     kept: dict[str, Any] = {}
     for name, info in body.items():
-        if not isinstance(info, dict):
+        # What every ComfyUI writes for every node class; a custom node whose
+        # entry lacks it is checked by ComfyUI itself at dispatch.
+        if not (isinstance(info, dict) and isinstance(info.get("input"), dict)
+                and isinstance(info.get("output"), list) and isinstance(info.get("output_node"), bool)
+                and isinstance(info.get("name"), str)):
             continue
-        inputs = info.get("input", {})
-        if not isinstance(inputs, dict) or not all(
-                isinstance(inputs.get(group, {}), dict) for group in ("required", "optional")):
-            continue
-        output = info.get("output", [])
-        if not isinstance(output, list):
+        inputs = info["input"]
+        if not all(isinstance(inputs.get(group, {}), dict) for group in ("required", "optional")):
             continue
         kept[name] = {"input": {"required": inputs.get("required") or {},
                                 "optional": inputs.get("optional") or {}},
-                      "output": output, "output_node": info.get("output_node") is True}
+                      "output": info["output"], "output_node": info["output_node"]}
+    if body and not kept:  # e.g. a proxy's JSON error page: nothing here is a node schema
+        raise _ProtocolError("GET /object_info: no entry is a node schema", _excerpt(body))
     return kept, len(body) - len(kept)
 
 
