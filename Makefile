@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml requirements.lock 2>/dev/null | sha1sum | cut -c1-12)
 BENCH_STAMP := $(VENV)/.bench-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help venv run test readme lint pyz deploy-check bench contract crash clean
+.PHONY: help venv system-deps run test readme lint pyz deploy-check bench contract crash clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ $(STAMP):
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,dev]' -c requirements.lock  # test what the .pyz ships
 	rm -f $(VENV)/.installed-* && touch $@
+
+system-deps: ## install the system packages the tests need (nginx, promtool, ...; Debian/Ubuntu, sudo)
+	.ci/system-deps
 
 run: venv ## start comfymgr with the settings in the environment (see README)
 	$(BIN)/python comfymgr.py

@@ -9,8 +9,8 @@ lives in tmp_path; every process started here is stopped here. nginx tells
 clients apart by their source address, so each test talks to it from its
 own loopback address (127.0.0.2, .3, ...), and each gets its own rate-limit
 bucket in comfymgr. A tool that is not installed (nginx, openssl, promtool,
-prometheus, systemd-analyze, systemd-nspawn) skips its tests; .ci/run
-installs them all.
+prometheus, systemd-analyze, systemd-nspawn) skips its tests; `make
+system-deps` installs them all.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import aiohttp
 import pytest
 
 import comfymgr
-from conftest import workflow
+from conftest import need_tool, workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib"
@@ -55,14 +55,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def needs(tool: str) -> str:
-    path = shutil.which(tool) or next(
-        (p for p in (f"/usr/sbin/{tool}", f"/sbin/{tool}") if os.access(p, os.X_OK)), None)
-    if path is None:
-        pytest.skip(f"{tool} is not installed (.ci/run installs it)")
-    return path
 
 
 class Proc:
@@ -149,6 +141,61 @@ def wait_completed(base_url: str, job_id: str, within: float = 30.0) -> dict:
             return job
         time.sleep(0.1)
     pytest.fail(f"job {job_id} did not finish within {within} s: {job}")
+
+
+# -- the system packages the suite needs ----------------------------------------
+
+def apt_packages() -> set[str]:
+    text = (ROOT / ".ci" / "apt-packages").read_text()
+    return {line.split("#")[0].strip() for line in text.splitlines()} - {""}
+
+
+def test_make_system_deps_and_ci_install_one_list():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^system-deps:.*\n\t\.ci/system-deps$", makefile, re.M)
+    assert re.search(r"^\.ci/system-deps$", (ROOT / ".ci" / "run").read_text(), re.M)
+    assert "apt-packages" in (ROOT / ".ci" / "system-deps").read_text()
+
+
+def test_every_tool_the_tests_need_is_in_the_list():
+    """Each tool a test asks need_tool() for (and the README walkthrough's
+    curl and jq, and make pyz's strip) belongs to a listed package, or to an
+    Essential one that every Debian has (util-linux: unshare, nsenter)."""
+    dpkg = shutil.which("dpkg-query")
+    if dpkg is None:
+        pytest.skip("not a Debian/Ubuntu system: no dpkg-query to ask which package has a tool")
+    source = "".join(path.read_text() for path in (ROOT / "tests").glob("test_*.py"))
+    tools = set(re.findall(r'need_tool\("([\w.-]+)"\)', source)) | {"curl", "jq", "strip"}
+    assert {"nginx", "promtool", "systemd-nspawn", "make"} <= tools
+    listed = apt_packages()
+    for tool in sorted(tools):
+        path = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+        if path is None:
+            continue  # not installed here: nothing tells its package
+        owner = subprocess.run([dpkg, "-S", path], capture_output=True, text=True)
+        if owner.returncode != 0:  # found through a merged /usr link: ask for the real path
+            owner = subprocess.run([dpkg, "-S", os.path.realpath(path)], capture_output=True, text=True)
+        package = owner.stdout.split(":")[0]
+        essential = subprocess.run([dpkg, "-W", "-f=${Essential}", package],
+                                   capture_output=True, text=True).stdout
+        assert package in listed or essential == "yes", (tool, path, package)
+
+
+def test_a_run_ends_with_the_count_of_tests_skipped_for_missing_tools(tmp_path):
+    (tmp_path / "test_tools.py").write_text(
+        "from conftest import need_tool\n\n"
+        "def test_one():\n    need_tool('comfymgr-no-such-tool')\n\n"
+        "def test_two():\n    need_tool('comfymgr-no-such-tool')\n\n"
+        "def test_three():\n    need_tool('comfymgr-no-such-tool-either')\n\n"
+        "def test_there():\n    assert need_tool('sh').endswith('/sh')\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p", "no:cacheprovider",
+                           "--rootdir", str(tmp_path), "-q", "test_tools.py"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ("3 tests skipped for missing tools (comfymgr-no-such-tool, comfymgr-no-such-tool-either): "
+            "`make system-deps` installs them\n") in done.stdout, done.stdout
+    assert "1 passed, 3 skipped" in done.stdout
 
 
 # -- processes shared by the module ------------------------------------------
@@ -256,8 +303,8 @@ class Nginx:
 
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory, backend):
-    nginx_bin = needs("nginx")
-    openssl = needs("openssl")
+    nginx_bin = need_tool("nginx")
+    openssl = need_tool("openssl")
     prefix = tmp_path_factory.mktemp("nginx")
     for sub in ("logs", "temp", "tls"):
         (prefix / sub).mkdir()
@@ -559,7 +606,7 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
 def test_systemd_analyze_verify(unit, instance, tmp_path):
     """`systemd-analyze verify` on the units as shipped, with the programs
     they start pointed at ones this machine has (it checks they exist)."""
-    analyze = needs("systemd-analyze")
+    analyze = need_tool("systemd-analyze")
     text = (CONTRIB / "systemd" / unit).read_text()
     for program in ("/usr/bin/python3", "/opt/comfyui/venv/bin/python"):
         if program in text and not os.access(program, os.X_OK):
@@ -659,7 +706,7 @@ def test_systemd_runs_the_units_for_real(pyz, tmp_path):
     """Boot this machine's own OS under systemd-nspawn (read-only, a private
     network, /etc and /opt overlaid), install the units, the env file and
     the .pyz as the README says, and let systemd run them."""
-    nspawn, nsenter, unshare = needs("systemd-nspawn"), needs("nsenter"), needs("unshare")
+    nspawn, nsenter, unshare = need_tool("systemd-nspawn"), need_tool("nsenter"), need_tool("unshare")
     if os.geteuid() != 0:
         pytest.skip("booting a container needs root")
     import zipfile
@@ -773,7 +820,7 @@ def alert_metric_names() -> set[str]:
 
 
 def test_promtool_checks_config_and_rules():
-    promtool = needs("promtool")
+    promtool = need_tool("promtool")
     for argv in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
         done = subprocess.run([promtool, *argv], cwd=CONTRIB / "prometheus",
                               capture_output=True, text=True)
@@ -800,7 +847,7 @@ def render_prometheus_yml(*, target: str, ca_file: Path) -> str:
 def test_prometheus_scrapes_comfymgr_through_nginx(nginx, tmp_path):
     """A real Prometheus with the shipped scrape job and rules, pointed at
     the nginx above: the target is up, comfymgr's series arrive, the rules load."""
-    prometheus = needs("prometheus")
+    prometheus = need_tool("prometheus")
     (tmp_path / "prometheus.yml").write_text(render_prometheus_yml(
         target=nginx.url.removeprefix("https://"), ca_file=nginx.cert))
     shutil.copy(CONTRIB / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
@@ -880,7 +927,7 @@ EXPECTED_ALERTS = [
 
 
 def test_alert_rules_fire_when_they_should(tmp_path):
-    promtool = needs("promtool")
+    promtool = need_tool("promtool")
     expected = "\n".join(
         f"          - labels: 'ALERTS{{alertname=\"{name}\",alertstate=\"firing\",{extra}"
         f"instance=\"bad\",job=\"comfymgr\",severity=\"{severity}\"}}'\n            value: 1"
