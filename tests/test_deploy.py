@@ -509,19 +509,83 @@ def find_python(minor: int) -> str | None:
 PYTHONS = {minor: find_python(minor) for minor in (10, 11, 12, 13)}
 
 
+# pip's words when it reaches no package index at all.
+_NO_NETWORK = re.compile(r"NewConnectionError|Temporary failure in name resolution|"
+                         r"Network is unreachable|ConnectTimeoutError|ProxyError")
+
+
+def make_pyz(checkout: Path, out: Path, env: dict[str, str] | None = None, **variables) -> Path:
+    """`make pyz` in `checkout`, building into `out`. Without a network,
+    with nothing cached in .cache/ (the wheels, shiv's venv), pip reaches no
+    index: the test is skipped, saying so, rather than failed."""
+    need_tool("make")
+    target = out / "comfymgr.pyz"
+    argv = ["make", "--no-print-directory", "pyz", f"PYZ={target}", f"PYZ_BUILD={out / 'build'}",
+            *(f"{name}={value}" for name, value in variables.items())]
+    done = subprocess.run(argv, cwd=checkout, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        offline = _NO_NETWORK.search(done.stdout + done.stderr)
+        if offline:
+            pytest.skip(f"building the .pyz needs the network, and its wheels are not cached in "
+                        f".cache/wheels (pip: {offline.group(0)})")
+        pytest.fail(done.stdout + done.stderr)
+    assert os.access(target, os.X_OK)
+    return target
+
+
 @pytest.fixture(scope="session")
 def pyz(tmp_path_factory):
     """`make pyz`, built into tmp from the current comfymgr.py (wheels come
     from the .cache/wheels the Makefile keeps)."""
-    if shutil.which("make") is None:
-        pytest.skip("make is not installed")
-    out = tmp_path_factory.mktemp("pyz")
-    target = out / "comfymgr.pyz"
-    done = subprocess.run(["make", "pyz", f"PYZ={target}", f"PYZ_BUILD={out / 'build'}"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert os.access(target, os.X_OK)
-    return target
+    return make_pyz(ROOT, tmp_path_factory.mktemp("pyz"))
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy_checkout(dest: Path) -> Path:
+    """What `make pyz` reads, copied to another directory."""
+    dest.mkdir(parents=True)
+    for name in ("comfymgr.py", "Makefile", "requirements.lock", "pyproject.toml"):
+        shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def test_pyz_is_the_same_bytes_whatever_the_checkout_path(pyz, tmp_path):
+    """Built again in a checkout at another path, with its own build venv
+    (whose path pip writes into console scripts): byte for byte the same.
+    The wheels are this checkout's, so no network is needed."""
+    other = copy_checkout(tmp_path / "another" / "checkout")
+    again = make_pyz(other, tmp_path / "out", WHEELS=ROOT / ".cache" / "wheels")
+    assert sha256(again) == sha256(pyz), (again, pyz)
+    # make pyz installed no test tools: pip, shiv and shiv's own dependencies.
+    assert not (other / ".venv").exists()
+    tools = subprocess.run([other / ".cache" / "pyz-venv" / "bin" / "python", "-m", "pip", "list",
+                            "--format=freeze", "--disable-pip-version-check"],
+                           capture_output=True, text=True, check=True).stdout
+    assert sorted(line.split("==")[0].lower() for line in tools.split()) == \
+        ["click", "pip", "setuptools", "shiv"]
+
+
+def test_pyz_build_without_network_is_skipped_not_failed(tmp_path):
+    """No network (a new network namespace) and no cached wheels: the
+    deployment tests that need the .pyz skip, naming the reason."""
+    unshare = need_tool("unshare")
+    if subprocess.run([unshare, "-rn", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user and network namespaces here (unshare -rn)")
+    other = copy_checkout(tmp_path / "offline-checkout")
+    (tmp_path / "bin").mkdir()
+    make = tmp_path / "bin" / "make"  # make, run in a namespace with no network
+    make.write_text(f"#!/bin/sh\nexec {unshare} -rn {shutil.which('make')} \"$@\"\n")
+    make.chmod(0o755)
+    # PIP_RETRIES: pip says why at each retry; one is enough, and quick.
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "PIP_RETRIES": "1"}
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        make_pyz(other, tmp_path / "out", env=env)
+    assert "building the .pyz needs the network" in str(skipped.value)
 
 
 def test_pyz_prints_its_version_run_either_way(pyz, tmp_path):
