@@ -750,14 +750,38 @@ sys.argv = ["fake_comfyui", "--host", args.listen, "--port", args.port,
 runpy.run_path(os.path.join(here, "fake_comfyui.py"), run_name="__main__")
 """
 
+# The README's deploy steps as it writes them (test_readme_deploy_steps_are_
+# the_tested_ones checks that these lines are there).
+README_USERADD = ("useradd --system --user-group --home-dir /var/lib/comfyui --no-create-home "
+                  "--shell /usr/sbin/nologin comfyui")
+README_COMFYUI_ENV = """\
+for gpu in $(nvidia-smi --query-gpu=index --format=csv,noheader); do
+  printf 'COMFYUI_GPU=%s\\nCOMFYUI_PORT=%s\\n' "$gpu" $((8180 + gpu)) > /etc/comfyui/$gpu.env
+  systemctl enable --now comfyui@$gpu
+done
+"""
+README_BACKENDS = ("cd /etc/comfyui && for f in $(ls | sort -n); do . ./$f; printf '%s' "
+                   "\"${sep-}gpu$COMFYUI_GPU=http://127.0.0.1:$COMFYUI_PORT@$COMFYUI_GPU\"; sep=,; done; echo")
+
 # Run inside the container: the deployment as README "Deploy on a GPU box"
-# does it, then a job, an upload that ComfyUI reads back, a download, a stop.
+# does it, on two GPUs, 0 and 12 (past 9, where ports 818N ran out), then a
+# job, an upload that ComfyUI reads back, a download; the watchdog, pinged
+# and then starved; a stop.
 IN_CONTAINER = r"""
 set -eu
-useradd --system --user-group --home-dir /var/lib/comfyui --no-create-home --shell /usr/sbin/nologin comfyui
+# The container has no GPU: a stand-in for the driver's tool lists two.
+PATH=/opt/stand-in:$PATH
+""" + README_USERADD + r"""
 SHIV_ROOT=/tmp/comfymgr-check /usr/bin/python3 /opt/comfymgr/comfymgr.pyz --version && rm -rf /tmp/comfymgr-check
 systemctl daemon-reload
-systemctl enable --now comfyui@0 comfymgr
+install -d -m 0755 /etc/comfyui
+""" + README_COMFYUI_ENV + r"""
+backends=$(""" + README_BACKENDS + r""")
+echo "BACKENDS $backends"
+sed -i "s|^COMFYUI_BACKENDS=.*|COMFYUI_BACKENDS=$backends|" /etc/comfymgr/comfymgr.env
+# Type=notify: this returns once comfymgr has said READY=1.
+systemctl enable --now comfymgr
+systemctl show comfymgr -p Type -p NotifyAccess -p WatchdogUSec -p ActiveState
 /usr/bin/python3 - <<'PY'
 import json, time, urllib.request, uuid
 base = "http://127.0.0.1:9090"
@@ -770,7 +794,8 @@ def call(path, data=None, headers={}, key=True):
 deadline = time.monotonic() + 60
 while True:
     try:
-        if json.loads(call("/v1/status")[1])["backends"][0]["state"] == "up":
+        backends = json.loads(call("/v1/status")[1])["backends"]
+        if [(b["name"], b["state"]) for b in backends] == [("gpu0", "up"), ("gpu12", "up")]:
             break
     except OSError:
         pass
@@ -801,6 +826,25 @@ assert call(job["outputs"][0]["url"])[0] == 200
 print("JOBS OK")
 PY
 stat -L -c '%n %U:%G %a' /var/lib/comfymgr /var/cache/comfymgr /var/lib/comfyui/input/up.png
+# The watchdog, with a period short enough to watch: the pings come (their
+# time moves on), then a frozen comfymgr (SIGSTOP, as a stuck event loop)
+# is killed and started again.
+mkdir -p /etc/systemd/system/comfymgr.service.d
+printf '[Service]\nWatchdogSec=2s\nTimeoutAbortSec=2s\nRestartSec=1s\n' > /etc/systemd/system/comfymgr.service.d/watchdog.conf
+systemctl daemon-reload && systemctl restart comfymgr
+first=$(systemctl show comfymgr -p WatchdogTimestampMonotonic --value)
+sleep 3
+second=$(systemctl show comfymgr -p WatchdogTimestampMonotonic --value)
+[ "$second" -gt "$first" ] && echo "WATCHDOG PINGED"
+frozen=$(systemctl show comfymgr -p MainPID --value)
+kill -STOP "$frozen"
+for i in $(seq 100); do
+  [ "$(systemctl show comfymgr -p NRestarts --value)" = 1 ] && [ "$(systemctl is-active comfymgr)" = active ] && break
+  sleep 0.2
+done
+now=$(systemctl show comfymgr -p MainPID --value)
+[ "$now" != "$frozen" ] && [ "$now" != 0 ] && echo "WATCHDOG RESTARTED"
+journalctl --no-pager -u comfymgr | grep -c 'Watchdog timeout'
 systemctl stop comfymgr
 systemctl show comfymgr -p Result -p ExecMainStatus
 systemd-analyze security comfymgr.service comfyui@0.service | grep 'Overall exposure'
@@ -833,6 +877,10 @@ def test_systemd_runs_the_units_for_real(pyz, tmp_path):
     with zipfile.ZipFile(pyz) as archive:
         archive.extractall(comfyui, [n for n in archive.namelist() if n.startswith("site-packages/")])
     (opt / "comfyui" / "venv" / "bin").mkdir(parents=True)
+    (opt / "stand-in").mkdir()
+    (opt / "stand-in" / "nvidia-smi").write_text("#!/bin/sh\n# --query-gpu=index --format=csv,noheader\n"
+                                                 "printf '0\\n12\\n'\n")
+    (opt / "stand-in" / "nvidia-smi").chmod(0o755)
     (opt / "comfyui" / "venv" / "bin" / "python").symlink_to("/usr/bin/python3")
     (tmp_path / "root").mkdir()
     (tmp_path / "work").mkdir()
@@ -864,9 +912,14 @@ def test_systemd_runs_the_units_for_real(pyz, tmp_path):
         wait_until(container, lambda: inside("systemctl is-system-running").stdout.strip()
                    in ("running", "degraded"), "the container did not finish booting", 90)
         done = inside(IN_CONTAINER)
-        journal = inside("journalctl --no-pager -u comfymgr -u comfyui@0").stdout
+        journal = inside("journalctl --no-pager -u comfymgr -u comfyui@0 -u comfyui@12").stdout
         assert done.returncode == 0, done.stdout + done.stderr + journal
+        # One ComfyUI per GPU, each on the port of its /etc/comfyui/N.env, named to comfymgr.
+        assert "BACKENDS gpu0=http://127.0.0.1:8180@0,gpu12=http://127.0.0.1:8192@12\n" in done.stdout
         assert "JOBS OK" in done.stdout
+        assert "Type=notify\nNotifyAccess=main\nWatchdogUSec=30s\nActiveState=active\n" in done.stdout
+        assert "WATCHDOG PINGED\n" in done.stdout and "WATCHDOG RESTARTED\n1\n" in done.stdout, \
+            done.stdout + journal
         assert "Result=success\nExecMainStatus=0" in done.stdout, done.stdout + journal
         files = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith("/var"))
         assert files["/var/lib/comfymgr"].endswith(":comfyui 700"), files  # the database and key
@@ -897,6 +950,35 @@ def test_comfymgr_unit_fits_comfymgr():
     assert parse(unit["TimeoutStopSec"][0]) >= 2 * shutdown
     assert unit["CapabilityBoundingSet"] == [""] and unit["NoNewPrivileges"] == ["yes"]
     assert "char-nvidia* rw" in unit["DeviceAllow"] and unit["PrivateDevices"] == ["no"]
+    # systemd waits for READY=1 and restarts a comfymgr whose pings stop.
+    assert (unit["Type"], unit["NotifyAccess"]) == (["notify"], ["main"])
+    assert parse(unit["WatchdogSec"][0]) == 30 and "RestartPreventExitStatus" in unit
+
+
+def test_comfyui_unit_serves_any_number_of_gpus():
+    """Port and GPU come from the instance's own file, not from the instance
+    name pasted into a port (818%i ran out at comfyui@10)."""
+    unit = unit_settings(CONTRIB / "systemd" / "comfyui@.service")
+    assert unit["EnvironmentFile"] == ["/etc/comfyui/%i.env"]  # no "-": a missing file is an error
+    argv = unit["ExecStart"][0].split()
+    assert argv[argv.index("--port") + 1] == "${COMFYUI_PORT}"
+    assert argv[argv.index("--cuda-device") + 1] == "${COMFYUI_GPU}"
+    assert unit["ExecStartPre"] == ["-+/usr/bin/nvidia-modprobe -u -c=${COMFYUI_GPU}"]
+    assert "818%i" not in (CONTRIB / "systemd" / "comfyui@.service").read_text()
+
+
+def test_readme_deploy_steps_are_the_tested_ones():
+    """The container test runs the README's commands; the unit's own
+    comment gives the same ones."""
+    readme = (ROOT / "README.md").read_text()
+    unit = (CONTRIB / "systemd" / "comfyui@.service").read_text()
+    for command in (README_USERADD, README_COMFYUI_ENV, f"({README_BACKENDS})"):
+        assert command in readme, command
+        assert command in IN_CONTAINER or command.strip("()") in IN_CONTAINER, command
+    assert f"#   {README_USERADD}\n" in unit
+    assert f"#   ({README_BACKENDS})\n" in unit
+    assert README_COMFYUI_ENV.splitlines()[1] in unit
+    assert [line for line in readme.splitlines() if "useradd" in line] == [README_USERADD]
 
 
 def env_file_values() -> tuple[dict[str, str], dict[str, str]]:
