@@ -438,12 +438,6 @@ async def test_metrics_only_from_the_prometheus_network(nginx):
         assert (body["error"], body["statusCode"]) == ("forbidden", 403)
         resp = await http.get(nginx.url + "/health")  # the rest stays open to it
         assert resp.status == 200
-    # Every series the alert rules use is one comfymgr exports: here, or (GPU
-    # series, present only with NVML) declared in comfymgr.py.
-    exported = set(re.findall(r"^# HELP (\w+)", scrape, re.M))
-    source = (ROOT / "comfymgr.py").read_text()
-    for name in alert_metric_names():
-        assert name in exported or f'"{name}"' in source, f"alerts.yml uses unknown {name}"
 
 
 async def test_rate_limit_follows_the_real_client_address(nginx):
@@ -1000,10 +994,16 @@ def test_env_file_documents_every_setting_with_valid_values():
 
 # -- Prometheus ----------------------------------------------------------------
 
-def alert_metric_names() -> set[str]:
-    text = (CONTRIB / "prometheus" / "alerts.yml").read_text()
-    exprs = re.findall(r"expr: (?:\|\n)?((?:.+\n)+?)\s+for:", text)
-    return {name for expr in exprs for name in re.findall(r"\b(comfy\w+)", expr)}
+ALERTS_YML = CONTRIB / "prometheus" / "alerts.yml"
+DASHBOARD = CONTRIB / "grafana" / "comfymgr.json"
+
+
+def alert_exprs() -> dict[str, str]:
+    """alertname -> expr of every rule in alerts.yml."""
+    text = ALERTS_YML.read_text()
+    rules = re.findall(r"- alert: (\w+)\n\s+expr: (\|\n(?:.+\n)+?|.+\n)\s+for:", text)
+    assert len(rules) == text.count("- alert:"), "every rule has an expr and a for:"
+    return {name: expr.removeprefix("|\n") for name, expr in rules}
 
 
 def test_promtool_checks_config_and_rules():
@@ -1012,7 +1012,7 @@ def test_promtool_checks_config_and_rules():
         done = subprocess.run([promtool, *argv], cwd=CONTRIB / "prometheus",
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr
-    assert len(alert_metric_names()) >= 8
+    assert len(alert_exprs()) == 15
 
 
 def render_prometheus_yml(*, target: str, ca_file: Path) -> str:
@@ -1059,72 +1059,181 @@ def test_prometheus_scrapes_comfymgr_through_nginx(nginx, tmp_path):
             body = http_get(f"{api}/rules")[1]
             return [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]]
 
-        assert len(rules()) == len(EXPECTED_ALERTS)
+        assert len(rules()) == len(alert_exprs())
         wait_until(proc, lambda: {r["health"] for r in rules()} == {"ok"}, "rules not all ok", 30)
     finally:
         proc.stop()
 
 
-# One box where everything is wrong, one where all is well: after 30 minutes
-# exactly the expected alerts fire, for the bad box only; after 45 seconds
-# none has fired yet (each has a `for:` of a minute or more).
-RULE_TESTS = """
-rule_files: [{alerts}]
-evaluation_interval: 15s
-tests:
-  - interval: 15s
-    input_series:
-      - {{series: 'up{{job="comfymgr",instance="bad"}}', values: '0x200'}}
-      - {{series: 'up{{job="comfymgr",instance="ok"}}', values: '1x200'}}
-      - {{series: 'comfymgr_backend_up{{job="comfymgr",instance="bad",backend="gpu0"}}', values: '0x200'}}
-      - {{series: 'comfymgr_backend_up{{job="comfymgr",instance="ok",backend="gpu0"}}', values: '1x200'}}
-      - {{series: 'comfymgr_queue_oldest_age_seconds{{job="comfymgr",instance="bad"}}', values: '2000+15x200'}}
-      - {{series: 'comfymgr_queue_oldest_age_seconds{{job="comfymgr",instance="ok"}}', values: '20x200'}}
-      - {{series: 'comfyui_queue_length{{job="comfymgr",instance="bad"}}', values: '80x200'}}
-      - {{series: 'comfyui_queue_length{{job="comfymgr",instance="ok"}}', values: '3x200'}}
-      - {{series: 'comfyui_workflow_errors_total{{job="comfymgr",instance="bad",error_type="execution_error"}}', values: '0+3x200'}}
-      - {{series: 'comfyui_workflow_total{{job="comfymgr",instance="bad",status="completed"}}', values: '0+1x200'}}
-      - {{series: 'comfyui_workflow_errors_total{{job="comfymgr",instance="ok",error_type="timeout"}}', values: '0+0.05x200'}}
-      - {{series: 'comfyui_workflow_total{{job="comfymgr",instance="ok",status="completed"}}', values: '0+5x200'}}
-      - {{series: 'comfymgr_gpu_temperature_celsius{{job="comfymgr",instance="bad",gpu_id="0"}}', values: '91x200'}}
-      - {{series: 'comfymgr_gpu_temperature_celsius{{job="comfymgr",instance="ok",gpu_id="0"}}', values: '64x200'}}
-      - {{series: 'comfyui_vram_usage_bytes{{job="comfymgr",instance="bad",gpu_id="0"}}', values: '79e9x200'}}
-      - {{series: 'comfyui_vram_usage_bytes{{job="comfymgr",instance="ok",gpu_id="0"}}', values: '60e9x200'}}
-      - {{series: 'comfymgr_gpu_memory_total_bytes{{job="comfymgr",instance="bad",gpu_id="0"}}', values: '80e9x200'}}
-      - {{series: 'comfymgr_gpu_memory_total_bytes{{job="comfymgr",instance="ok",gpu_id="0"}}', values: '80e9x200'}}
-      - {{series: 'comfymgr_gpu_up{{job="comfymgr",instance="bad",gpu_id="0"}}', values: '0x200'}}
-      - {{series: 'comfymgr_gpu_up{{job="comfymgr",instance="ok",gpu_id="0"}}', values: '1x200'}}
-    promql_expr_test:
-      - expr: count(ALERTS{{alertstate="firing"}})
-        eval_time: 45s
-        exp_samples: []
-      - expr: ALERTS{{alertstate="firing"}}
-        eval_time: 30m
-        exp_samples:
-{expected}
-"""
-EXPECTED_ALERTS = [
-    ("ComfymgrDown", "critical", ""),
-    ("ComfyUIBackendDown", "critical", 'backend="gpu0",'),
-    ("ComfymgrQueueStalled", "warning", ""),
-    ("ComfymgrQueueBackingUp", "warning", ""),
-    ("ComfyUIJobsFailing", "warning", ""),
-    ("GpuHot", "warning", 'gpu_id="0",'),
-    ("GpuVramNearlyFull", "warning", 'gpu_id="0",'),
-    ("GpuLost", "critical", 'gpu_id="0",'),
-]
-
-
 def test_alert_rules_fire_when_they_should(tmp_path):
+    """contrib/prometheus/alerts_test.yml (promtool's unit tests: a broken
+    box, a healthy one, one without GPUs) passes; it tests every alert, once
+    firing and (but GpuLost, covered by its 45 s check) once before; and each
+    alert, made never to fire, fails it: none is in there untested."""
     promtool = need_tool("promtool")
-    expected = "\n".join(
-        f"          - labels: 'ALERTS{{alertname=\"{name}\",alertstate=\"firing\",{extra}"
-        f"instance=\"bad\",job=\"comfymgr\",severity=\"{severity}\"}}'\n            value: 1"
-        for name, severity, extra in EXPECTED_ALERTS)
-    tests = tmp_path / "alerts_test.yml"
-    tests.write_text(RULE_TESTS.format(alerts=CONTRIB / "prometheus" / "alerts.yml",
-                                       expected=expected))
-    done = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    names = set(re.findall(r"- alert: (\w+)", (CONTRIB / "prometheus" / "alerts.yml").read_text()))
-    assert names == {name for name, _, _ in EXPECTED_ALERTS}
+    done = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=CONTRIB / "prometheus",
+                          capture_output=True, text=True)
+    assert (done.returncode, done.stdout.split()) == \
+        (0, ["Unit", "Testing:", "alerts_test.yml", "SUCCESS"]), done.stdout + done.stderr
+    tests = (CONTRIB / "prometheus" / "alerts_test.yml").read_text()
+    one = r"- alertname: (\w+)\n\s+eval_time: \S+\n\s+exp_alerts:"
+    firing, quiet = set(re.findall(one + r"\n\s+- exp_labels", tests)), set(re.findall(one + r" \[\]", tests))
+    exprs = alert_exprs()
+    assert firing == set(exprs), set(exprs) - firing
+    assert set(exprs) - quiet == {"GpuLost"}, set(exprs) - quiet
+    shipped = ALERTS_YML.read_text()
+    runs = {}
+    for name in exprs:  # all at once: each run takes about a second
+        broken = re.sub(rf"(- alert: {name}\n\s+expr: )(?:\|\n(?:.+\n)+?|.+\n)(\s+for:)",
+                        r"\1vector(0) == 1\n\2", shipped)
+        assert broken != shipped, name
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "alerts.yml").write_text(broken)
+        shutil.copy(CONTRIB / "prometheus" / "alerts_test.yml", tmp_path / name)
+        runs[name] = subprocess.Popen([promtool, "test", "rules", "alerts_test.yml"], cwd=tmp_path / name,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert {name: run.wait(60) for name, run in runs.items()} == dict.fromkeys(exprs, 1), \
+        "alerts that alerts_test.yml does not test (0)"
+
+
+# -- what the dashboard and the alerts may name ---------------------------------
+
+# PromQL's own words (functions, aggregations, keywords) that the dashboard
+# and the alerts use; any other word in an expression is a metric name.
+_PROMQL_WORDS = {"sum", "min", "max", "count", "rate", "increase", "histogram_quantile", "vector",
+                 "and", "or", "unless"}
+# Metrics comfymgr exports for operations (disks, NVML, task and dispatch
+# failures): the alerts rely on them, so they must be in /metrics like all others.
+OPERATIONS_METRICS = {
+    "comfymgr_filesystem_free_bytes", "comfymgr_filesystem_size_bytes", "comfymgr_gpu_available",
+    "comfymgr_task_failures_total", "comfymgr_dispatch_failures_total",
+}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names in a PromQL expression: what is left once strings,
+    label matchers, ranges, grouping clauses, offsets, numbers and
+    PromQL's own words are taken out."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", expr)
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r"\boffset\s+\w+", "", expr)
+    expr = re.sub(r"(?<![\w:])\d+(?:\.\d+)?(?:e[+-]?\d+)?\b", "", expr)
+    return set(re.findall(r"[A-Za-z_:][\w:]*", expr)) - _PROMQL_WORDS
+
+
+def test_promql_metric_names():
+    assert promql_metric_names(
+        'sum by (job, instance) (increase(a_total{outcome=~"retried|failed"}[15m])) / b > 10e9 '
+        'and on (job) c{gpu_id!=""} or vector(0) unless d offset 1h') == {"a_total", "b", "c", "d"}
+    assert promql_metric_names('histogram_quantile(0.95, sum by (le) (rate(x_bucket{j="$job"}[$__rate_interval])))'
+                               ) == {"x_bucket"}
+    assert promql_metric_names("clamp_min(x, 0)") == {"clamp_min", "x"}  # a new function must be listed
+
+
+def dashboard_exprs() -> list[str]:
+    """Every PromQL expression of the dashboard: the panels' targets, and the
+    series selectors of its variables' label_values() queries."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"]["query"])
+        assert match, variable
+        exprs.append(match.group(1))
+    return exprs
+
+
+def grafana_to_promql(expr: str) -> str:
+    """A panel's expression as Prometheus gets it, Grafana's variables filled in."""
+    return (expr.replace("[$__rate_interval]", "[1m]")
+            .replace('=~"$job"', '=~".+"').replace('=~"$instance"', '=~".+"'))
+
+
+def exported_families(scrape: str) -> dict[str, set[str]]:
+    """family -> the series names PromQL sees of it, from a /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    return {family.name: {family.name + s for s in suffixes.get(family.type, ("",))}
+            for family in text_string_to_metric_families(scrape)}
+
+
+def test_dashboard_is_ready_to_import():
+    """contrib/grafana/comfymgr.json: Grafana asks for the Prometheus data
+    source on import; every panel uses it and narrows its series to the
+    chosen job and boxes; the panels tile the grid."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["__inputs"] == [{
+        "name": "DS_PROMETHEUS", "label": "Prometheus", "description": "The Prometheus that scrapes comfymgr",
+        "type": "datasource", "pluginId": "prometheus", "pluginName": "Prometheus"}]
+    assert "id" not in dashboard and dashboard["uid"] == "comfymgr"
+    source = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+    assert [v["datasource"] for v in dashboard["templating"]["list"]] == [source, source]
+    rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
+    assert rows == ["Overview", "GPUs", "Backends", "Queue", "Jobs", "Errors", "HTTP", "Event stream",
+                    "Webhooks", "Disk", "Background tasks"]
+    cells: set[tuple[int, int]] = set()
+    for panel in dashboard["panels"]:
+        box = panel["gridPos"]
+        assert box["x"] + box["w"] <= 24, panel["title"]
+        mine = {(x, y) for x in range(box["x"], box["x"] + box["w"]) for y in range(box["y"], box["y"] + box["h"])}
+        assert not mine & cells, f"{panel['title']} overlaps another panel"
+        cells |= mine
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == source and panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == source, panel["title"]
+            selectors = re.findall(r"(?<![\w:$])(comfy\w+|up)\b(\{[^}]*\})?", target["expr"])
+            assert selectors, panel["title"]
+            for name, matchers in selectors:
+                assert matchers.startswith('{job=~"$job", instance=~"$instance"'), (panel["title"], name)
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_dashboard_and_alert_expressions_parse(tmp_path):
+    """promtool checks every expression, as the recording rules of a
+    generated rule file (it refuses one that does not parse)."""
+    promtool = need_tool("promtool")
+    exprs = [grafana_to_promql(e) for e in dashboard_exprs()] + list(alert_exprs().values())
+    assert len(exprs) > 50
+    rules = "".join(f"      - record: check:expr_{i}\n        expr: {json.dumps(expr.strip())}\n"
+                    for i, expr in enumerate(exprs))
+    (tmp_path / "rules.yml").write_text("groups:\n  - name: check\n    rules:\n" + rules)
+    done = subprocess.run([promtool, "check", "rules", str(tmp_path / "rules.yml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and f"SUCCESS: {len(exprs)} rules found" in done.stdout, \
+        done.stdout + done.stderr
+    (tmp_path / "bad.yml").write_text("groups:\n  - name: check\n    rules:\n"
+                                      "      - record: check:bad\n        expr: sum(rate(x[1m])\n")
+    assert subprocess.run([promtool, "check", "rules", str(tmp_path / "bad.yml")],
+                          capture_output=True).returncode == 1
+
+
+async def test_dashboard_and_alerts_name_only_metrics_comfymgr_exports(make_client, make_config, fake,
+                                                                      tmp_path):
+    """A live /metrics of comfymgr with a backend on GPU 0, two GPUs read
+    through a stand-in NVML and every folder configured: each metric the
+    dashboard or an alert names is in it (besides Prometheus's own `up`),
+    and the dashboard shows every metric it has."""
+    from test_bridge import wait_backends_up
+    from test_metrics import two_gpus
+
+    for folder in ("output", "temp", "input"):
+        (tmp_path / folder).mkdir()
+    config = make_config(backends=(comfymgr.BackendSpec("gpu0", fake.url, 0),),
+                         outputs_dir=tmp_path / "output", temp_dir=tmp_path / "temp",
+                         inputs_dir=tmp_path / "input")
+    client = await make_client(config, nvml=two_gpus())
+    await wait_backends_up(client)
+    await client.app[comfymgr.GPUS].poll()
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    families = exported_families(await resp.text())
+    exported = set().union(*families.values())
+    assert OPERATIONS_METRICS - exported == set()
+    by_dashboard = set().union(*(promql_metric_names(e) for e in dashboard_exprs()))
+    by_alerts = set().union(*(promql_metric_names(e) for e in alert_exprs().values()))
+    assert (by_dashboard - exported, by_alerts - exported) == ({"up"}, {"up"})
+    unshown = {name for name, series in families.items() if not series & by_dashboard}
+    assert unshown == set(), f"metrics the dashboard does not show: {unshown}"
