@@ -70,3 +70,10 @@ async def test_curl_walkthrough_runs_as_written(make_client, make_config, tmp_pa
         assert '"completed"' in text and '"up"' in text
     finally:
         await fake.stop()
+
+
+def test_make_help_list_is_the_makefile_targets():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = re.findall(r"^([a-z-]+):.*## ", makefile, re.M)
+    listed = re.search(r"`make help` lists every target: (.*?)\.\n\n", README, re.S).group(1)
+    assert re.findall(r"`([a-z-]+)`", listed) == [t for t in targets if t != "help"]
