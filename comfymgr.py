@@ -2014,7 +2014,7 @@ class _Queue:
 # comfyui client
 ###############################################################################
 # The bridge to real ComfyUI servers, speaking their own HTTP API and
-# WebSocket as shared/comfyui/PROTOCOL.md records them. The rules it lives by:
+# WebSocket as docs/PROTOCOL.md describes them. The rules it lives by:
 # - comfymgr mints a lowercase UUID4 prompt_id for every attempt and stores
 #   it (state dispatching) before POST /prompt, always with `client_id`;
 # - one WebSocket per backend, a fresh clientId per connection;
