@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 
-import aiohttp
 import pytest
 from test_bridge import (
     free_port,
