@@ -101,7 +101,11 @@ def need_tool(tool: str) -> str:
     return path
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
+def pytest_unconfigure(config) -> None:
+    # After the run's last line ("... passed, ... skipped in ...s"), so it is the last.
+    terminalreporter = config.pluginmanager.get_plugin("terminalreporter")
+    if terminalreporter is None:
+        return
     tools: dict[str, int] = {}
     for report in terminalreporter.stats.get("skipped", []):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
