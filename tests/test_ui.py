@@ -4,8 +4,9 @@ test's own event loop, so the browser, comfymgr and the fake ComfyUI all run
 at once: clicks and typing are real input events, files go through the file
 input, and every console message and network request of the page is seen.
 
-The browser tests skip when Chromium is not installed (.ci/run installs
-Debian's chromium). COMFYMGR_UI_SCREENSHOT=<dir> keeps their screenshots.
+The browser tests skip when Chromium is not installed (`make system-deps`
+and CI install Debian's chromium). COMFYMGR_UI_SCREENSHOT=<dir> keeps their
+screenshots.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from test_metrics import FakeNVML
 from yarl import URL
 
 import comfymgr
-from conftest import API_KEY, HEADERS, workflow
+from conftest import API_KEY, HEADERS, need_tool, workflow
 from fake_comfyui import FakeComfyUI
 
 UI_DIR = Path(comfymgr.__file__).resolve().parent / "ui"
@@ -179,14 +179,6 @@ def test_the_page_refers_only_to_its_own_files_and_has_no_inline_code():
 # a headless Chromium over the DevTools protocol
 ###############################################################################
 
-def chromium_binary() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
-
-
 class CdpError(Exception):
     pass
 
@@ -214,7 +206,7 @@ class Browser:
         self.responses: dict[str, dict[str, str]] = {}
 
     async def __aenter__(self) -> Browser:
-        binary = chromium_binary()
+        binary = need_tool("chromium")
         self.profile.mkdir(parents=True, exist_ok=True)
         argv = [binary, "--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                 "--no-default-browser-check", "--disable-background-networking",
@@ -752,10 +744,10 @@ async def test_the_dashboard_works_behind_the_shipped_nginx(make_client, ui_conf
             assert (page["x-frame-options"], page["strict-transport-security"]) == ("DENY", "max-age=63072000")
             assert browser.errors == []
             assert browser.foreign_requests(nginx.url) == []
-    # The stream's URL carried the key; nginx's access log keeps it out.
+    # The stream's URL carried the key; nginx's access log hides it.
     log = (tmp_path / "nginx" / "logs" / "comfymgr.access.log").read_text()
-    assert '"GET /v1/comfyui/stream HTTP/1.1" 101' in log and '"GET /ui HTTP/1.1" 200' in log
-    assert API_KEY not in log and "api_key" not in log
+    assert re.search(r'"GET /v1/comfyui/stream\?api_key=\*\*\*&since=\d+ HTTP/1.1" 101 ', log), log
+    assert '"GET /ui HTTP/1.1" 200 ' in log and API_KEY not in log
 
 
 # -- a busy box: two backends on two GPUs --------------------------------------------------
