@@ -523,7 +523,7 @@ async def test_the_dashboard_runs_a_workflow_from_the_form_to_its_thumbnail(
             backend: c.querySelector('[data-f=backend]').textContent,
             priority: c.querySelector('[data-f=priority]').textContent,
             elapsed: c.querySelector('[data-f=elapsed]').textContent}}))({item('running', first)})""")
-        assert running_card["node"] == "node 10" and running_card["backend"] == "local"
+        assert running_card["node"] == "node 10" and running_card["backend"] == "local · by admin"
         assert running_card["priority"] == "high" and re.fullmatch(r"\d+s", running_card["elapsed"])
         await browser.wait_for(f"document.querySelector('#backends [data-name=local] [data-f=job]')"
                                f".textContent === '{first}'", "the backend's running job")
@@ -681,6 +681,31 @@ async def test_a_wrong_key_is_refused_and_forget_key_signs_out(make_client, ui_c
                                "live again after a reload")
         assert [e for e in browser.errors if "status of 401" not in e] == []
         assert len(browser.errors) == 1  # the one refused /v1/status
+
+
+async def test_a_client_key_sees_its_own_jobs_and_nothing_of_the_box(make_client, ui_config, fake, tmp_path):
+    client_key = "alice-key-0123456789"
+    client = await make_client(ui_config(fake.url, client_keys=(("alice", client_key),)))
+    await wait_backends_up(client)
+    origin = str(client.make_url("")).rstrip("/")
+    theirs = (await api_submit(client, simple_graph("admin")))["workflowId"]
+    resp = await client.post("/v1/comfyui/workflow", headers={"X-API-Key": client_key},
+                             json={"workflow": simple_graph("alice", 0x22AA88)})
+    assert resp.status == 202
+    mine = (await resp.json())["workflowId"]
+    async with Browser(tmp_path / "chromium") as browser:
+        await browser.open(origin + "/ui")
+        await sign_in(browser, client_key)
+        await browser.wait_for(f"(i => i && i.complete && i.naturalWidth === 64)"
+                               f"({item('done', mine)}?.querySelector('.thumbs img'))", "alice's thumbnail")
+        assert await browser.evaluate("[...document.querySelectorAll('#done [data-id]')].map(e => e.dataset.id)") \
+            == [mine]
+        assert await browser.evaluate(f"{item('done', theirs)}") is None
+        assert await browser.evaluate("document.getElementById('backends').textContent") == \
+            'Signed in with the client key "alice": its own jobs are shown, not the backends and GPUs.'
+        when = await browser.evaluate(f"{item('done', mine)}.querySelector('[data-f=when]').textContent")
+        assert re.fullmatch(r"completed \d+s ago after \d+s", when)  # no "by": not told to client keys
+        assert browser.errors == []
 
 
 async def test_the_stream_resumes_after_a_reconnect(make_client, ui_config, fake, tmp_path):

@@ -347,6 +347,16 @@
 
   function renderBackends() {
     if (!status) return;
+    if (!Array.isArray(status.backends)) {
+      // A client key's status holds its own queue only, nothing of the box.
+      const note = document.createElement("p");
+      note.className = "empty";
+      note.textContent = typeof status.key === "string"
+        ? `Signed in with the client key "${status.key}": its own jobs are shown, not the backends and GPUs.`
+        : "No backends reported.";
+      $("backends").replaceChildren(note);
+      return;
+    }
     const gpus = (status.gpu && status.gpu.devices) || [];
     const cards = (status.backends || []).map((b) => {
       const card = clone("t-backend");
@@ -427,7 +437,7 @@
     set(card, "priority", job.priority);
     progress(card, job.progress);
     set(card, "node", job.currentNode ? `node ${job.currentNode}` : "starting");
-    set(card, "backend", job.backend || "");
+    set(card, "backend", (job.backend || "") + by(job));
     const elapsed = field(card, "elapsed");
     if (job.startTime) elapsed.dataset.since = String(job.startTime);
     elapsed.textContent = job.startTime ? duration(now() - job.startTime) : "";
@@ -596,7 +606,7 @@
       else progress(item, job.progress);
       set(item, "priority", job.priority);
       set(item, "backend", job.backend || "no backend");
-      set(item, "when", when(job));
+      set(item, "when", when(job) + by(job));
       if (job.error && typeof job.error === "object") {
         set(item, "error-code", String(job.error.code ?? ""));
         set(item, "error-message", String(job.error.message ?? ""));
@@ -663,6 +673,9 @@
       promise.then((url) => url && URL.revokeObjectURL(url));
     }
   }
+
+  // Who submitted it: shown to admin keys only (the API leaves it out for clients).
+  const by = (job) => (typeof job.submittedBy === "string" ? ` · by ${job.submittedBy}` : "");
 
   function when(job) {
     if (job.completionTime) {
