@@ -32,6 +32,7 @@ import dataclasses
 import email.utils
 import enum
 import errno
+import faulthandler
 import fcntl
 import functools
 import hashlib
@@ -905,6 +906,8 @@ class _Metrics:
             "comfymgr ignored: unknown_type (custom nodes), bad_shape (a known type with "
             "unexpected data), unreadable (not JSON, or a binary frame it cannot read).",
             ["backend", "reason"], registry=registry)
+        for outcome in ("sent", "retried", "failed"):  # at 0 from the start, for increase()
+            self.webhook_deliveries.labels(outcome)
         self.retention_removed = Counter(
             "comfymgr_retention_removed", "Jobs, events and files removed by retention.",
             ["kind"], registry=registry)
@@ -966,6 +969,8 @@ _log_tasks = logging.getLogger("comfymgr.tasks")
 
 _RESTART_BASE, _RESTART_MAX = 0.5, 30.0
 _RESTART_RESET = 60.0  # a task that ran this long before failing starts from the base delay
+# Failures reported by their owners, who recover themselves (see report()).
+_REPORTED_TASKS = ("stream:sender", "webhooks:delivery")
 
 
 @dataclasses.dataclass(eq=False)
@@ -993,6 +998,8 @@ class _Supervisor:
         self.clock = clock
         self.tasks: dict[str, _TaskState] = {}
         self.restart_base = _RESTART_BASE
+        for name in _REPORTED_TASKS:
+            metrics.task_failures.labels(name)
 
     def start(self, name: str, run: Callable[[], Any], *,
               on_error: Callable[[str], None] | None = None) -> None:
@@ -1000,6 +1007,7 @@ class _Supervisor:
         task `name`; on_error hears the text of each failure."""
         state = self.tasks.setdefault(name, _TaskState(name))
         state.restarted = True
+        self.metrics.task_failures.labels(name)  # the series exists at 0, for increase()
         state.task = asyncio.create_task(self._keep(state, run, on_error), name=name)
 
     def report(self, name: str, exc: BaseException) -> str:
@@ -4346,6 +4354,8 @@ _log_outbound = logging.getLogger("comfymgr.outbound")
 _METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
     "169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200"))
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
@@ -4405,9 +4415,9 @@ def _refusal(ip: Any) -> str | None:
         return "a local NAT64 address"
     if ip == ipaddress.IPv4Address("255.255.255.255"):
         return "the broadcast address"
-    if ip.is_private:
+    if any(ip in net for net in _PRIVATE_NETWORKS):
         return "a private-network address"
-    if not ip.is_global:
+    if not ip.is_global:  # documentation, benchmarking, reserved ranges
         return "not a public address"
     return None
 
@@ -6279,6 +6289,8 @@ _JOB_SCHEMA = {
         "attempts": {"type": "integer"},
         "timeout": {"type": ["number", "null"]},
         "cancelRequested": {"type": "boolean"},
+        "submittedBy": {"type": "string", "description": "The key that submitted it: admin, or "
+                        "a client key's name (shown to admin keys only)."},
     },
 }
 _COMPONENT_SCHEMAS: dict[str, Any] = {
@@ -6882,6 +6894,9 @@ def _serve_main(argv: list[str]) -> int:
         print(_config_table())
         return 0
     _setup_logging(config.log_format, config.log_level)
+    # A hung event loop killed by systemd's watchdog (SIGABRT) leaves its
+    # Python stack in the journal.
+    faulthandler.enable()
     try:
         with _StateLock(config.state_dir):
             asyncio.run(_serve(config, _Notifier(os.environ)))
