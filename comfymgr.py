@@ -1113,6 +1113,7 @@ _EVENT_FOR_STATE = {S.QUEUED: "workflow:queued", S.RUNNING: "workflow:started",
                     S.COMPLETED: "workflow:completed", S.FAILED: "workflow:error",
                     S.CANCELLED: "workflow:cancelled"}
 EVENT_PROGRESS = "workflow:progress"
+EVENT_PREVIEW = "workflow:preview"  # ephemeral: not stored, no seq
 EVENT_TYPES = ("workflow:queued", "workflow:started", EVENT_PROGRESS, "workflow:completed",
                "workflow:cancelled", "workflow:error")
 del S
@@ -2913,6 +2914,53 @@ _UNKNOWN_POST_GRACE = 3  # backend timeouts before an unanswered POST is judged 
 _ABANDONED_MAX, _ABANDONED_TTL = 1000, 3600.0
 
 
+_PREVIEW_MAX_BYTES = 4 * 1024 * 1024  # a 512 px preview is tens of KB; more is not a preview
+_PREVIEW_INTERVAL = 0.5  # at most 2 workflow:preview messages per second per job
+_PREVIEW_TYPES = {1: "image/jpeg", 2: "image/png"}
+_PREVIEW_SIGNATURES = {"image/jpeg": b"\xff\xd8\xff", "image/png": b"\x89PNG\r\n\x1a\n"}
+_BINARY_PREVIEW, _BINARY_TEXT, _BINARY_PREVIEW_WITH_METADATA = 1, 3, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preview:
+    image: bytes
+    content_type: str
+    node_id: str | None
+    counter: int
+
+
+def _read_binary_frame(frame: bytes) -> tuple[int, str, bytes, dict[str, Any]] | None:
+    """(event type, content type, image, metadata) of a preview frame; None
+    for a frame that is not a readable preview. ComfyUI (server.py): a
+    big-endian u32 event type, then for 1 a u32 image type (1 JPEG, 2 PNG)
+    and the image, for 4 a u32 metadata length, that JSON and the image."""
+    if len(frame) < 8:
+        return None
+    event = int.from_bytes(frame[:4], "big")
+    if event == _BINARY_PREVIEW:
+        content_type = _PREVIEW_TYPES.get(int.from_bytes(frame[4:8], "big"))
+        image, metadata = frame[8:], {}
+    elif event == _BINARY_PREVIEW_WITH_METADATA:
+        length = int.from_bytes(frame[4:8], "big")
+        if length > len(frame) - 8 or length > 64 * 1024:
+            return None
+        try:
+            metadata = json.loads(frame[8:8 + length].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        if not isinstance(metadata, dict):
+            return None
+        content_type = metadata.get("image_type") if metadata.get("image_type") in _PREVIEW_SIGNATURES \
+            else None
+        image = frame[8 + length:]
+    else:
+        return (event, "", b"", {})
+    if content_type is None or not image.startswith(_PREVIEW_SIGNATURES[content_type]) \
+            or len(image) > _PREVIEW_MAX_BYTES:
+        return None
+    return event, content_type, image, metadata
+
+
 @dataclasses.dataclass(eq=False)
 class _Run:
     """What comfymgr knows of one in-flight prompt, beside the job's row."""
@@ -2923,6 +2971,7 @@ class _Run:
     nodes: frozenset[str]            # what ComfyUI will execute (reachable from outputs)
     timeout_s: float | None
     pinned: bool = False             # submitted for this backend only
+    owner: str = ADMIN               # the key name that submitted the job
     started: float | None = None     # clock() at execution_start
     posting: bool = False            # POST /prompt under way: nobody judges it meanwhile
     post_unknown_since: float | None = None  # POST unanswered (timeout, 5xx) since
@@ -2937,6 +2986,9 @@ class _Run:
     interrupt: str | None = None     # "cancel" or "timeout" once decided
     interrupt_sent: bool = False     # ComfyUI has been asked to stop it
     give_up_at: float | None = None  # clock(): recorded ended by comfymgr if not confirmed by then
+    preview: _Preview | None = None  # the latest preview image; dropped with the run
+    preview_announced: float = float("-inf")  # loop time of the last workflow:preview
+    preview_pending: bool = False    # a workflow:preview is scheduled
     # The nodes' finished fractions summed (a cached node counts 1), kept up
     # to date by set_node/add_cached: summing all nodes on every message made
     # a 10,000-node run cost 10,000 x 20,000 steps of the event loop.
@@ -3036,6 +3088,8 @@ class _Backend:
         self._dispatch_failures = 0
         self._dispatch_not_before = 0.0        # loop time; dispatch backs off after failures
         self._warned: set[str] = set()
+        # Called with a run whose preview changed, at most every _PREVIEW_INTERVAL.
+        self.on_preview: Callable[[_Run], None] = lambda run: None
 
     # -- status --------------------------------------------------------------
 
@@ -3089,6 +3143,10 @@ class _Backend:
                     async with self.client.session.ws_connect(
                             url, heartbeat=max(5.0, self.config.backend_timeout),
                             autoping=True, max_msg_size=_WS_MAX_MESSAGE) as ws:
+                        # ComfyUI reads feature flags from the first message only:
+                        # previews then come with their prompt and node.
+                        await ws.send_str('{"type":"feature_flags","data":'
+                                          '{"supports_preview_metadata":true}}')
                         await self._connected(client_id)
                         connected, failures = True, 0
                         async for message in ws:
@@ -3166,8 +3224,47 @@ class _Backend:
         else:
             _log_bridge.debug("backend %s: ignored a message (%s) %r", self.name, reason, kind[:100])
 
-    def _on_binary(self, data: bytes) -> None:
-        self._ignored("unreadable", "binary")
+    def _on_binary(self, frame: bytes) -> None:
+        """Preview images of a running prompt; anything else is ignored."""
+        read = _read_binary_frame(frame)
+        if read is None:
+            self._ignored("unreadable", "binary")
+            return
+        event, content_type, image, metadata = read
+        if event not in (_BINARY_PREVIEW, _BINARY_PREVIEW_WITH_METADATA):
+            if event != _BINARY_TEXT:  # progress text of some nodes: known, not used
+                self._ignored("unknown_type", f"binary {event}")
+            return
+        if metadata:
+            run = self._run_for_prompt(metadata.get("prompt_id"))
+            node = metadata.get("node_id")
+        else:  # the legacy frame names no prompt: it is the running one's
+            running = [r for r in self.runs.values() if r.started is not None]
+            run, node = (running[0] if len(running) == 1 else None), None
+        if run is None:
+            return
+        counter = run.preview.counter + 1 if run.preview else 1
+        run.preview = _Preview(image, content_type, str(node) if _is_node_id(node) else None, counter)
+        self._announce_preview(run)
+
+    def _announce_preview(self, run: _Run) -> None:
+        """workflow:preview at most every _PREVIEW_INTERVAL; a later one is
+        sent when the interval is over, so the last preview is announced."""
+        if run.preview_pending:
+            return
+        loop = asyncio.get_running_loop()
+        wait = run.preview_announced + _PREVIEW_INTERVAL - loop.time()
+        if wait <= 0:
+            run.preview_announced = loop.time()
+            self.on_preview(run)
+            return
+        run.preview_pending = True
+
+        def later() -> None:
+            run.preview_pending = False
+            if self.runs.get(run.job_id) is run:
+                self._announce_preview(run)
+        loop.call_later(wait, later)
 
     async def _on_text(self, text: str) -> None:
         kind, data, problem = _read_message(text)
@@ -3612,7 +3709,7 @@ class _Backend:
                 nodes = _reachable(workflow, outputs)
         run = _Run(job_id=job.id, prompt_id=job.prompt_id or "", priority=int(job.priority),
                    nodes=frozenset(map(str, nodes)), timeout_s=job.timeout_s,
-                   pinned=job.target != TARGET_ANY, progress=job.progress)
+                   pinned=job.target != TARGET_ANY, owner=job.submitted_by, progress=job.progress)
         if job.started_at is not None:
             run.started = job.started_at / 1000
         attempt = job.extra.get("attempt", {})
@@ -3863,6 +3960,12 @@ class _Bridge:
         if backend is not None:
             await backend.request_cancel(job)
 
+    def preview(self, job: Job) -> _Preview | None:
+        """The latest preview of a running job (kept in memory only)."""
+        backend = self.backends.get(job.backend or "")
+        run = backend.runs.get(job.id) if backend is not None else None
+        return run.preview if run is not None and run.prompt_id == job.prompt_id else None
+
 
 ###############################################################################
 # gpu
@@ -4015,13 +4118,18 @@ _CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455 registry: "Try Again Later"
 
 
 class _Outgoing:
-    """One queued message; a newer progress of the same job supersedes it."""
+    """One queued message. With `coalesce` ("progress", "preview"), a newer
+    message of that kind for the same job supersedes it while it waits."""
 
-    __slots__ = ("seq", "job_id", "text", "progress", "dropped")
+    __slots__ = ("seq", "job_id", "text", "coalesce", "dropped")
 
-    def __init__(self, seq: int, job_id: str | None, text: str, progress: bool = False) -> None:
+    def __init__(self, seq: int, job_id: str | None, text: str, coalesce: str | None = None) -> None:
         self.seq, self.job_id, self.text = seq, job_id, text
-        self.progress, self.dropped = progress, False
+        self.coalesce, self.dropped = coalesce, False
+
+    @property
+    def key(self) -> str:
+        return f"{self.coalesce}:{self.job_id}"
 
 
 class _Subscriber:
@@ -4039,7 +4147,8 @@ class _Subscriber:
         self.workflow_ids: set[str] = set()
         self.queue: collections.deque[_Outgoing] = collections.deque()
         self.live = 0                                  # queued messages not superseded
-        self.pending_progress: dict[str, _Outgoing] = {}
+        self.pending: dict[str, _Outgoing] = {}       # coalescing messages waiting, by key
+        self.previews = True                           # workflow:preview wanted
         self.ready = asyncio.Event()
         self.send_lock = asyncio.Lock()
         self.sent_upto = 0                 # replay at connect: everything <= this was sent
@@ -4058,12 +4167,12 @@ class _Subscriber:
         """Queue a message without ever blocking; a client too far behind is closed."""
         if self.closing:
             return
-        if item.progress and item.job_id is not None:
-            older = self.pending_progress.get(item.job_id)
+        if item.coalesce and item.job_id is not None:
+            older = self.pending.get(item.key)
             if older is not None and not older.dropped:
                 older.dropped = True
                 self.live -= 1
-            self.pending_progress[item.job_id] = item
+            self.pending[item.key] = item
         if self.live >= self.hub.config.ws_send_queue:
             self.hub.kill(self, _CLOSE_TRY_AGAIN_LATER,
                           f"more than {self.hub.config.ws_send_queue} messages behind; reconnect with since")
@@ -4086,8 +4195,8 @@ class _Subscriber:
                 if item.dropped:
                     continue
                 self.live -= 1
-                if item.progress and self.pending_progress.get(item.job_id or "") is item:
-                    del self.pending_progress[item.job_id or ""]
+                if item.coalesce and self.pending.get(item.key) is item:
+                    del self.pending[item.key]
                 async with self.send_lock:
                     # Checked under the lock a replay holds while it sends, so
                     # what the replay sent is skipped here, never sent twice.
@@ -4121,8 +4230,22 @@ class _Hub:
                 if sub.wants(event):
                     if item is None:  # serialised once, shared by every client
                         item = _Outgoing(event.seq, event.job_id, _dumps(event.message()),
-                                         progress=event.type == EVENT_PROGRESS)
+                                         "progress" if event.type == EVENT_PROGRESS else None)
                     sub.offer(item)
+
+    def publish_preview(self, job_id: str, owner: str, node_id: str | None, counter: int) -> None:
+        """workflow:preview: ephemeral (no seq, not stored, never replayed),
+        to the clients that follow the job and want previews."""
+        item = None
+        probe = Event(0, job_id, EVENT_PREVIEW, 0, {}, owner)
+        for sub in list(self.subscribers):
+            if sub.previews and sub.wants(probe):
+                if item is None:
+                    item = _Outgoing(0, job_id, _dumps({
+                        "type": EVENT_PREVIEW, "workflowId": job_id, "nodeId": node_id,
+                        "url": f"/v1/comfyui/workflow/{job_id}/preview", "counter": counter,
+                        "timestamp": _ms(self.clock())}), "preview")
+                sub.offer(item)
 
     def kill(self, sub: _Subscriber, code: int, reason: str) -> None:
         if sub.closing:
@@ -4305,10 +4428,14 @@ class _Hub:
         since = message.get("since")
         if (not isinstance(ids, list) or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids)
                 or (since is not None and (not isinstance(since, int) or isinstance(since, bool)
-                                           or not 0 <= since <= _MAX_SEQ))):
+                                           or not 0 <= since <= _MAX_SEQ))
+                or not isinstance(message.get("previews", True), bool)):
             await self._invalid(sub, f'use {{"type": "{kind}", "workflowId": "<id>"}} or '
-                                     f'"workflowIds": [...]; "since" must be a seq >= 0')
+                                     f'"workflowIds": [...]; "since" must be a seq >= 0; '
+                                     f'"previews" true or false')
             return
+        if kind == "subscribe" and "previews" in message:
+            sub.previews = message["previews"]
         if kind == "unsubscribe":
             if message.get("all") is True:
                 sub.follow_all = False
@@ -5786,6 +5913,24 @@ async def _handle_cancel(request: web.Request) -> web.Response:
                   "message": "the job is with ComfyUI; it is being interrupted"}, status=202)
 
 
+async def _handle_preview(request: web.Request) -> web.Response:
+    """The latest preview image of a running job, from memory."""
+    job, _ = await request.app[QUEUE].get(request.match_info["id"], request[PRINCIPAL].owner)
+    preview = request.app[BRIDGE].preview(job)
+    if preview is None:
+        raise NotFound(f"workflow {job.id} has no preview now (previews exist while a job runs a "
+                       "node that sends them, such as a sampler)", code="no_preview",
+                       details={"workflowId": job.id, "status": job.status})
+    etag = f'"{job.prompt_id}-{preview.counter}"'
+    headers = {"ETag": etag, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+               "X-Preview-Counter": str(preview.counter)}
+    if preview.node_id is not None:
+        headers["X-Preview-Node"] = preview.node_id
+    if etag in [t.strip().removeprefix("W/") for t in request.headers.get("If-None-Match", "").split(",")]:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=preview.image, content_type=preview.content_type, headers=headers)
+
+
 async def _handle_list(request: web.Request) -> web.Response:
     q = _query(request, LIST_QUERY_SCHEMA)
     before = None
@@ -5818,6 +5963,8 @@ STREAM_QUERY_SCHEMA: dict[str, Any] = {
                   "description": "Replay stored events after this seq first."},
         "api_key": {"type": "string", "maxLength": 1024, "pattern": "^[ -~]*$",
                     "description": "For clients that cannot set X-API-Key."},
+        "previews": {"type": "string", "enum": ["true", "false"], "default": "true",
+                     "description": "false: no workflow:preview messages on this socket."},
     },
 }
 
@@ -5840,6 +5987,7 @@ async def _handle_stream(request: web.Request) -> web.StreamResponse:
                                  code="too_many_clients", headers={"Retry-After": "5"})
     await ws.prepare(request)
     sub = _Subscriber(ws, hub, _client_address(request), request[PRINCIPAL].owner)
+    sub.previews = q["previews"] == "true"
     await hub.serve(sub, since=q.get("since"), workflow_ids=ids)
     return ws
 
@@ -6196,6 +6344,10 @@ def _routes() -> list[_Route]:
           response_schema="CancelResult",
           responses={200: "Cancelled (it was queued)", 202: "Being interrupted on ComfyUI",
                      404: "No such job", 409: "Already finished"}),
+        r("GET", "/v1/comfyui/workflow/{id}/preview", _handle_preview, "preview",
+          "The latest preview image of a running job", "jobs",
+          responses={200: "The image (image/jpeg or image/png)", 304: "Not modified",
+                     404: "No such job, or no preview now (no_preview)"}),
         r("GET", "/v1/comfyui/workflows", _handle_list, "jobs", "List jobs, newest first", "jobs",
           query=LIST_QUERY_SCHEMA, response_schema="JobList",
           responses={200: "A page of jobs", 400: "Bad query parameter"}),
@@ -6375,6 +6527,9 @@ def _openapi_document(routes: Sequence[_Route]) -> dict[str, Any]:
                     "schema": {"$ref": f"#/components/schemas/{route.response_schema}"}}}
             elif route.name == "metrics":
                 entry["content"] = {"text/plain": {"schema": {"type": "string"}}}
+            elif route.name == "preview" and status == 200:
+                entry["content"] = {t: {"schema": {"type": "string", "format": "binary"}}
+                                    for t in ("image/jpeg", "image/png")}
             elif route.name == "output" and status in (200, 206):
                 entry["content"] = {"application/octet-stream": {
                     "schema": {"type": "string", "format": "binary"}}}
@@ -6668,7 +6823,11 @@ async def _storage_ctx(app: web.Application) -> Any:
 
 
 async def _bridge_ctx(app: web.Application) -> Any:
-    bridge = app[BRIDGE]
+    bridge, hub = app[BRIDGE], app[HUB]
+    for backend in bridge.backends.values():
+        backend.on_preview = lambda run: hub.publish_preview(
+            run.job_id, run.owner, run.preview.node_id if run.preview else None,
+            run.preview.counter if run.preview else 0)
     await bridge.start()
     yield
     await bridge.stop()

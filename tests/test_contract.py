@@ -202,3 +202,34 @@ async def test_custom_node_broadcasting_its_own_messages_wedges_nothing(make_cli
     text = await (await client.get("/metrics")).text()
     assert 'comfymgr_backend_messages_ignored_total{backend="local",reason="unknown_type"}' in text
     assert 'comfymgr_backend_messages_ignored_total{backend="local",reason="bad_shape"}' in text
+
+
+async def test_previews_of_a_running_node_are_served_as_jpeg(make_client, real_config):
+    """A node that reports progress with preview images the way samplers do:
+    while it runs, the preview endpoint answers the latest JPEG."""
+    await custom_nodes("ComfymgrPreviewSteps")
+    client = await make_client(real_config())
+    await wait_backends_up(client, timeout=WAIT)
+    graph = tagged(workflow("simple"))
+    graph["5"] = {"class_type": "ComfymgrPreviewSteps",
+                  "inputs": {"image": ["1", 0], "steps": 20, "seconds_per_step": 0.25}}
+    graph["2"]["inputs"]["images"] = ["5", 0]
+    job = await submit(client, graph)
+    counters = []
+    while True:
+        state = await get_job(client, job["workflowId"])
+        if state["status"] != "running" and state["status"] != "queued":
+            break
+        resp = await client.get(f"/v1/comfyui/workflow/{job['workflowId']}/preview", headers=HEADERS)
+        if resp.status == 200:
+            body = await resp.read()
+            assert resp.content_type == "image/jpeg" and body.startswith(b"\xff\xd8\xff")
+            assert resp.headers["X-Preview-Node"] == "5"
+            counters.append(int(resp.headers["X-Preview-Counter"]))
+        else:
+            assert (await resp.json())["error"] == "no_preview"
+        await asyncio.sleep(0.2)
+    assert state["status"] == "completed", state
+    assert counters and counters == sorted(counters) and counters[-1] > counters[0], counters
+    resp = await client.get(f"/v1/comfyui/workflow/{job['workflowId']}/preview", headers=HEADERS)
+    assert resp.status == 404
