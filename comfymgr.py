@@ -5929,6 +5929,7 @@ class _Display:
         self.out, self.mode = out, mode  # mode: "live", "lines" or "json"
         self.jobs: list[_Tracked] = []
         self.drawn = 0                    # live lines on the screen, the cursor at the end of the last
+        self.held = False                 # a question is on the screen: draw nothing
         self.shown: dict[str, tuple[Any, ...]] = {}
 
     def write(self, text: str) -> None:
@@ -5948,7 +5949,7 @@ class _Display:
             self.redraw()
 
     def redraw(self) -> None:
-        if self.mode != "live" or not self.jobs:
+        if self.mode != "live" or not self.jobs or self.held:
             return
         width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)  # never wrap: \r could not undo it
         label_width = min(30, max(len(j.label) for j in self.jobs))
@@ -6002,17 +6003,17 @@ async def _subscribe(ws: aiohttp.ClientWebSocketResponse, ids: Sequence[str], si
 
 
 async def _follow(api: _Api, ws: aiohttp.ClientWebSocketResponse | None, since: int,
-                  jobs: Mapping[str, _Tracked], on_event: Callable[[_Tracked, dict[str, Any]], None]) -> None:
-    """Feed every event of `jobs` to on_event until all of them have ended;
-    a dropped stream is reopened and resumed from the last seq seen."""
+                  jobs: Mapping[str, _Tracked] | None,
+                  on_event: Callable[[_Tracked | None, dict[str, Any]], None]) -> None:
+    """Feed the events of `jobs` to on_event until all of them have ended
+    (jobs None: every event, until cancelled); a dropped stream is reopened
+    and resumed after the last seq seen."""
     lost_at: float | None = None
     try:
-        while not all(job.done for job in jobs.values()):
+        while jobs is None or not all(job.done for job in jobs.values()):
             if ws is None:
-                open_ = [j for j in jobs.values() if not j.done]
                 try:
-                    ws, _ = await _open_stream(api)
-                    await _subscribe(ws, [j.id for j in open_], min(j.seq or since for j in open_))
+                    ws = await _reopen(api, jobs, since)
                 except _ClientError as exc:
                     if exc.exit_code != _EXIT_UNREACHABLE or lost_at is None or \
                             time.monotonic() - lost_at > _RECONNECT_FOR:
@@ -6021,20 +6022,37 @@ async def _follow(api: _Api, ws: aiohttp.ClientWebSocketResponse | None, since: 
                     continue
                 lost_at = None
             message = await ws.receive()
+            if message.type in _WS_ENDS:
+                await ws.close()
+                ws, lost_at = None, lost_at or time.monotonic()
             if message.type != aiohttp.WSMsgType.TEXT:
-                if message.type in _WS_ENDS:
-                    await ws.close()
-                    ws, lost_at = None, lost_at or time.monotonic()
                 continue
             data = json.loads(message.data)
-            job = jobs.get(data.get("workflowId")) if str(data.get("type", "")).startswith("workflow:") else None
-            if job is not None and job.apply(data):
-                on_event(job, data)
-            elif data.get("type") == "error" and data.get("code") != "since_expired":
+            kind = str(data.get("type", ""))
+            if kind == "error" and data.get("code") != "since_expired":
                 print(f"warning: the stream says {data.get('code')}: {data.get('message')}", file=sys.stderr)
+            elif jobs is None:
+                if kind.startswith("workflow:") or kind == "pong":
+                    since = max(since, data.get("seq") or 0)
+                if kind.startswith("workflow:"):
+                    on_event(None, data)
+            elif kind.startswith("workflow:"):
+                job = jobs.get(data.get("workflowId"))
+                if job is not None and job.apply(data):
+                    on_event(job, data)
     finally:
         if ws is not None:
             await ws.close()
+
+
+async def _reopen(api: _Api, jobs: Mapping[str, _Tracked] | None, since: int
+                  ) -> aiohttp.ClientWebSocketResponse:
+    if jobs is None:
+        return await api.stream({"since": str(since)} if since else None)
+    open_ = [j for j in jobs.values() if not j.done]
+    ws, _ = await _open_stream(api)
+    await _subscribe(ws, [j.id for j in open_], min(j.seq or since for j in open_))
+    return ws
 
 
 async def _ask(question: str, interrupted: asyncio.Event) -> bool:
@@ -6157,8 +6175,10 @@ async def _wait_for_jobs(api: _Api, args: argparse.Namespace, ws: aiohttp.Client
                 cancel = True
             elif sys.stdin.isatty() and sys.stdout.isatty():
                 display.close()
+                display.held = True
                 cancel = await _ask(f"Cancel {len(left)} unfinished job{'s' if len(left) > 1 else ''}"
                                     f" on comfymgr? [y/N] ", interrupted)
+                display.held = False
             else:
                 cancel = False
             if not cancel:
@@ -6302,9 +6322,7 @@ def _view_event(view: Mapping[str, Any]) -> dict[str, Any]:
 
 async def _cmd_watch(api: _Api, args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    loop.add_signal_handler(signal.SIGINT, task.cancel)
-    ws = None
+    loop.add_signal_handler(signal.SIGINT, asyncio.current_task().cancel)
 
     def show(event: Mapping[str, Any]) -> None:
         text = json.dumps(event, ensure_ascii=False) if args.json else _event_line(event)
@@ -6312,58 +6330,30 @@ async def _cmd_watch(api: _Api, args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     try:
-        if not args.ids:  # everything, until Ctrl-C
-            return await _watch_all(api, show)
+        if not args.ids:  # everything from now on, until Ctrl-C; the pong's seq is where to resume
+            ws = await api.stream()
+            await ws.send_json({"type": "ping"})
+            await _follow(api, ws, 0, None, lambda job, event: show(event))
+            return _EXIT_OK  # not reached: it ends with Ctrl-C or an error
         ws, since = await _open_stream(api)
         jobs: dict[str, _Tracked] = {}
-        for job_id in dict.fromkeys(args.ids):
-            _, view = await api.call("GET", f"/v1/comfyui/workflow/{urllib.parse.quote(job_id, safe='')}")
-            job = jobs[view["workflowId"]] = _Tracked(view["workflowId"], view["workflowId"])
-            job.apply(view)
-            show(_view_event(view) if not args.json else {"type": "job", **view})
+        try:
+            for job_id in dict.fromkeys(args.ids):
+                _, view = await api.call("GET", f"/v1/comfyui/workflow/{urllib.parse.quote(job_id, safe='')}")
+                job = jobs[view["workflowId"]] = _Tracked(view["workflowId"], view["workflowId"])
+                job.apply(view)
+                show({"type": "job", **view} if args.json else _view_event(view))
+        except BaseException:
+            await ws.close()
+            raise
         open_ = {i: j for i, j in jobs.items() if not j.done}
-        if open_:
-            await _subscribe(ws, list(open_), since)
-            await _follow(api, ws, since, open_, lambda job, event: show(event))
-            ws = None
+        await _subscribe(ws, list(open_), since)
+        await _follow(api, ws, since, open_, lambda job, event: show(event))
         return _EXIT_OK if all(j.status == "completed" for j in jobs.values()) else _EXIT_JOB
     except asyncio.CancelledError:
         return _EXIT_INTERRUPTED
     finally:
         loop.remove_signal_handler(signal.SIGINT)
-        if ws is not None:
-            await ws.close()
-
-
-async def _watch_all(api: _Api, show: Callable[[Mapping[str, Any]], None]) -> int:
-    """Every event, until Ctrl-C; a dropped stream resumes after the last seq seen."""
-    ws: aiohttp.ClientWebSocketResponse | None = None
-    since: int | None = None
-    lost_at: float | None = None
-    try:
-        while True:
-            if ws is None:
-                try:
-                    ws = await api.stream(None if since is None else {"since": str(since)})
-                except _ClientError as exc:
-                    if exc.exit_code != _EXIT_UNREACHABLE or lost_at is None or \
-                            time.monotonic() - lost_at > _RECONNECT_FOR:
-                        raise
-                    await asyncio.sleep(1.0)
-                    continue
-                lost_at = None
-            message = await ws.receive()
-            if message.type == aiohttp.WSMsgType.TEXT:
-                event = json.loads(message.data)
-                if str(event.get("type", "")).startswith("workflow:"):
-                    since = max(since or 0, event.get("seq") or 0)
-                    show(event)
-            elif message.type in _WS_ENDS:
-                await ws.close()
-                ws, lost_at = None, lost_at or time.monotonic()
-    finally:
-        if ws is not None:
-            await ws.close()
 
 
 async def _cmd_outputs(api: _Api, args: argparse.Namespace) -> int:

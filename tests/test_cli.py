@@ -489,6 +489,8 @@ async def test_ctrl_c_on_a_terminal_asks_and_y_cancels(server, on_pty, fake, tmp
     job_id = re.search(f"submitted ({ID})", child.text)[1]
     child.proc.send_signal(signal.SIGINT)
     await child.expect(r"Cancel 1 unfinished job on comfymgr\? \[y/N\] $")
+    await asyncio.sleep(1.2)  # past the live line's once-a-second redraw: the question stays put
+    assert child.text.endswith("[y/N] ")
     child.write(b"y\n")
     assert await child.finish() == 130
     job = await get_job(server, job_id)
@@ -757,9 +759,9 @@ async def test_help_is_short_with_an_example_and_serve_help_lists_the_settings(c
     assert (r.rc, r.err) == (0, "")
     assert len(r.out.splitlines()) < 30
     assert "  comfymgr submit workflow.json --wait --out ./pictures\n" in r.out
-    for command in comfymgr._CLIENT_COMMANDS:
+    helps = await asyncio.gather(*(cli(None, command, "--help") for command in comfymgr._CLIENT_COMMANDS))
+    for command, sub in zip(comfymgr._CLIENT_COMMANDS, helps):
         assert f"\n  {command} " in r.out
-        sub = await cli(None, command, "--help")
         assert (sub.rc, sub.err) == (0, ""), command
         assert len(sub.out.splitlines()) < 35, command
         assert re.search(rf"\nexample:\n  comfymgr {command}", sub.out), command
