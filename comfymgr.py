@@ -50,6 +50,7 @@ import signal
 import sqlite3
 import stat
 import sys
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -6468,13 +6469,14 @@ def _client_parser() -> argparse.ArgumentParser:
 
     def command(name: str, summary: str, example: str, parents: Sequence[argparse.ArgumentParser] = (conn,)
                 ) -> argparse.ArgumentParser:
-        return commands.add_parser(name, parents=list(parents), description=summary,
+        return commands.add_parser(name, parents=list(parents), description=textwrap.fill(summary, 79),
                                    epilog=f"example:\n  {example}",
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = command("submit", "Submit API-format workflow files (- reads stdin); print their ids, or "
                 "follow them with --wait.", "comfymgr submit workflow.json --wait --out ./pictures")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help='an API-format workflow (in ComfyUI: Export (API)); "-" reads stdin')
     p.add_argument("--priority", choices=PRIORITY_NAMES, default="normal")
     p.add_argument("--gpu", metavar="NAME", help="a backend's name, or any (default local)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
@@ -6484,25 +6486,26 @@ def _client_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="save every output here (implies --wait)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of text")
     p.add_argument("--cancel-on-exit", action="store_true", help="Ctrl-C cancels the jobs without asking")
-    p = command("status", "Show one job.", "comfymgr status 3f2a1c9e-...")
+    p = command("status", "Show one job.", "ID=$(comfymgr submit workflow.json) && comfymgr status $ID")
     p.add_argument("id", metavar="ID")
     p = command("list", "List the newest jobs.", "comfymgr list --status running --limit 10")
     p.add_argument("--status", choices=PUBLIC_STATUSES)
     p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N jobs (default 20)")
     p = command("cancel", "Cancel jobs: queued ones at once, running ones are interrupted.",
-                "comfymgr cancel 3f2a1c9e-...")
+                "ID=$(comfymgr submit workflow.json) && comfymgr cancel $ID")
     p.add_argument("ids", nargs="+", metavar="ID")
     p = command("watch", "Print job events as they happen: of the jobs named, until they end, or of "
-                "every job, until Ctrl-C.", "comfymgr watch --json")
+                "every job, until Ctrl-C.", "ID=$(comfymgr submit workflow.json) && comfymgr watch $ID")
     p.add_argument("ids", nargs="*", metavar="ID")
     p.add_argument("--json", action="store_true", help="the stream's JSON messages, one a line")
     p = command("outputs", "List a job's outputs, or download them with --out.",
-                "comfymgr outputs 3f2a1c9e-... --out ./pictures")
+                "comfymgr outputs $ID --out ./pictures")
     p.add_argument("id", metavar="ID")
     p.add_argument("--out", metavar="DIR", help="save every output here (existing names are kept)")
     command("backends", "Show the ComfyUI servers, their GPUs and what they run.", "comfymgr backends")
     p = command("backup", "Copy the state database while the service runs (on the box), verified. "
-                "To restore: stop comfymgr, copy the file to <state dir>/comfymgr.db, start it.",
+                "To restore: stop comfymgr, delete comfymgr.db-wal and comfymgr.db-shm in the state "
+                "directory, copy the backup over comfymgr.db, start comfymgr (docs/CLI.md).",
                 "comfymgr backup /var/backups/comfymgr.db", parents=())
     p.add_argument("dest", metavar="DEST", help="a file, or a folder to put comfymgr.db in")
     p.add_argument("--state-dir", metavar="DIR", help="the service's state directory (env COMFYMGR_STATE_DIR)")
