@@ -772,3 +772,28 @@ async def test_help_is_short_with_an_example_and_serve_help_lists_the_settings(c
     assert r.err == "comfymgr: error: unknown command 'sumbit'; `comfymgr --help` lists them\n"
     r = await cli(None, "submit")
     assert r.rc == 2 and "the following arguments are required: FILE" in r.err
+
+
+async def test_the_readme_shell_block_runs_as_written(server, cli_env, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- readme-shell -->\n", 1)[1].split("<!-- /readme-shell -->", 1)[0]
+    script = block.split("```sh\n", 1)[1].rsplit("```", 1)[0]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "comfymgr").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT}/comfymgr.py" "$@"\n')
+    (bin_dir / "comfymgr").chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "workflow.json").write_text((WORKFLOWS / "simple.json").read_text())
+    env = cli_env(server, PATH=f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    proc = await asyncio.create_subprocess_exec("bash", "-euo", "pipefail", "-c", script, cwd=work, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    assert (proc.returncode, err) == (0, b""), err
+    assert [p.name for p in (work / "pictures").iterdir()] == ["peer_simple_00001_.png"]
+    lines = out.decode().splitlines()
+    assert "workflow.json: saved pictures/peer_simple_00001_.png" in lines
+    header = next(i for i, line in enumerate(lines) if line.startswith("ID "))  # list
+    assert re.fullmatch(f"{ID}  completed  normal +100%  .*  local", lines[header + 1])
+    assert lines[header + 2].startswith("NAME ")  # backends
+    assert lines[-1] == "jobs: 0 queued, 0 running, 1 completed, 0 failed, 0 cancelled"
