@@ -5716,28 +5716,29 @@ class _Api:
         # COMFYMGR_PUBLIC_URL) may name a host the key must not be sent to.
         parts = urllib.parse.urlsplit(url)
         path = parts.path + (f"?{parts.query}" if parts.query else "")
-        # Blocking file calls on the loop: a command line has nothing else to
-        # serve meanwhile but its own display.
-        folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
         part = folder / f".{name}.{secrets.token_hex(4)}.part"
         try:
-            try:
-                async with self.session.get(self.url + path, headers=self.headers) as resp:
-                    if resp.status != 200:
-                        raw = await resp.read()
-                        try:
-                            data = json.loads(raw)
-                        except ValueError:
-                            data = None
-                        raise self._refused(resp.status, data, resp.reason or "")
-                    with open(part, "wb") as handle:  # noqa: ASYNC230
-                        async for chunk in resp.content.iter_chunked(1 << 16):
-                            handle.write(chunk)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise self._unreachable(exc) from None
+            async with self.session.get(self.url + path, headers=self.headers) as resp:
+                if resp.status != 200:
+                    raw = await resp.read()
+                    try:
+                        data = json.loads(raw)
+                    except ValueError:
+                        data = None
+                    raise self._refused(resp.status, data, resp.reason or "")
+                # Blocking file calls on the loop: a command line has nothing
+                # else to serve meanwhile but its own display.
+                _make_folder(folder, "cannot_save", _EXIT_JOB)
+                with open(part, "wb") as handle:  # noqa: ASYNC230
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        handle.write(chunk)
             return _claim_name(part, folder, name)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._unreachable(exc) from None
+        except OSError as exc:  # the folder: not writable, full, ...
+            raise _ClientError("cannot_save", f"{folder / name}: {exc.strerror or exc}", _EXIT_JOB) from None
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # renamed already, or never made
                 part.unlink()
 
     def _unreachable(self, exc: BaseException) -> _ClientError:
@@ -5756,17 +5757,28 @@ class _Api:
         return _ClientError(code, message, _exit_code_for_status(status))
 
 
+def _make_folder(folder: Path, code: str, exit_code: int) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise _ClientError(code, f"{folder}: not a folder", exit_code) from None
+    except OSError as exc:
+        raise _ClientError(code, f"{folder}: {exc.strerror or exc}", exit_code) from None
+
+
 def _claim_name(part: Path, folder: Path, name: str) -> Path:
-    """Give the downloaded file its name without ever replacing a file: a hard
-    link fails when the name is taken, then 'stem (1).ext' is tried, ..."""
+    """Give a finished file its name without ever replacing another file: the
+    name is claimed by creating it exclusively (taken: 'stem (1).ext', ...),
+    then the file is renamed over its own claim."""
     stem, ext = os.path.splitext(name)
     for n in range(10_000):
         target = folder / (name if n == 0 else f"{stem} ({n}){ext}")
         try:
-            os.link(part, target)
-            return target
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         except FileExistsError:
             continue
+        os.replace(part, target)
+        return target
     raise _ClientError("file_exists", f"{folder / name} and 10,000 numbered copies exist", _EXIT_JOB)
 
 
@@ -6440,10 +6452,9 @@ def _cmd_backup(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                                f"{'; '.join(str(r[0]) for r in check[:5])}", _EXIT_JOB)
         with open(part, "rb") as handle:
             os.fsync(handle.fileno())
-        if args.force:
-            os.replace(part, dest)
-        else:
-            os.link(part, dest)  # fails if DEST appeared meanwhile: never replaced unasked
+        if not args.force:  # claimed exclusively: a DEST that appeared meanwhile is not replaced
+            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.replace(part, dest)
     except sqlite3.Error as exc:
         raise _ClientError("backup_failed", f"{source}: {exc}", _EXIT_JOB) from None
     except FileExistsError:
@@ -6530,12 +6541,17 @@ def _client_main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         if args.command == "backup":
             return _cmd_backup(args, environ)
         url, key = _client_url(args.url, environ), _client_key(args.key, environ)
+        if getattr(args, "out", None) is not None:  # before anything is sent
+            _make_folder(Path(args.out), "invalid_out", _EXIT_USAGE)
+            if not os.access(args.out, os.W_OK | os.X_OK):
+                raise _ClientError("invalid_out", f"{args.out}: not writable", _EXIT_USAGE)
         graphs, inputs = [], {}
         if args.command == "submit":
             if args.files.count("-") > 1:
                 raise _ClientError("invalid_file", "- (stdin) can be given once", _EXIT_USAGE)
             graphs = [_load_workflow(path, sys.stdin) for path in args.files]
             inputs = dict(_inline_input(spec) for spec in args.input)
+
         return asyncio.run(_client_run(args, url, key, graphs, inputs))
     except _ClientError as exc:
         _print_error(exc.code, exc.message)

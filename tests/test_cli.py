@@ -367,6 +367,9 @@ async def test_a_ui_format_file_is_refused_before_sending(server, cli, tmp_path)
     r = await cli(server, "submit", tmp_path / "broken.json")
     assert (r.rc, r.err) == (2, "error: invalid_file: broken.json: not JSON (Expecting property name "
                                 "enclosed in double quotes: line 1 column 2 (char 1))\n")
+    (tmp_path / "a-file").write_text("")
+    r = await cli(server, "submit", WORKFLOWS / "simple.json", "--out", tmp_path / "a-file" / "pictures")
+    assert (r.rc, r.err) == (2, f"error: invalid_out: {tmp_path}/a-file/pictures: Not a directory\n")
     r = await cli(server, "submit", tmp_path / "missing.json")
     assert (r.rc, r.err) == (2, f"error: invalid_file: {tmp_path}/missing.json: No such file or directory\n")
     assert await all_jobs(server) == []  # nothing sent, not even the good file
@@ -663,6 +666,9 @@ async def test_outputs_lists_and_downloads(server, cli, fake, tmp_path):
     assert r.rc == 1 and r.out == ""
     assert re.fullmatch(f"error: no_outputs: workflow {running['workflowId']} has no outputs "
                         r"\(status (queued|running)\)\n", r.err)
+    (tmp_path / "a-file").write_text("")
+    r = await cli(server, "outputs", done["workflowId"], "--out", tmp_path / "a-file")
+    assert (r.rc, r.out, r.err) == (2, "", f"error: invalid_out: {tmp_path}/a-file: not a folder\n")
     (tmp_path / "comfy" / "output" / "peer_simple_00001_.png").unlink()
     r = await cli(server, "outputs", done["workflowId"], "--out", out)
     assert (r.rc, r.out) == (2, "")
