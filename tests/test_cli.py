@@ -432,6 +432,22 @@ async def test_submit_input_attaches_a_local_image(server, cli, fake, tmp_path):
                                 "No such file or directory\n")
 
 
+async def test_a_dropped_stream_is_resumed_without_losing_the_end(server, spawn, fake, tmp_path):
+    gate = fake.gate("ImageBlur")
+    proc = await spawn(server, "submit", write_graph(tmp_path / "blur.json", blur_graph()), "--wait")
+    seen = await read_line_until(proc.stdout, "node 10 ImageBlur")
+    job_id = re.fullmatch(f"blur.json: submitted ({ID})", seen[0])[1]
+    hub = server.app[comfymgr.HUB]
+    for sub in list(hub.subscribers):  # as when comfymgr sheds a slow client
+        hub.kill(sub, 1013, "test")
+    gate.set()  # the job ends while the client is away
+    done = await wait_job(server, job_id, status_is("completed"))
+    out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    assert (proc.returncode, err) == (0, b"")
+    assert out.decode().splitlines()[-1] == "blur.json: completed 100%, 1 output"
+    assert done["outputs"][0]["filename"] == "blur0_00001_.png"
+
+
 # -- the live line and Ctrl-C ----------------------------------------------------------------
 
 
