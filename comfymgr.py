@@ -4238,8 +4238,10 @@ class _Hub:
         client follows), oldest first, holding the client's send lock; the
         sender then skips what this sent. The one replay: at connect and on
         a subscribe with since."""
-        oldest, _ = await self.db.read(lambda s: s.event_bounds())
         async with sub.send_lock:
+            # Every await under the lock: a live event offered meanwhile (its
+            # workflow is already followed) waits, then is skipped as replayed.
+            oldest, _ = await self.db.read(lambda s: s.event_bounds())
             if oldest and since < oldest - 1:
                 await sub.ws.send_str(_dumps({
                     "type": "error", "code": "since_expired",
