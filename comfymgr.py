@@ -7602,6 +7602,12 @@ def _gib(count: Any) -> str:
 
 async def _cmd_backends(api: _Api, args: argparse.Namespace) -> int:
     _, status = await api.call("GET", "/v1/status")
+    counts = status["queue"]["byStatus"]
+    jobs = ", ".join(f"{counts.get(s, 0)} {s}" for s in PUBLIC_STATUSES)
+    if "backends" not in status:  # a client key (COMFYMGR_CLIENT_KEYS) sees its own queue only
+        print(f"backends: shown to MANAGEMENT_API_KEY keys only; this is the client key {status.get('key')}")
+        print(f"jobs: {jobs}")
+        return _EXIT_OK
     rows = [("NAME", "STATE", "COMFYUI", "RUNNING", "DEVICES")]
     errors = []
     for b in status["backends"]:
@@ -7628,8 +7634,7 @@ async def _cmd_backends(api: _Api, args: argparse.Namespace) -> int:
         if d.get("powerWatts") is not None:
             text += f"  {d['powerWatts']:.0f} W"
         print(text + (f"  backends {', '.join(d['backends'])}" if d.get("backends") else ""))
-    counts = status["queue"]["byStatus"]
-    print("jobs: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in PUBLIC_STATUSES))
+    print(f"jobs: {jobs}")
     return _EXIT_OK
 
 
@@ -7772,6 +7777,10 @@ def _client_main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return _EXIT_INTERRUPTED
+    except (KeyError, TypeError, ValueError) as exc:  # an answer of another shape than this client knows
+        _print_error("bad_answer", f"comfymgr answered what this client does not understand "
+                                   f"({type(exc).__name__}: {exc}); is it another version than {__version__}?")
+        return _EXIT_JOB
     except BrokenPipeError:  # `comfymgr list | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return _EXIT_OK

@@ -515,7 +515,10 @@ async def test_ctrl_c_on_a_terminal_asks_and_y_cancels(server, on_pty, fake, tmp
     job = await get_job(server, job_id)
     assert job["status"] == "cancelled"
     assert f"blur.json: cancelling {job_id}" in child.text
-    assert re.search(rf"blur\.json  \[#{{7}}\.{{13}}\]  33%  cancelled  0:0\d  {re.escape(job['error']['message'])}", child.text)
+    filled = round(job["progress"] / 5)
+    bar = re.escape("[" + "#" * filled + "." * (20 - filled) + "]")
+    assert re.search(rf"blur\.json  {bar} +{job['progress']:.0f}%  cancelled  0:0\d  "
+                     rf"{re.escape(job['error']['message'])}", child.text)
 
 
 async def test_ctrl_c_on_a_terminal_and_n_leaves_it_running(server, on_pty, fake, tmp_path):
@@ -557,7 +560,9 @@ async def test_status_shows_one_job(server, cli, fake):
     failed = await wait_job(server, failed["workflowId"], status_is("failed"))
     r = await cli(server, "status", failed["workflowId"])
     assert r.rc == 0
-    assert r.out.splitlines()[1:4] == ["status    failed", "progress  25%  node 2", "priority  low"]
+    node = f"  node {failed['currentNode']}" if failed["currentNode"] else ""
+    assert r.out.splitlines()[1:4] == ["status    failed", f"progress  {failed['progress']:.0f}%{node}",
+                                       "priority  low"]
     assert r.out.splitlines()[-1] == f"error     execution_error: {failed['error']['message']}"
     r = await cli(server, "status", "no-such-job")
     assert (r.rc, r.out, r.err) == (2, "", "error: not_found: workflow no-such-job not found\n")
@@ -574,7 +579,8 @@ async def test_list_shows_the_newest_jobs_as_a_table(server, cli, fake):
     r = await cli(server, "list")
     assert (r.rc, r.err) == (0, "")
     assert r.out == (f"{'ID':<36}  STATUS     PRIORITY  PROGRESS  {'CREATED':<19}  BACKEND\n"
-                     f"{second['workflowId']}  failed     high           25%  {date(second['createdAt'])}  local\n"
+                     f"{second['workflowId']}  failed     high      {second['progress']:7.0f}%  "
+                     f"{date(second['createdAt'])}  local\n"
                      f"{first['workflowId']}  completed  normal        100%  {date(first['createdAt'])}  local\n")
     r = await cli(server, "list", "--status", "completed", "--limit", "1")
     assert r.out.splitlines()[1:] == [
@@ -819,3 +825,26 @@ async def test_the_readme_shell_block_runs_as_written(server, cli_env, tmp_path)
     assert re.fullmatch(f"{ID}  completed  normal +100%  .*  local", lines[header + 1])
     assert lines[header + 2].startswith("NAME ")  # backends
     assert lines[-1] == "jobs: 0 queued, 0 running, 1 completed, 0 failed, 0 cancelled"
+
+
+async def test_a_client_key_submits_follows_and_lists_its_own_jobs(make_client, make_config, fake, cli, tmp_path):
+    alice = "alice-key-0123456789abcdef"
+    client = await make_client(make_config(
+        comfyui_url=fake.url, progress_interval=0.0, outputs_dir=tmp_path / "comfy" / "output",
+        client_keys=comfymgr._parse_client_keys(f"alice:{alice}")), nvml=NoNVML())
+    await wait_backends_up(client)
+    theirs = await post_job(client, workflow("chain"))  # the admin's
+    out = tmp_path / "pictures"
+    r = await cli(client, "submit", WORKFLOWS / "simple.json", "--wait", "--out", out,
+                  env={"MANAGEMENT_API_KEY": alice})
+    assert (r.rc, r.err) == (0, "")
+    job_id = re.match(f"simple.json: submitted ({ID})", r.out)[1]
+    assert (out / "peer_simple_00001_.png").is_file()
+    r = await cli(client, "list", env={"MANAGEMENT_API_KEY": alice})
+    assert [line.split()[0] for line in r.out.splitlines()[1:]] == [job_id]
+    r = await cli(client, "watch", theirs["workflowId"], env={"MANAGEMENT_API_KEY": alice})
+    assert (r.rc, r.err) == (2, f"error: not_found: workflow {theirs['workflowId']} not found\n")
+    r = await cli(client, "backends", env={"MANAGEMENT_API_KEY": alice})
+    assert (r.rc, r.err) == (0, "")
+    assert r.out == ("backends: shown to MANAGEMENT_API_KEY keys only; this is the client key alice\n"
+                     "jobs: 0 queued, 0 running, 1 completed, 0 failed, 0 cancelled\n")
