@@ -53,6 +53,7 @@ import socket
 import sqlite3
 import stat
 import sys
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -4360,8 +4361,10 @@ class _Hub:
         client follows), oldest first, holding the client's send lock; the
         sender then skips what this sent. The one replay: at connect and on
         a subscribe with since."""
-        oldest, _ = await self.db.read(lambda s: s.event_bounds())
         async with sub.send_lock:
+            # Every await under the lock: a live event offered meanwhile (its
+            # workflow is already followed) waits, then is skipped as replayed.
+            oldest, _ = await self.db.read(lambda s: s.event_bounds())
             if oldest and since < oldest - 1:
                 await sub.ws.send_str(_dumps({
                     "type": "error", "code": "since_expired",
@@ -7027,16 +7030,1047 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
 
 
 ###############################################################################
+# client
+###############################################################################
+# comfymgr as its own client, for a person at a shell: `comfymgr submit
+# workflow.json --wait --out ./pictures`. It speaks only the public HTTP API
+# and the event stream, like any other client (backup alone reads the state
+# database, on the box). It prints; it does not log.
+#
+# Exit codes, for scripts: 0 every job completed (or the command did what it
+# said), 1 a job failed, was cancelled or timed out (or the server could not
+# do it now: 409, 429, 5xx), 2 usage or configuration error (a 4xx that says
+# the request was wrong), 3 comfymgr unreachable or the key refused, 130
+# interrupted with Ctrl-C.
+#
+# Following jobs without a gap: the stream socket first unsubscribes from
+# everything and asks for the latest seq (ping -> pong); jobs submitted (or
+# read) after that are subscribed with `since` set to it, so the server
+# replays whatever of theirs happened in between and then goes on live. A
+# dropped socket resumes the same way from the last seq seen.
+
+_EXIT_OK, _EXIT_JOB, _EXIT_USAGE, _EXIT_UNREACHABLE, _EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_ENDED = ("completed", "failed", "cancelled")
+_SUBSCRIBE_CHUNK = 200        # ids per subscribe message (the stream's 64 KiB message limit)
+_RECONNECT_FOR = 30.0         # seconds a dropped stream is retried before giving up
+_BAR_WIDTH = 20
+_WS_ENDS = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
+            aiohttp.WSMsgType.ERROR)
+_CLIENT_COMMANDS = ("submit", "status", "list", "cancel", "watch", "outputs", "backends", "backup")
+
+_PROGRAM_HELP = f"""\
+usage: comfymgr COMMAND [options]
+
+comfymgr {__version__}: the management API in front of ComfyUI, and its client.
+
+commands:
+  submit FILE...   submit API-format workflows; --wait shows progress, --out saves the outputs
+  status ID        one job
+  list             the newest jobs
+  cancel ID...     cancel jobs
+  watch [ID...]    live job events
+  outputs ID       list or download a job's outputs
+  backends         the ComfyUI servers and GPUs
+  backup DEST      copy the state database while the service runs (on the box)
+  serve            run the service (the default; `comfymgr serve --help` lists every setting)
+
+example:
+  comfymgr submit workflow.json --wait --out ./pictures
+
+Where: --url or COMFYMGR_URL (default http://127.0.0.1:9090); the key: --key,
+MANAGEMENT_API_KEY, or the key file in COMFYMGR_STATE_DIR. `comfymgr COMMAND
+--help` shows a command's options. Exit codes: 0 ok, 1 a job did not complete,
+2 usage, 3 comfymgr unreachable or the key refused, 130 interrupted.
+"""
+
+
+class _ClientError(Exception):
+    """One line for stderr (`error: <code>: <message>`) and the exit code it means."""
+
+    def __init__(self, code: str, message: str, exit_code: int) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.exit_code = code, message, exit_code
+
+
+def _exit_code_for_status(status: int) -> int:
+    if status == 401:
+        return _EXIT_UNREACHABLE
+    if status in (409, 429) or status >= 500:
+        return _EXIT_JOB
+    return _EXIT_USAGE
+
+
+def _env_setting(environ: Mapping[str, str], name: str) -> Any:
+    """A service setting from the environment, parsed as the service parses it."""
+    st = next(s for s in _SETTINGS if s.name == name)
+    raw = environ.get(st.env, st.default)
+    try:
+        return st.parse(raw)
+    except ValueError as exc:
+        raise _ClientError("invalid_setting", f"{st.env}={raw!r}: {exc}", _EXIT_USAGE) from None
+
+
+def _client_url(given: str | None, environ: Mapping[str, str]) -> str:
+    """--url, COMFYMGR_URL, else the local service's own host and port."""
+    for source, raw in (("--url", given), ("COMFYMGR_URL", environ.get("COMFYMGR_URL"))):
+        if raw:
+            try:
+                return _parse_url(raw)
+            except ValueError as exc:
+                raise _ClientError("invalid_url", f"{source}={raw!r}: {exc}", _EXIT_USAGE) from None
+    host, port = _env_setting(environ, "host"), _env_setting(environ, "port")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _client_key(given: str | None, environ: Mapping[str, str]) -> str | None:
+    """--key, the first of MANAGEMENT_API_KEY, else the generated key file when
+    readable: on the box itself no key has to be typed."""
+    if given:
+        return given
+    keys = _env_setting(environ, "api_keys")
+    if keys:
+        return keys[0]
+    try:
+        return (_env_setting(environ, "state_dir") / API_KEY_FILE).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+class _Api:
+    """comfymgr's HTTP API and stream; every failure becomes a _ClientError."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, key: str | None) -> None:
+        self.session, self.url, self.key = session, url, key
+        self.headers = {"X-API-Key": key} if key else {}
+
+    async def call(self, method: str, path: str, body: Any = None,
+                   params: Mapping[str, str] | None = None) -> tuple[int, Any]:
+        try:
+            async with self.session.request(method, self.url + path, json=body, params=params,
+                                            headers=self.headers) as resp:
+                raw = await resp.read()
+                status, reason = resp.status, resp.reason
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise self._unreachable(exc) from None
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = None
+        if status >= 400:
+            raise self._refused(status, data, reason or "")
+        return status, data
+
+    async def stream(self, params: Mapping[str, str] | None = None) -> aiohttp.ClientWebSocketResponse:
+        try:
+            return await self.session.ws_connect(self.url + "/v1/comfyui/stream", params=params,
+                                                 headers=self.headers,
+                                                 heartbeat=30.0, max_msg_size=16 * 1024 * 1024)
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 401:  # the server's own words: a plain GET is refused the same way
+                await self.call("GET", "/v1/comfyui/stream")
+            raise _ClientError(f"http_{exc.status}", f"the event stream refused the connection: "
+                               f"{exc.message}", _exit_code_for_status(exc.status)) from None
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise self._unreachable(exc) from None
+
+    async def download(self, url: str, folder: Path, name: str) -> Path:
+        """Save one output as folder/name, or 'name (1).ext', ... when that exists."""
+        # The output's path, always from this comfymgr: an absolute URL (with
+        # COMFYMGR_PUBLIC_URL) may name a host the key must not be sent to.
+        parts = urllib.parse.urlsplit(url)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        part = folder / f".{name}.{secrets.token_hex(4)}.part"
+        try:
+            async with self.session.get(self.url + path, headers=self.headers) as resp:
+                if resp.status != 200:
+                    raw = await resp.read()
+                    try:
+                        data = json.loads(raw)
+                    except ValueError:
+                        data = None
+                    raise self._refused(resp.status, data, resp.reason or "")
+                # Blocking file calls on the loop: a command line has nothing
+                # else to serve meanwhile but its own display.
+                _make_folder(folder, "cannot_save", _EXIT_JOB)
+                with open(part, "wb") as handle:  # noqa: ASYNC230
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        handle.write(chunk)
+            return _claim_name(part, folder, name)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._unreachable(exc) from None
+        except OSError as exc:  # the folder: not writable, full, ...
+            raise _ClientError("cannot_save", f"{folder / name}: {exc.strerror or exc}", _EXIT_JOB) from None
+        finally:
+            with contextlib.suppress(OSError):  # renamed already, or never made
+                part.unlink()
+
+    def _unreachable(self, exc: BaseException) -> _ClientError:
+        reason = getattr(exc, "os_error", None) or exc
+        text = getattr(reason, "strerror", None) or str(reason) or type(exc).__name__
+        return _ClientError("unreachable", f"cannot reach comfymgr at {self.url} ({text})",
+                            _EXIT_UNREACHABLE)
+
+    def _refused(self, status: int, data: Any, reason: str) -> _ClientError:
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            code, message = data["error"], str(data.get("message") or reason)
+        else:
+            code, message = f"http_{status}", reason or "no answer"
+        if status == 401 and not self.key:
+            message += " (no key found: pass --key or set MANAGEMENT_API_KEY)"
+        return _ClientError(code, message, _exit_code_for_status(status))
+
+
+def _make_folder(folder: Path, code: str, exit_code: int) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise _ClientError(code, f"{folder}: not a folder", exit_code) from None
+    except OSError as exc:
+        raise _ClientError(code, f"{folder}: {exc.strerror or exc}", exit_code) from None
+
+
+def _claim_name(part: Path, folder: Path, name: str) -> Path:
+    """Give a finished file its name without ever replacing another file: the
+    name is claimed by creating it exclusively (taken: 'stem (1).ext', ...),
+    then the file is renamed over its own claim."""
+    stem, ext = os.path.splitext(name)
+    for n in range(10_000):
+        target = folder / (name if n == 0 else f"{stem} ({n}){ext}")
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
+        os.replace(part, target)
+        return target
+    raise _ClientError("file_exists", f"{folder / name} and 10,000 numbered copies exist", _EXIT_JOB)
+
+
+def _output_name(output: Mapping[str, Any]) -> str:
+    name = str(output.get("filename") or "").replace("\\", "/").rsplit("/", 1)[-1]
+    return name.lstrip(".").strip() or "output"
+
+
+def _load_workflow(path: str, stdin: Any) -> tuple[str, dict[str, Any]]:
+    """(label, API-format graph) of a workflow file, `-` for stdin; a UI-format
+    file is refused here, with the way to get the API format."""
+    label = "stdin" if path == "-" else Path(path).name
+    try:
+        text = stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _ClientError("invalid_file", f"{path}: {getattr(exc, 'strerror', None) or exc}",
+                           _EXIT_USAGE) from None
+    try:
+        graph = json.loads(text)
+    except ValueError as exc:
+        raise _ClientError("invalid_file", f"{label}: not JSON ({exc})", _EXIT_USAGE) from None
+    if isinstance(graph, dict) and isinstance(graph.get("nodes"), list) and isinstance(graph.get("links"), list):
+        raise _ClientError("ui_format", f'{label} is a UI-format workflow (it has "nodes" and "links"); '
+                           f'in ComfyUI use Workflow > Export (API) and submit that file', _EXIT_USAGE)
+    if not isinstance(graph, dict) or not graph:
+        raise _ClientError("invalid_file", f"{label}: an API-format workflow is a JSON object of nodes "
+                           f'{{"1": {{"class_type": ..., "inputs": {{...}}}}, ...}}', _EXIT_USAGE)
+    return label, graph
+
+
+def _inline_input(spec: str) -> tuple[str, str]:
+    """--input NAME=PATH: the file as a data: URI with its type."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise _ClientError("invalid_input", f"--input {spec!r}: expected NAME=PATH", _EXIT_USAGE)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise _ClientError("invalid_input", f"--input {name}: {path}: {exc.strerror or exc}",
+                           _EXIT_USAGE) from None
+    mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    return name, f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+# -- showing jobs ------------------------------------------------------------
+
+
+def _clock_text(ms: Any) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ms / 1000)) if isinstance(ms, (int, float)) else "-"
+
+
+def _date_text(ms: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _duration_text(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return f"{error.get('code', 'error')}: {error.get('message', '')}"
+    return str(error)
+
+
+def _table(rows: Sequence[Sequence[str]], right: Iterable[int] = ()) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = set(right)
+    return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in rows)
+
+
+class _Tracked:
+    """One job being followed, as far as the events told."""
+
+    def __init__(self, job_id: str, label: str, graph: Mapping[str, Any] | None = None) -> None:
+        self.id, self.label = job_id, label
+        self.node_types = {k: v.get("class_type") for k, v in (graph or {}).items() if isinstance(v, dict)}
+        self.status, self.progress, self.node, self.position = "queued", 0.0, None, None
+        self.outputs: list[dict[str, Any]] = []
+        self.error: Any = None
+        self.seq = 0
+        self.began = time.monotonic()
+        self.ended: float | None = None
+        self.saved: list[str] = []
+
+    @property
+    def done(self) -> bool:
+        return self.status in _ENDED
+
+    def apply(self, message: Mapping[str, Any]) -> bool:
+        """A stream event or a job view; False for one already seen."""
+        seq = message.get("seq") or 0
+        if seq and seq <= self.seq:
+            return False
+        self.seq = max(self.seq, seq)
+        if self.done:
+            return False
+        self.status = message.get("status") or self.status
+        if isinstance(message.get("progress"), (int, float)):
+            self.progress = float(message["progress"])
+        if "currentNode" in message:
+            self.node = message["currentNode"]
+        if "queuePosition" in message:
+            self.position = message["queuePosition"]
+        if message.get("outputs"):
+            self.outputs = list(message["outputs"])
+        if message.get("error"):
+            self.error = message["error"]
+        if self.status == "completed":
+            self.progress = 100.0
+        if self.done:
+            self.ended = time.monotonic()
+        return True
+
+    def node_text(self) -> str:
+        if not self.node:
+            return ""
+        kind = self.node_types.get(self.node)
+        return f"node {self.node} {kind}" if kind else f"node {self.node}"
+
+    def line(self) -> str:
+        """The plain line: on a pipe, one per state or progress step change."""
+        text = f"{self.label}: {self.status}"
+        if self.status == "queued" and self.position:
+            text += f" (position {self.position})"
+        elif self.status == "running":
+            text += f" {self.progress:.0f}% {self.node_text()}".rstrip()
+        elif self.status == "completed":
+            text += f" 100%, {len(self.outputs)} output{'s' if len(self.outputs) != 1 else ''}"
+        elif self.error:
+            text += f": {self.error_text()}"
+        return text
+
+    def error_text(self) -> str:
+        code, message = _job_error(self)
+        return message if code == self.status else f"{code}: {message}"
+
+    def live_line(self, label_width: int, width: int) -> str:
+        """The live line on a terminal: bar, percent, state, elapsed, node."""
+        filled = round(self.progress / 100 * _BAR_WIDTH)
+        elapsed = _duration_text((self.ended or time.monotonic()) - self.began)
+        detail = self.node_text() if self.status == "running" else ""
+        if self.status == "queued" and self.position:
+            detail = f"position {self.position}"
+        elif self.error:
+            detail = self.error_text()
+        text = (f"{self.label[:label_width].ljust(label_width)}  [{'#' * filled}{'.' * (_BAR_WIDTH - filled)}]"
+                f" {self.progress:3.0f}%  {self.status:<9}  {elapsed}  {detail}").rstrip()
+        return text[:width]
+
+
+class _Display:
+    """Jobs as they move: live lines redrawn in place on a terminal, plain
+    lines on a pipe, JSON lines with --json."""
+
+    def __init__(self, out: Any, mode: str) -> None:
+        self.out, self.mode = out, mode  # mode: "live", "lines" or "json"
+        self.jobs: list[_Tracked] = []
+        self.drawn = 0                    # live lines on the screen, the cursor at the end of the last
+        self.held = False                 # a question is on the screen: draw nothing
+        self.shown: dict[str, tuple[Any, ...]] = {}
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def show(self, job: _Tracked, message: Mapping[str, Any] | None = None) -> None:
+        if self.mode == "json":
+            if message is not None:
+                self.write(json.dumps(message, ensure_ascii=False) + "\n")
+        elif self.mode == "lines":
+            key = (job.status, job.node, int(job.progress // 10))
+            if self.shown.get(job.id) != key:
+                self.shown[job.id] = key
+                self.write(job.line() + "\n")
+        else:
+            self.redraw()
+
+    def redraw(self) -> None:
+        if self.mode != "live" or not self.jobs or self.held:
+            return
+        width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)  # never wrap: \r could not undo it
+        label_width = min(30, max(len(j.label) for j in self.jobs))
+        up = f"\x1b[{self.drawn - 1}A" if self.drawn > 1 else ""
+        lines = "\n".join(f"\r{j.live_line(label_width, width)}\x1b[K" for j in self.jobs)
+        self.drawn = len(self.jobs)
+        self.write(up + lines)
+
+    def note(self, text: str, *, error: bool = False) -> None:
+        """A line of its own (on stderr for an error); on a terminal, above the
+        live lines, which are drawn again below it."""
+        if self.mode == "json" and not error:
+            return
+        if self.mode == "live" and self.drawn:
+            self.write(f"\x1b[{self.drawn - 1}A\r\x1b[J" if self.drawn > 1 else "\r\x1b[J")
+            self.drawn = 0
+        if error:
+            print(text, file=sys.stderr, flush=True)
+        else:
+            self.write(text + "\n")
+        self.redraw()
+
+    def close(self) -> None:
+        """Leave the live lines where they are; what follows starts below them."""
+        if self.mode == "live" and self.drawn:
+            self.write("\n")
+            self.drawn = 0
+
+
+# -- following jobs on the stream ----------------------------------------------
+
+
+async def _open_stream(api: _Api) -> tuple[aiohttp.ClientWebSocketResponse, int]:
+    """A stream socket following nothing yet, and the latest seq."""
+    ws = await api.stream()
+    await ws.send_json({"type": "unsubscribe", "all": True})
+    await ws.send_json({"type": "ping"})
+    async for message in ws:
+        if message.type == aiohttp.WSMsgType.TEXT:
+            data = json.loads(message.data)
+            if data.get("type") == "pong":
+                return ws, int(data.get("seq") or 0)
+    await ws.close()
+    raise _ClientError("stream_closed", "the event stream closed before it answered", _EXIT_UNREACHABLE)
+
+
+async def _subscribe(ws: aiohttp.ClientWebSocketResponse, ids: Sequence[str], since: int) -> None:
+    for start in range(0, len(ids), _SUBSCRIBE_CHUNK):
+        await ws.send_json({"type": "subscribe", "workflowIds": list(ids[start:start + _SUBSCRIBE_CHUNK]),
+                            "since": since})
+
+
+async def _follow(api: _Api, ws: aiohttp.ClientWebSocketResponse | None, since: int,
+                  jobs: Mapping[str, _Tracked] | None,
+                  on_event: Callable[[_Tracked | None, dict[str, Any]], None]) -> None:
+    """Feed the events of `jobs` to on_event until all of them have ended
+    (jobs None: every event, until cancelled); a dropped stream is reopened
+    and resumed after the last seq seen."""
+    lost_at: float | None = None
+    try:
+        while jobs is None or not all(job.done for job in jobs.values()):
+            if ws is None:
+                try:
+                    ws = await _reopen(api, jobs, since)
+                except _ClientError as exc:
+                    if exc.exit_code != _EXIT_UNREACHABLE or lost_at is None or \
+                            time.monotonic() - lost_at > _RECONNECT_FOR:
+                        raise
+                    await asyncio.sleep(1.0)
+                    continue
+                lost_at = None
+            message = await ws.receive()
+            if message.type in _WS_ENDS:
+                await ws.close()
+                ws, lost_at = None, lost_at or time.monotonic()
+            if message.type != aiohttp.WSMsgType.TEXT:
+                continue
+            data = json.loads(message.data)
+            kind = str(data.get("type", ""))
+            if kind == "error" and data.get("code") != "since_expired":
+                print(f"warning: the stream says {data.get('code')}: {data.get('message')}", file=sys.stderr)
+            elif jobs is None:
+                if kind.startswith("workflow:") or kind == "pong":
+                    since = max(since, data.get("seq") or 0)
+                if kind.startswith("workflow:"):
+                    on_event(None, data)
+            elif kind.startswith("workflow:"):
+                job = jobs.get(data.get("workflowId"))
+                if job is not None and job.apply(data):
+                    on_event(job, data)
+    finally:
+        if ws is not None:
+            await ws.close()
+
+
+async def _reopen(api: _Api, jobs: Mapping[str, _Tracked] | None, since: int
+                  ) -> aiohttp.ClientWebSocketResponse:
+    if jobs is None:
+        return await api.stream({"since": str(since)} if since else None)
+    open_ = [j for j in jobs.values() if not j.done]
+    ws, _ = await _open_stream(api)
+    await _subscribe(ws, [j.id for j in open_], min(j.seq or since for j in open_))
+    return ws
+
+
+async def _ask(question: str, interrupted: asyncio.Event) -> bool:
+    """y/N on the terminal; a second Ctrl-C is a no."""
+    sys.stdout.write(question)
+    sys.stdout.flush()
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[bytes] = loop.create_future()
+    fd = sys.stdin.fileno()
+    loop.add_reader(fd, lambda: answer.done() or answer.set_result(os.read(fd, 1024)))
+    interrupted.clear()
+    waiter = asyncio.ensure_future(interrupted.wait())
+    try:
+        await asyncio.wait({answer, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_reader(fd)
+        waiter.cancel()
+    if not answer.done():
+        sys.stdout.write("\n")
+        return False
+    return answer.result().strip().lower() in (b"y", b"yes")
+
+
+# -- the commands ------------------------------------------------------------
+
+
+async def _cmd_submit(api: _Api, args: argparse.Namespace, graphs: Sequence[tuple[str, dict[str, Any]]],
+                      inputs: Mapping[str, str]) -> int:
+    wait = args.wait or args.out is not None
+    mode = "json" if args.json else "live" if sys.stdout.isatty() else "lines"
+    display = _Display(sys.stdout, mode)
+    labels = [label for label, _ in graphs]
+    several = len(graphs) > 1
+    ws, since = (await _open_stream(api)) if wait else (None, 0)
+    jobs: dict[str, _Tracked] = {}
+    worst = _EXIT_OK
+    try:
+        for n, (label, graph) in enumerate(graphs):
+            if labels[:n].count(label):  # the same file twice: simple.json, simple.json#2
+                label = f"{label}#{labels[:n].count(label) + 1}"
+            body: dict[str, Any] = {"workflow": graph, "priority": args.priority}
+            for field in ("gpu", "timeout"):
+                if getattr(args, field) is not None:
+                    body[field] = getattr(args, field)
+            if inputs:
+                body["inputs"] = dict(inputs)
+            try:
+                _, view = await api.call("POST", "/v1/comfyui/workflow", body)
+            except _ClientError as exc:
+                if exc.exit_code == _EXIT_UNREACHABLE:
+                    raise
+                _print_error(exc.code, f"{label}: {exc.message}" if several else exc.message)
+                worst = max(worst, exc.exit_code)
+                continue
+            job = jobs[view["workflowId"]] = _Tracked(view["workflowId"], label, graph)
+            job.apply(view)
+            if args.json:
+                display.write(json.dumps({"type": "job", "file": label, **view}, ensure_ascii=False) + "\n")
+            elif not wait:
+                display.write(f"{job.id}\n")
+            else:
+                display.write(f"{label}: submitted {job.id}\n")
+        if not wait or not jobs:
+            return worst
+        display.jobs = list(jobs.values())
+        for job in display.jobs:
+            display.show(job)
+        await _subscribe(ws, list(jobs), since)
+        code = await _wait_for_jobs(api, args, ws, since, jobs, display)
+        ws = None  # _wait_for_jobs closed it
+    finally:
+        if ws is not None:
+            await ws.close()
+    return code if code == _EXIT_INTERRUPTED else max(worst, code)
+
+
+async def _wait_for_jobs(api: _Api, args: argparse.Namespace, ws: aiohttp.ClientWebSocketResponse,
+                         since: int, jobs: Mapping[str, _Tracked], display: _Display) -> int:
+    """Follow the jobs to their end, download outputs, and handle Ctrl-C."""
+    downloads: list[asyncio.Task[None]] = []
+
+    async def save(job: _Tracked) -> None:
+        for output in job.outputs:
+            try:
+                path = await api.download(str(output.get("url", "")), Path(args.out), _output_name(output))
+            except _ClientError as exc:
+                display.note(f"error: {exc.code}: {job.label}: {_output_name(output)}: {exc.message}", error=True)
+                job.saved.append("")  # counted as a failure below
+                continue
+            job.saved.append(str(path))
+            display.note(f"{job.label}: saved {path}")
+
+    def on_event(job: _Tracked, message: dict[str, Any]) -> None:
+        display.show(job, message)
+        if job.status == "completed":
+            if args.out is not None:
+                downloads.append(asyncio.create_task(save(job)))
+        elif job.done:
+            code, message = _job_error(job)
+            display.note(f"error: {code}: {job.label + ': ' if len(jobs) > 1 else ''}{message}", error=True)
+
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    ticker = asyncio.create_task(_tick(display)) if display.mode == "live" else None
+    follower = asyncio.create_task(_follow(api, ws, since, jobs, on_event))
+    cancelling = False
+    try:
+        while True:
+            stop = asyncio.ensure_future(interrupted.wait())
+            await asyncio.wait({follower, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if follower.done():
+                break
+            interrupted.clear()
+            left = [j for j in jobs.values() if not j.done]
+            if cancelling or not left:
+                break
+            if args.cancel_on_exit:
+                cancel = True
+            elif sys.stdin.isatty() and sys.stdout.isatty():
+                display.close()
+                display.held = True
+                cancel = await _ask(f"Cancel {len(left)} unfinished job{'s' if len(left) > 1 else ''}"
+                                    f" on comfymgr? [y/N] ", interrupted)
+                display.held = False
+            else:
+                cancel = False
+            if not cancel:
+                display.close()
+                ids = " ".join(j.id for j in left)
+                print(f"interrupted: the job{'s keep' if len(left) > 1 else ' keeps'} running on comfymgr; "
+                      f"follow with: comfymgr watch {ids}", file=sys.stderr)
+                return _EXIT_INTERRUPTED
+            cancelling = True
+            for job in left:
+                display.note(f"{job.label}: cancelling {job.id}")
+                with contextlib.suppress(_ClientError):  # already ended: its own event says how
+                    await api.call("DELETE", f"/v1/comfyui/workflow/{job.id}")
+        if not follower.done():
+            return _EXIT_INTERRUPTED
+        follower.result()
+        await asyncio.gather(*downloads)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        for task in (follower, ticker):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        display.close()
+    if display.mode == "json":
+        for job in jobs.values():
+            _, view = await api.call("GET", f"/v1/comfyui/workflow/{job.id}")
+            extra = {"saved": job.saved} if args.out is not None else {}
+            display.write(json.dumps({"type": "job", "file": job.label, **view, **extra},
+                                     ensure_ascii=False) + "\n")
+    if cancelling:
+        return _EXIT_INTERRUPTED
+    ok = all(j.status == "completed" and "" not in j.saved for j in jobs.values())
+    return _EXIT_OK if ok else _EXIT_JOB
+
+
+async def _tick(display: _Display) -> None:
+    while True:  # the elapsed time moves on between events
+        await asyncio.sleep(1.0)
+        display.redraw()
+
+
+def _job_error(job: _Tracked) -> tuple[str, str]:
+    error = job.error if isinstance(job.error, dict) else {}
+    return str(error.get("code") or job.status), str(error.get("message") or f"the job {job.status}")
+
+
+def _print_error(code: str, message: str) -> None:
+    print(f"error: {code}: {message}", file=sys.stderr, flush=True)
+
+
+async def _cmd_status(api: _Api, args: argparse.Namespace) -> int:
+    _, job = await api.call("GET", f"/v1/comfyui/workflow/{urllib.parse.quote(args.id, safe='')}")
+    rows = [("workflow", job["workflowId"]), ("status", job["status"])]
+    progress = f"{job['progress']:.0f}%"
+    rows.append(("progress", f"{progress}  node {job['currentNode']}" if job.get("currentNode") else progress))
+    rows.append(("priority", job["priority"]))
+    if job.get("queuePosition") is not None:
+        rows.append(("position", str(job["queuePosition"])))
+    rows.append(("gpu", str(job.get("gpu"))))
+    if job.get("backend"):
+        rows.append(("backend", job["backend"]))
+    rows.append(("created", _date_text(job["createdAt"])))
+    if job.get("startTime"):
+        rows.append(("started", _date_text(job["startTime"])))
+    if job.get("completionTime"):
+        ended = _date_text(job["completionTime"])
+        if job.get("startTime"):
+            ended += f"  after {(job['completionTime'] - job['startTime']) / 1000:.1f} s"
+        rows.append(("ended", ended))
+    for output in job.get("outputs") or []:
+        rows.append(("output", f"{_output_name(output)}  {output.get('url')}"))
+    if job.get("error"):
+        rows.append(("error", _error_text(job["error"])))
+    print("\n".join(f"{name:<9} {value}" for name, value in rows))
+    return _EXIT_OK
+
+
+async def _cmd_list(api: _Api, args: argparse.Namespace) -> int:
+    params = {"limit": str(args.limit)}
+    if args.status:
+        params["status"] = args.status
+    _, page = await api.call("GET", "/v1/comfyui/workflows", params=params)
+    if not page["workflows"]:
+        print("no jobs")
+        return _EXIT_OK
+    rows = [("ID", "STATUS", "PRIORITY", "PROGRESS", "CREATED", "BACKEND")]
+    rows += [(j["workflowId"], j["status"], j["priority"], f"{j['progress']:.0f}%",
+              _date_text(j["createdAt"]), j.get("backend") or "-") for j in page["workflows"]]
+    print(_table(rows, right=[3]))
+    return _EXIT_OK
+
+
+async def _cmd_cancel(api: _Api, args: argparse.Namespace) -> int:
+    worst = _EXIT_OK
+    for job_id in args.ids:
+        try:
+            status, answer = await api.call("DELETE", f"/v1/comfyui/workflow/{urllib.parse.quote(job_id, safe='')}")
+        except _ClientError as exc:
+            if exc.exit_code == _EXIT_UNREACHABLE:
+                raise
+            _print_error(exc.code, exc.message)
+            worst = max(worst, exc.exit_code)
+            continue
+        print(f"{job_id}: cancelled" if status == 200 else f"{job_id}: cancelling (ComfyUI is interrupting it)")
+    return worst
+
+
+def _event_line(event: Mapping[str, Any]) -> str:
+    """One human line per stream event (or job view) for `watch`."""
+    kind = str(event.get("type", "")).removeprefix("workflow:")
+    if kind == "error":
+        kind = "failed"
+    detail = ""
+    if kind == "queued":
+        detail = f"priority {event.get('priority')}"
+        if event.get("queuePosition"):
+            detail += f", position {event['queuePosition']}"
+    elif kind == "started":
+        detail = f"on {event.get('backend')}"
+    elif kind == "progress":
+        detail = f"{event.get('progress', 0):3.0f}%"
+        if event.get("currentNode"):
+            detail += f" node {event['currentNode']}"
+    elif kind == "completed":
+        names = [_output_name(o) for o in event.get("outputs") or []]
+        detail = f"{len(names)} output{'s' if len(names) != 1 else ''}" + (f": {', '.join(names)}" if names else "")
+    elif event.get("error"):
+        detail = _error_text(event["error"])
+    return f"{_clock_text(event.get('timestamp'))}  {event.get('workflowId')}  {kind:<9}  {detail}".rstrip()
+
+
+def _view_event(view: Mapping[str, Any]) -> dict[str, Any]:
+    """A job view as the event its status last produced (what `watch` shows first)."""
+    kind = {"queued": "queued", "running": "progress", "completed": "completed",
+            "failed": "error", "cancelled": "cancelled"}[view["status"]]
+    when = {"queued": view.get("createdAt"), "progress": view.get("startTime")}.get(
+        kind, view.get("completionTime"))
+    return {**view, "type": f"workflow:{kind}", "timestamp": when}
+
+
+async def _cmd_watch(api: _Api, args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, asyncio.current_task().cancel)
+
+    def show(event: Mapping[str, Any]) -> None:
+        text = json.dumps(event, ensure_ascii=False) if args.json else _event_line(event)
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    try:
+        if not args.ids:  # everything from now on, until Ctrl-C; the pong's seq is where to resume
+            ws = await api.stream()
+            await ws.send_json({"type": "ping"})
+            await _follow(api, ws, 0, None, lambda job, event: show(event))
+            return _EXIT_OK  # not reached: it ends with Ctrl-C or an error
+        ws, since = await _open_stream(api)
+        jobs: dict[str, _Tracked] = {}
+        try:
+            for job_id in dict.fromkeys(args.ids):
+                _, view = await api.call("GET", f"/v1/comfyui/workflow/{urllib.parse.quote(job_id, safe='')}")
+                job = jobs[view["workflowId"]] = _Tracked(view["workflowId"], view["workflowId"])
+                job.apply(view)
+                show({"type": "job", **view} if args.json else _view_event(view))
+        except BaseException:
+            await ws.close()
+            raise
+        open_ = {i: j for i, j in jobs.items() if not j.done}
+        await _subscribe(ws, list(open_), since)
+        await _follow(api, ws, since, open_, lambda job, event: show(event))
+        return _EXIT_OK if all(j.status == "completed" for j in jobs.values()) else _EXIT_JOB
+    except asyncio.CancelledError:
+        return _EXIT_INTERRUPTED
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+async def _cmd_outputs(api: _Api, args: argparse.Namespace) -> int:
+    _, job = await api.call("GET", f"/v1/comfyui/workflow/{urllib.parse.quote(args.id, safe='')}")
+    outputs = job.get("outputs") or []
+    if not outputs:
+        _print_error("no_outputs", f"workflow {job['workflowId']} has no outputs (status {job['status']})")
+        return _EXIT_JOB
+    for output in outputs:
+        if args.out is None:
+            print(f"{_output_name(output)}  {output.get('type')}  {output.get('url')}")
+        else:
+            print(f"saved {await api.download(str(output.get('url', '')), Path(args.out), _output_name(output))}")
+    return _EXIT_OK
+
+
+def _gib(count: Any) -> str:
+    return f"{count / 2**30:.1f}" if isinstance(count, (int, float)) else "?"
+
+
+async def _cmd_backends(api: _Api, args: argparse.Namespace) -> int:
+    _, status = await api.call("GET", "/v1/status")
+    counts = status["queue"]["byStatus"]
+    jobs = ", ".join(f"{counts.get(s, 0)} {s}" for s in PUBLIC_STATUSES)
+    if "backends" not in status:  # a client key (COMFYMGR_CLIENT_KEYS) sees its own queue only
+        print(f"backends: shown to MANAGEMENT_API_KEY keys only; this is the client key {status.get('key')}")
+        print(f"jobs: {jobs}")
+        return _EXIT_OK
+    rows = [("NAME", "STATE", "COMFYUI", "RUNNING", "DEVICES")]
+    errors = []
+    for b in status["backends"]:
+        devices = ", ".join(
+            f"{d.get('name')} ({_gib(d.get('vram_free'))}/{_gib(d.get('vram_total'))} GiB free)"
+            if d.get("vram_total") else str(d.get("name")) for d in b.get("devices") or [])
+        rows.append((b["name"], b["state"], b.get("comfyuiVersion") or "-", b.get("runningJob") or "-",
+                     devices or "-"))
+        if b.get("lastError"):
+            errors.append(f"{b['name']}: {b['lastError']}")
+    print(_table(rows))
+    for line in errors:
+        print(f"  {line}")
+    gpu = status.get("gpu") or {}
+    if not gpu.get("available"):
+        print(f"gpus: no figures ({gpu.get('reason')})")
+    for d in gpu.get("devices") or []:
+        if d.get("error"):
+            print(f"gpu {d['index']}  {d.get('name')}  error: {d['error']}")
+            continue
+        text = (f"gpu {d['index']}  {d.get('name')}  {d.get('utilization', 0):.0f}% busy  "
+                f"{_gib(d.get('memoryUsedBytes'))}/{_gib(d.get('memoryTotalBytes'))} GiB  "
+                f"{d.get('temperatureCelsius', 0):.0f} C")
+        if d.get("powerWatts") is not None:
+            text += f"  {d['powerWatts']:.0f} W"
+        print(text + (f"  backends {', '.join(d['backends'])}" if d.get("backends") else ""))
+    print(f"jobs: {jobs}")
+    return _EXIT_OK
+
+
+def _cmd_backup(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """A consistent copy of the live database: SQLite's backup API from a
+    read-only connection (in WAL mode it never blocks the service's writes),
+    checked with integrity_check before it takes DEST's name."""
+    state_dir = Path(args.state_dir) if args.state_dir else _env_setting(environ, "state_dir")
+    source = state_dir / "comfymgr.db"
+    if not source.is_file():
+        raise _ClientError("no_database", f"{source} does not exist (set --state-dir or "
+                           f"COMFYMGR_STATE_DIR)", _EXIT_USAGE)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / "comfymgr.db"
+    if dest.exists() and not args.force:
+        raise _ClientError("exists", f"{dest} exists; pass --force to replace it", _EXIT_USAGE)
+    part = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
+    try:
+        src = sqlite3.connect(f"file:{urllib.parse.quote(str(source.resolve()))}?mode=ro", uri=True)
+        try:
+            copy = sqlite3.connect(part)
+            try:
+                src.backup(copy)  # all pages in one step: one read transaction, one snapshot
+                check = copy.execute("PRAGMA integrity_check").fetchall()
+                jobs = copy.execute("SELECT count(*) FROM jobs").fetchone()[0]
+            finally:
+                copy.close()
+        finally:
+            src.close()
+        if check != [("ok",)]:
+            raise _ClientError("corrupt_copy", f"integrity_check on the copy: "
+                               f"{'; '.join(str(r[0]) for r in check[:5])}", _EXIT_JOB)
+        with open(part, "rb") as handle:
+            os.fsync(handle.fileno())
+        if not args.force:  # claimed exclusively: a DEST that appeared meanwhile is not replaced
+            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.replace(part, dest)
+    except sqlite3.Error as exc:
+        raise _ClientError("backup_failed", f"{source}: {exc}", _EXIT_JOB) from None
+    except FileExistsError:
+        raise _ClientError("exists", f"{dest} exists; pass --force to replace it", _EXIT_USAGE) from None
+    except OSError as exc:
+        raise _ClientError("backup_failed", f"{dest}: {exc.strerror or exc}", _EXIT_JOB) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+    print(f"{source} -> {dest}: {dest.stat().st_size:,} bytes, {jobs:,} jobs, integrity ok")
+    return _EXIT_OK
+
+
+# -- the command line --------------------------------------------------------
+
+
+def _client_parser() -> argparse.ArgumentParser:
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--url", help="comfymgr's address (env COMFYMGR_URL; default the local service)")
+    conn.add_argument("--key", help="the API key (env MANAGEMENT_API_KEY; default the state dir's key file)")
+    parser = argparse.ArgumentParser(prog="comfymgr", add_help=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, summary: str, example: str, parents: Sequence[argparse.ArgumentParser] = (conn,)
+                ) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=list(parents), description=textwrap.fill(summary, 79),
+                                   epilog=f"example:\n  {example}",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = command("submit", "Submit API-format workflow files (- reads stdin); print their ids, or "
+                "follow them with --wait.", "comfymgr submit workflow.json --wait --out ./pictures")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help='an API-format workflow (in ComfyUI: Export (API)); "-" reads stdin')
+    p.add_argument("--priority", choices=PRIORITY_NAMES, default="normal")
+    p.add_argument("--gpu", metavar="NAME", help="a backend's name, or any (default local)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                   help="attach a local image; the workflow refers to it by NAME")
+    p.add_argument("--timeout", metavar="S", type=_positive_duration, help="run-time limit (30s, 10m, 1h)")
+    p.add_argument("--wait", action="store_true", help="follow the jobs to their end")
+    p.add_argument("--out", metavar="DIR", help="save every output here (implies --wait)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    p.add_argument("--cancel-on-exit", action="store_true", help="Ctrl-C cancels the jobs without asking")
+    p = command("status", "Show one job.", "ID=$(comfymgr submit workflow.json) && comfymgr status $ID")
+    p.add_argument("id", metavar="ID")
+    p = command("list", "List the newest jobs.", "comfymgr list --status running --limit 10")
+    p.add_argument("--status", choices=PUBLIC_STATUSES)
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N jobs (default 20)")
+    p = command("cancel", "Cancel jobs: queued ones at once, running ones are interrupted.",
+                "ID=$(comfymgr submit workflow.json) && comfymgr cancel $ID")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p = command("watch", "Print job events as they happen: of the jobs named, until they end, or of "
+                "every job, until Ctrl-C.", "ID=$(comfymgr submit workflow.json) && comfymgr watch $ID")
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--json", action="store_true", help="the stream's JSON messages, one a line")
+    p = command("outputs", "List a job's outputs, or download them with --out.",
+                "comfymgr outputs $ID --out ./pictures")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--out", metavar="DIR", help="save every output here (existing names are kept)")
+    command("backends", "Show the ComfyUI servers, their GPUs and what they run.", "comfymgr backends")
+    p = command("backup", "Copy the state database while the service runs (on the box), verified. "
+                "To restore: stop comfymgr, delete comfymgr.db-wal and comfymgr.db-shm in the state "
+                "directory, copy the backup over comfymgr.db, start comfymgr (docs/CLI.md).",
+                "comfymgr backup /var/backups/comfymgr.db", parents=())
+    p.add_argument("dest", metavar="DEST", help="a file, or a folder to put comfymgr.db in")
+    p.add_argument("--state-dir", metavar="DIR", help="the service's state directory (env COMFYMGR_STATE_DIR)")
+    p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    return parser
+
+
+def _positive_duration(text: str) -> float:
+    try:
+        seconds = _parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("expected a duration > 0")
+    return seconds
+
+
+def _client_main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    """`comfymgr COMMAND ...`: parse, run, turn every failure into one line and its exit code."""
+    args = _client_parser().parse_args(argv)
+    try:
+        if args.command == "backup":
+            return _cmd_backup(args, environ)
+        url, key = _client_url(args.url, environ), _client_key(args.key, environ)
+        if getattr(args, "out", None) is not None:  # before anything is sent
+            _make_folder(Path(args.out), "invalid_out", _EXIT_USAGE)
+            if not os.access(args.out, os.W_OK | os.X_OK):
+                raise _ClientError("invalid_out", f"{args.out}: not writable", _EXIT_USAGE)
+        graphs, inputs = [], {}
+        if args.command == "submit":
+            if args.files.count("-") > 1:
+                raise _ClientError("invalid_file", "- (stdin) can be given once", _EXIT_USAGE)
+            graphs = [_load_workflow(path, sys.stdin) for path in args.files]
+            inputs = dict(_inline_input(spec) for spec in args.input)
+
+        return asyncio.run(_client_run(args, url, key, graphs, inputs))
+    except _ClientError as exc:
+        _print_error(exc.code, exc.message)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+    except (KeyError, TypeError, ValueError) as exc:  # an answer of another shape than this client knows
+        _print_error("bad_answer", f"comfymgr answered what this client does not understand "
+                                   f"({type(exc).__name__}: {exc}); is it another version than {__version__}?")
+        return _EXIT_JOB
+    except BrokenPipeError:  # `comfymgr list | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _EXIT_OK
+
+
+async def _client_run(args: argparse.Namespace, url: str, key: str | None,
+                      graphs: Sequence[tuple[str, dict[str, Any]]], inputs: Mapping[str, str]) -> int:
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        api = _Api(session, url, key)
+        if args.command == "submit":
+            return await _cmd_submit(api, args, graphs, inputs)
+        handler = {"status": _cmd_status, "list": _cmd_list, "cancel": _cmd_cancel, "watch": _cmd_watch,
+                   "outputs": _cmd_outputs, "backends": _cmd_backends}[args.command]
+        return await handler(api, args)
+
+
+###############################################################################
 # cli
 ###############################################################################
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: `comfymgr [serve] [--SETTING VALUE ...]` runs the
-    service."""
+    service; `comfymgr COMMAND ...` is its client (`comfymgr --help`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _CLIENT_COMMANDS:
+        # The client reads its connection settings (COMFYMGR_URL, the
+        # service's host, port, key and state dir) from the environment here.
+        return _client_main(argv, os.environ)
+    if argv and argv[0] in ("-h", "--help"):
+        print(_PROGRAM_HELP, end="")
+        return 0
     if argv and argv[0] == "serve":
         argv = argv[1:]
+    elif argv and not argv[0].startswith("-"):
+        print(f"comfymgr: error: unknown command {argv[0]!r}; `comfymgr --help` lists them",
+              file=sys.stderr)
+        return 2
     return _serve_main(argv)
 
 
