@@ -346,6 +346,9 @@ def _settings() -> tuple[_Setting, ...]:
           "service"),
         s("shutdown_timeout", "COMFYMGR_SHUTDOWN_TIMEOUT", "10s", _parse_duration,
           "How long a graceful stop waits for in-flight requests.", "service"),
+        s("max_wait", "COMFYMGR_MAX_WAIT", "300s", _parse_duration,
+          "Longest ?wait= a submit or a job GET may hold its answer for the job's end.",
+          "service"),
         # -- comfyui --------------------------------------------------------
         s("comfyui_url", "COMFYUI_URL", "http://127.0.0.1:8188", _parse_url,
           "The ComfyUI server, when COMFYUI_BACKENDS is empty (backend name: local).", "comfyui"),
@@ -410,6 +413,17 @@ def _settings() -> tuple[_Setting, ...]:
           "Upscale models folder.", "files"),
         s("max_upload_bytes", "COMFYMGR_MAX_UPLOAD_BYTES", "52428800", _parse_positive,
           "Largest input image accepted by POST /v1/comfyui/inputs, in bytes.", "files"),
+        s("max_input_bytes", "COMFYMGR_MAX_INPUT_BYTES", "52428800", _parse_positive,
+          "Largest inline input of a submit (`inputs`: base64 or a URL), in bytes decoded. "
+          "Base64 in the body also counts against COMFYMGR_MAX_BODY_BYTES.", "files"),
+        s("keep_inputs", "COMFYMGR_KEEP_INPUTS", "false", _parse_bool,
+          "Keep a job's inline inputs after it ended (else they are removed from the state "
+          "directory and COMFYUI_INPUTS).", "files"),
+        s("fetch_timeout", "COMFYMGR_FETCH_TIMEOUT", "30s", _parse_duration,
+          "Connect-and-read timeout of fetching an inline input given as a URL.", "files"),
+        s("inline_max_bytes", "COMFYMGR_INLINE_MAX_BYTES", "8388608", _parse_positive,
+          "Largest output file put inline (base64) into an answer or a webhook with "
+          "include=data; larger ones keep only their url.", "files"),
         s("retention_days", "COMFYMGR_RETENTION_DAYS", "0", _parse_count,
           "Delete finished jobs and their events after this many days; 0 keeps them.", "files"),
         s("retention_delete_outputs", "COMFYMGR_RETENTION_DELETE_OUTPUTS", "false", _parse_bool,
@@ -489,6 +503,11 @@ class Config:
     models_controlnet: Path | None
     models_upscale: Path | None
     max_upload_bytes: int
+    max_input_bytes: int
+    keep_inputs: bool
+    fetch_timeout: float
+    inline_max_bytes: int
+    max_wait: float
     retention_days: int
     retention_delete_outputs: bool
     public_url: str | None
@@ -766,6 +785,9 @@ class _Schema:
         "boolean": lambda v: isinstance(v, bool),
         "null": lambda v: v is None,
     }
+    _WORDS = {"object": "an object", "array": "an array", "string": "a string",
+              "integer": "an integer", "number": "a number", "boolean": "true or false",
+              "null": "null"}
 
     @classmethod
     def validate(cls, schema: Mapping[str, Any], value: Any, path: tuple[str, ...] = ()) -> None:
@@ -787,9 +809,9 @@ class _Schema:
             # One type is the common case: no generator for it (a submit checks every node).
             if isinstance(kind, str):
                 if not cls._TYPES[kind](value):
-                    return path, f"must be {kind}"
+                    return path, f"must be {cls._WORDS[kind]}"
             elif not any(cls._TYPES[k](value) for k in kind):
-                return path, f"must be {' or '.join(kind)}"
+                return path, f"must be {' or '.join(cls._WORDS[k] for k in kind)}"
         if "enum" in schema and value not in schema["enum"]:
             return path, f"must be one of {', '.join(map(str, schema['enum']))}"
         if isinstance(value, str):
@@ -971,7 +993,7 @@ _log_tasks = logging.getLogger("comfymgr.tasks")
 _RESTART_BASE, _RESTART_MAX = 0.5, 30.0
 _RESTART_RESET = 60.0  # a task that ran this long before failing starts from the base delay
 # Failures reported by their owners, who recover themselves (see report()).
-_REPORTED_TASKS = ("stream:sender", "webhooks:delivery")
+_REPORTED_TASKS = ("stream:sender", "webhooks:delivery", "background")
 
 
 @dataclasses.dataclass(eq=False)
@@ -1992,6 +2014,12 @@ class Storage:
                                       "WHERE submitted_by = ? GROUP BY state, priority", (owner,))
         return {(JobState(row["state"]), Priority(row["priority"])): row["n"] for row in rows}
 
+    def output_job(self, type_: str, path: str) -> Job | None:
+        """The job that produced a file, by the outputs it recorded."""
+        row = self._conn.execute("SELECT job_id FROM outputs WHERE type = ? AND path = ?",
+                                 (type_, path)).fetchone()
+        return self.get(row[0]) if row else None
+
     def owned_outputs(self, owner: str, type_: str | None = None,
                       paths: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
         """(type, path, job id) of the files the jobs of `owner` produced;
@@ -2291,12 +2319,12 @@ class _Queue:
 
     async def submit(self, workflow: Mapping[str, Any], priority: Priority, target: str, *,
                      timeout_s: float | None, extra: dict[str, Any] | None = None,
-                     idempotency: tuple[str, str] | None = None,
-                     owner: str = ADMIN) -> tuple[Job, int | None, bool]:
+                     idempotency: tuple[str, str] | None = None, owner: str = ADMIN,
+                     job_id: str | None = None) -> tuple[Job, int | None, bool]:
         """Queue a job for `owner` (the submitting key's name); with an
         (idempotency key, body hash), a retry returns the original job
         instead (replayed=True)."""
-        job_id, text, now = _new_id(), _dumps(workflow), self.now_ms()
+        job_id, text, now = job_id or _new_id(), _dumps(workflow), self.now_ms()
         if idempotency is None:
             job, position = await self._db.write(
                 lambda s: s.enqueue(job_id, text, priority, target, now, timeout_s=timeout_s,
@@ -2347,6 +2375,76 @@ class _Queue:
 
     async def counts(self, owner: str | None = None) -> dict[tuple[JobState, Priority], int]:
         return await self._db.read(lambda s: s.counts(owner))
+
+
+INLINE_INPUTS_FOLDER = "comfymgr-jobs"  # ComfyUI input subfolder of inline inputs, one per job
+
+
+class _InputStore:
+    """The inline inputs of jobs (a submit's `inputs`), kept until the job
+    ends. With COMFYUI_INPUTS they are written straight into ComfyUI's input
+    folder, at comfymgr-jobs/<job id>/<file>; without it they wait in the state
+    directory (inputs/<job id>/) and the dispatcher uploads them through
+    /upload/image to the backend that takes the job, under the same name.
+    Files are written and removed in worker threads, never on the loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.inputs_dir = config.inputs_dir
+        self.local = config.state_dir / "inputs"
+        self.keep = config.keep_inputs
+        self.pending: set[str] = set()   # job ids whose inputs are stored
+
+    @staticmethod
+    def subfolder(job_id: str) -> str:
+        return f"{INLINE_INPUTS_FOLDER}/{job_id}"
+
+    @property
+    def uploads(self) -> bool:
+        """Whether the dispatcher must upload them (no shared input folder)."""
+        return self.inputs_dir is None
+
+    def _folder(self, job_id: str) -> Path:
+        if self.inputs_dir is not None:
+            return self.inputs_dir / INLINE_INPUTS_FOLDER / job_id
+        return self.local / job_id
+
+    async def save(self, job_id: str, files: Sequence[tuple[str, bytes]]) -> None:
+        def write() -> None:
+            folder = self._folder(job_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in files:
+                _write_file(folder / name, data)
+        await asyncio.to_thread(write)
+        self.pending.add(job_id)
+
+    async def read(self, job_id: str, name: str) -> bytes:
+        return await asyncio.to_thread((self._folder(job_id) / name).read_bytes)
+
+    async def remove(self, job_id: str) -> None:
+        """Remove a job's inputs (its end came, or its submit failed)."""
+        self.pending.discard(job_id)
+        await asyncio.to_thread(shutil.rmtree, self._folder(job_id), True)
+
+    async def sweep(self, db: _Database) -> None:
+        """At start: remember the jobs whose inputs wait; remove the inputs of
+        jobs that ended (or never got queued) while comfymgr was down."""
+        base = self.inputs_dir / INLINE_INPUTS_FOLDER if self.inputs_dir is not None else self.local
+        names = await asyncio.to_thread(lambda: [p.name for p in base.iterdir() if p.is_dir()]
+                                        if base.is_dir() else [])
+        jobs = await db.read(lambda s: {n: s.get(n) for n in names})
+        for name, job in jobs.items():
+            if job is not None and not job.terminal:
+                self.pending.add(name)
+            elif not self.keep:
+                await self.remove(name)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write a whole file durably (flushed to disk before it is used)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 ###############################################################################
@@ -2553,6 +2651,27 @@ class _ComfyClient:
         if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
             raise _ProtocolError(f"POST /upload/image: HTTP {status}", _excerpt(raw))
         return body
+
+    @contextlib.asynccontextmanager
+    async def view(self, filename: str, subfolder: str, type_: str, *, method: str = "GET",
+                   headers: Mapping[str, str] | None = None) -> Any:
+        """ComfyUI's GET /view of one file, as a response to stream from. The
+        backend timeout bounds connecting and each read, not the whole body."""
+        assert self.session is not None
+        query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type_})
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout.total,
+                                        sock_read=self._timeout.total)
+        try:
+            resp = await self.session.request(method, f"{self.base_url}/view?{query}",
+                                              headers=headers, timeout=timeout)
+        except _CONNECT_ERRORS as exc:
+            raise BackendError(f"cannot connect to {self.base_url}: {exc}", sent=False) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise BackendError(f"{method} /view: {type(exc).__name__} {exc}".strip()) from None
+        try:
+            yield resp
+        finally:
+            resp.release()
 
     async def system_stats(self) -> Any:
         return await self._json("GET", "/system_stats")
@@ -3061,8 +3180,9 @@ class _Backend:
     """
 
     def __init__(self, spec: BackendSpec, *, config: Config, db: _Database, queue_: _Queue,
-                 clock: Clock, metrics: _Metrics) -> None:
+                 clock: Clock, metrics: _Metrics, inputs: _InputStore) -> None:
         self.spec = spec
+        self.inputs = inputs
         self.name = spec.name
         self.config = config
         self.db = db
@@ -3395,6 +3515,19 @@ class _Backend:
                              self.name, prompt_id, job.attempts, extra={"job": job.id})
             run.posting = True
             try:
+                if job.extra.get("inputs") and self.inputs.uploads:
+                    try:
+                        if not await self._upload_inputs_locked(run, job):
+                            return True
+                    except BackendError as exc:  # nothing was posted: back to the queue
+                        self._dispatch_failed(f"uploading the job's inputs: {exc}")
+                        await self._requeue_locked(run, **({} if not exc.sent else dict(
+                            reason="dispatch_failed", count="dispatchFailures",
+                            allowed=self.config.dispatch_attempts - 1, error={
+                                "code": "dispatch_failed",
+                                "message": f"ComfyUI {self.name} did not take the job's inputs "
+                                           f"in {self.config.dispatch_attempts} attempts"})))
+                        return True
                 answer = await self.client.post_prompt(job.workflow, prompt_id, self.client_id or "")
             except BackendError as exc:
                 self._dispatch_failed(str(exc))
@@ -3407,6 +3540,25 @@ class _Backend:
             finally:
                 run.posting = False
             await self._posted_locked(run, job, answer)
+        return True
+
+    async def _upload_inputs_locked(self, run: _Run, job: Job) -> bool:
+        """The job's inline inputs, from the state directory to this backend
+        (/upload/image, the name comfymgr chose; job-unique, so overwrite).
+        False when the job cannot run (its inputs are gone): it has ended."""
+        folder = _InputStore.subfolder(job.id)
+        for name in job.extra["inputs"]:
+            try:
+                data = await self.inputs.read(job.id, name)
+            except OSError as exc:
+                await self._end_locked(run, JobState.FAILED, error={
+                    "code": "inputs_missing", "message": f"the job's input {name} is no longer "
+                    f"stored ({exc.strerror or exc}); submit it again"})
+                return False
+            answer = await self.client.upload_image(name, data, folder, True)
+            if answer["name"] != name or str(answer.get("subfolder") or "") != folder:
+                raise _ProtocolError(f"POST /upload/image stored {answer['name']!r} in "
+                                     f"{answer.get('subfolder')!r}, not {name!r} in {folder!r}")
         return True
 
     async def _posted_locked(self, run: _Run, job: Job, answer: _PromptAnswer) -> None:
@@ -3910,14 +4062,14 @@ class _Bridge:
     cancels routed to the backend that holds the job."""
 
     def __init__(self, config: Config, db: _Database, queue_: _Queue, clock: Clock,
-                 metrics: _Metrics, supervisor: _Supervisor) -> None:
+                 metrics: _Metrics, supervisor: _Supervisor, inputs: _InputStore) -> None:
         self.config = config
         self.db = db
         self.queue = queue_
         self.clock = clock
         self.supervisor = supervisor
         self.backends = {spec.name: _Backend(spec, config=config, db=db, queue_=queue_, clock=clock,
-                                             metrics=metrics)
+                                             metrics=metrics, inputs=inputs)
                          for spec in config.backend_specs}
 
     async def start(self) -> None:
@@ -4750,6 +4902,9 @@ class _Webhooks:
         self.session: aiohttp.ClientSession | None = None
         self.wake = asyncio.Event()
         self._in_flight: set[str] = set()
+        # include=data: (job, outputs) -> the outputs with their bytes (the
+        # files section's, wired by create_app).
+        self.with_data: Callable[[Job, list[dict[str, Any]]], Any] | None = None
 
     async def start(self) -> None:
         self.session = _outbound_session(self.policy, self.config.webhook_timeout,
@@ -4763,7 +4918,8 @@ class _Webhooks:
         """The submit's webhook, normalised; BadRequest naming what is wrong."""
         url = await self.policy.check_url(spec["url"], field="webhook.url", code="webhook_forbidden")
         events = list(dict.fromkeys(spec.get("events") or _DEFAULT_WEBHOOK_EVENTS))
-        return {"url": str(url), "events": events}
+        return {"url": str(url), "events": events,
+                **({"include": list(spec["include"])} if spec.get("include") else {})}
 
     # -- sending -----------------------------------------------------------------
 
@@ -4809,7 +4965,7 @@ class _Webhooks:
     async def _post(self, row: sqlite3.Row) -> tuple[int | None, str | None, bool, float | None]:
         """(HTTP status, error category, retry?, Retry-After seconds)."""
         assert self.session is not None
-        msg_id, body = row["id"], row["payload"].encode()
+        msg_id, body = row["id"], await self._body(row)
         timestamp = int(self.clock())
         headers = {"Content-Type": "application/json", "User-Agent": f"comfymgr/{__version__}",
                    "webhook-id": msg_id, "webhook-timestamp": str(timestamp),
@@ -4834,6 +4990,18 @@ class _Webhooks:
         if 200 <= status < 300:
             return status, None, False, None
         return status, f"HTTP {status}", status == 429 or status >= 500, retry_after
+
+    async def _body(self, row: sqlite3.Row) -> bytes:
+        """The payload; with include=data, a completion's outputs carry their
+        bytes (read now, at send: never in the transaction of the event)."""
+        if row["event_type"] != "workflow:completed" or self.with_data is None:
+            return row["payload"].encode()
+        job = await self.db.read(lambda s: s.get(row["job_id"]))
+        if job is None or "data" not in (job.extra.get("webhook") or {}).get("include", ()):
+            return row["payload"].encode()
+        payload = json.loads(row["payload"])
+        payload["outputs"] = await self.with_data(job, payload.get("outputs") or [])
+        return _dumps(payload).encode()
 
     def _log_failure(self, row: sqlite3.Row, detail: str) -> None:
         _log_webhooks.info("webhook %s to %s: %s", row["id"], _redact_url(row["url"]), detail,
@@ -4895,6 +5063,10 @@ _IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"),
 _IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _CHUNK = 256 * 1024
 _UPLOAD_NAME_TRIES = 20
+
+
+class _TooLarge(Exception):
+    """An output over the inline limit (include=data)."""
 _DISK_USAGE_INTERVAL = 60.0
 
 
@@ -5242,13 +5414,17 @@ class _Files:
         return found
 
     async def job_outputs(self, job: Job) -> list[dict[str, Any]]:
-        """A job's recorded outputs that still exist, with size and time."""
+        """A job's recorded outputs that still exist, with size and time (when
+        its folder is configured; else as recorded, served through ComfyUI)."""
         def stat_all() -> list[dict[str, Any]]:
             items = []
             for out in job.outputs or []:
                 root = self.roots.get(out["type"])
                 rel = "/".join(p for p in (out.get("subfolder"), out["filename"]) if p)
                 if root is None:
+                    items.append({"filename": out["filename"], "subfolder": out.get("subfolder", ""),
+                                  "workflowId": job.id, "type": out["type"], "size": None,
+                                  "createdAt": None, "url": out["url"]})
                     continue
                 try:
                     fd, st, _ = _open_inside(root, rel)
@@ -5266,6 +5442,65 @@ class _Files:
         record = _output_record("", {"filename": filename, "subfolder": subfolder, "type": type_})
         return {"filename": filename, "subfolder": subfolder, "workflowId": job_id, "type": type_,
                 "size": info.size, "createdAt": info.mtime_ns // 1_000_000, "url": record["url"]}
+
+    async def with_data(self, job: Job, outputs: Sequence[dict[str, Any]],
+                        backends: Mapping[str, _Backend]) -> list[dict[str, Any]]:
+        """The outputs with their bytes inline (include=data): "data"
+        (base64) and "contentType", or "dataOmitted" (too_large, missing,
+        unavailable) with only the url."""
+        limit = self.config.inline_max_bytes
+        out = []
+        for item in outputs:
+            rel = "/".join(p for p in (item.get("subfolder"), item["filename"]) if p)
+            try:
+                data = await self.read_output(job, item["type"], rel, limit, backends)
+            except _TooLarge:
+                out.append({**item, "dataOmitted": "too_large"})
+                continue
+            except (ApiError, BackendError) as exc:
+                _log_files.info("%s: no data for %s: %s", job.id, rel, exc)
+                out.append({**item, "dataOmitted": "missing" if isinstance(exc, NotFound)
+                            else "unavailable"})
+                continue
+            out.append({**item, "contentType": mimetypes.guess_type(item["filename"])[0]
+                        or "application/octet-stream", "data": base64.b64encode(data).decode()})
+        return out
+
+    async def read_output(self, job: Job, type_: str, rel: str, limit: int,
+                          backends: Mapping[str, _Backend]) -> bytes:
+        """A job's output file, from its folder when configured, else from
+        the backend that made it (ComfyUI's /view); _TooLarge past `limit`."""
+        root = self.roots.get(type_)
+        if root is not None:
+            def read() -> bytes:
+                fd, st, _ = _open_inside(root, rel)
+                try:
+                    if st.st_size > limit:
+                        raise _TooLarge()
+                    return os.pread(fd, st.st_size, 0)
+                finally:
+                    os.close(fd)
+            return await self.run(read)
+        backend = backends.get(job.backend or "")
+        if backend is None:
+            raise NotFound("no such file", details={"path": rel})
+        subfolder, _, filename = rel.rpartition("/")
+        async with backend.client.view(filename, subfolder, type_) as resp:
+            if resp.status == 404:
+                raise NotFound("no such file", details={"path": rel})
+            if resp.status != 200:
+                raise BackendError(f"GET /view: HTTP {resp.status}")
+            if (resp.content_length or 0) > limit:
+                raise _TooLarge()
+            data = bytearray()
+            try:
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    data.extend(chunk)
+                    if len(data) > limit:
+                        raise _TooLarge()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise BackendError(f"GET /view: {type(exc).__name__} {exc}") from None
+            return bytes(data)
 
     async def open(self, type_: str, rel: str) -> tuple[int, os.stat_result, str]:
         root = self.root(type_)
@@ -5449,6 +5684,8 @@ API_KEYS = web.AppKey("api_keys", tuple)
 STARTED_AT = web.AppKey("started_at", float)
 BRIDGE = web.AppKey("bridge", _Bridge)
 SUPERVISOR = web.AppKey("supervisor", _Supervisor)
+INPUTS = web.AppKey("inputs", _InputStore)
+FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
 HUB = web.AppKey("hub", _Hub)
 GPUS = web.AppKey("gpus", _GpuMonitor)
 FILES = web.AppKey("files", _Files)
@@ -5489,6 +5726,7 @@ _OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "
 _UNLIMITED_ROUTES = frozenset({"health", "metrics"})
 
 _MAX_PAGE = 500
+_MAX_INLINE_INPUTS = 16
 _MAX_BODY_NESTING = 64  # objects and arrays inside each other, in a JSON request body
 _DEFAULT_PAGE = 50
 
@@ -5523,8 +5761,31 @@ SUBMIT_SCHEMA: dict[str, Any] = {
                 "events": {"type": "array", "minItems": 1, "maxItems": len(WEBHOOK_EVENTS),
                            "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
                            "default": list(_DEFAULT_WEBHOOK_EVENTS)},
+                "include": {"type": "array", "maxItems": 1, "items": {"type": "string", "enum": ["data"]},
+                            "description": "[\"data\"]: the completed event carries each output "
+                                           "file inline (base64), up to COMFYMGR_INLINE_MAX_BYTES."},
             },
         },
+        "inputs": {
+            "type": "object", "maxProperties": _MAX_INLINE_INPUTS,
+            "additionalProperties": {"type": "string", "minLength": 1},
+            "description": "Input images sent with the workflow: name -> a data: URI "
+                           "(data:image/png;base64,...), bare base64, or an http(s) URL comfymgr "
+                           "fetches. Every string input of the workflow equal to a name is "
+                           "replaced by the stored image's name (e.g. LoadImage's image: "
+                           "\"photo\" with inputs {\"photo\": ...}).",
+        },
+    },
+}
+WAIT_QUERY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "wait": {"type": "number", "minimum": 0, "maximum": 86400,
+                 "description": "Hold the answer until the job ended, at most this many seconds "
+                                "(capped by COMFYMGR_MAX_WAIT)."},
+        "include": {"type": "string", "enum": ["data"],
+                    "description": "data: each output file inline (base64, with contentType), up "
+                                   "to COMFYMGR_INLINE_MAX_BYTES (else dataOmitted)."},
     },
 }
 LIST_QUERY_SCHEMA: dict[str, Any] = {
@@ -5585,11 +5846,12 @@ def _query(request: web.Request, schema: Mapping[str, Any]) -> dict[str, Any]:
             if "default" in prop:
                 values[name] = prop["default"]
             continue
-        if prop.get("type") == "integer":
+        if prop.get("type") in ("integer", "number"):
             try:
-                values[name] = int(raw)
+                values[name] = int(raw) if prop["type"] == "integer" else _finite_float(raw)
             except ValueError:
-                raise BadRequest(f"{name}: must be integer", details={"field": name}) from None
+                raise BadRequest(f"{name}: must be {'an integer' if prop['type'] == 'integer' else 'a number'}",
+                                 details={"field": name}) from None
         else:
             values[name] = raw
     _Schema.validate(schema, values)
@@ -5845,6 +6107,7 @@ _QUERY_KEY_ROUTES: frozenset[str] = frozenset({"stream"})
 # metrics.
 
 async def _handle_submit(request: web.Request) -> web.Response:
+    q = _query(request, WAIT_QUERY_SCHEMA)
     body = await _json_body(request)
     _Schema.validate(SUBMIT_SCHEMA, body)
     app = request.app
@@ -5853,7 +6116,7 @@ async def _handle_submit(request: web.Request) -> web.Response:
     app[BRIDGE].check_workflow(body["workflow"], target)
     priority = Priority[body.get("priority", "normal").upper()]
     timeout = body.get("timeout") or app[CONFIG].job_timeout or None
-    extra = {"webhook": await app[WEBHOOKS].check(body["webhook"])} if "webhook" in body else None
+    extra = {"webhook": await app[WEBHOOKS].check(body["webhook"])} if "webhook" in body else {}
     idempotency = None
     key = request.headers.get("Idempotency-Key")
     if key is not None:
@@ -5868,21 +6131,247 @@ async def _handle_submit(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     if not principal.admin:
         _check_input_references(app[INPUT_SALT], principal.name, body["workflow"])
-    job, position, replayed = await queue_.submit(body["workflow"], priority, target,
-                                                  timeout_s=timeout, extra=extra,
-                                                  idempotency=idempotency, owner=principal.name)
+    job_id, workflow = _new_id(), body["workflow"]
+    if body.get("inputs"):
+        # In hand before the 202: fetched or decoded, checked, stored.
+        prepared = await _prepare_inputs(app, body["inputs"], workflow)
+        files = _input_files(prepared)
+        folder = _InputStore.subfolder(job_id)
+        workflow = _rewrite_inputs(workflow, {name: f"{folder}/{file}" for name, file, _ in files})
+        await app[INPUTS].save(job_id, [(file, data) for _, file, data in files])
+        extra["inputs"] = [file for _, file, _ in files]
+    try:
+        job, position, replayed = await queue_.submit(
+            workflow, priority, target, timeout_s=timeout, extra=extra or None,
+            idempotency=idempotency, owner=principal.name, job_id=job_id)
+    except BaseException:
+        if "inputs" in extra:
+            await app[INPUTS].remove(job_id)
+        raise
+    if replayed and "inputs" in extra:
+        await app[INPUTS].remove(job_id)  # the original job has its own
     headers = {"Location": f"/v1/comfyui/workflow/{job.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    view = await _full_view(request, job, position)
-    return _json(view, status=200 if replayed else 202, headers=headers)
+    if q.get("wait") and not job.terminal:
+        job, position = await _wait_for_end(request, job, q["wait"])
+    view = await _full_view(request, job, position, include=q.get("include"))
+    return _json(view, status=200 if replayed or job.terminal else 202, headers=headers)
 
 
-async def _full_view(request: web.Request, job: Job, position: int | None) -> dict[str, Any]:
-    """The job view of GET, with its webhook deliveries and, for admins,
-    who submitted it."""
+async def _wait_for_end(request: web.Request, job: Job, seconds: float) -> tuple[Job, int | None]:
+    """The job once it ended, or as it is when the wait is over (capped by
+    COMFYMGR_MAX_WAIT), the client went away, or comfymgr is stopping."""
+    app = request.app
+    waiters = app[WAITERS]
+    future = waiters.watch(job.id)
+    try:
+        job, position = await app[QUEUE].get(job.id)  # it may have ended meanwhile
+        if not job.terminal:
+            await waiters.wait(future, min(seconds, app[CONFIG].max_wait), request)
+            job, position = await app[QUEUE].get(job.id)
+    finally:
+        waiters.forget(job.id, future)
+    return job, position
+
+
+class _Waiters:
+    """Requests holding their answer (?wait=) until a job ends. Woken by the
+    committed end events, not by polling; each costs one future."""
+
+    _CHECK = 5.0  # how often a waiting request looks whether its client is gone
+
+    def __init__(self) -> None:
+        self._futures: dict[str, set[asyncio.Future[None]]] = {}
+        self.closed = False
+
+    def __len__(self) -> int:
+        return sum(len(f) for f in self._futures.values())
+
+    def watch(self, job_id: str) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        if self.closed:
+            future.set_result(None)
+        self._futures.setdefault(job_id, set()).add(future)
+        return future
+
+    def forget(self, job_id: str, future: asyncio.Future[None]) -> None:
+        found = self._futures.get(job_id)
+        if found is not None:
+            found.discard(future)
+            if not found:
+                del self._futures[job_id]
+
+    def notify(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if event.type in _END_EVENTS:
+                for future in self._futures.get(event.job_id, ()):
+                    if not future.done():
+                        future.set_result(None)
+
+    def close(self) -> None:
+        """Shutdown: every waiting request answers at once, with the job as it is."""
+        self.closed = True
+        for futures in self._futures.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+
+    async def wait(self, future: asyncio.Future[None], seconds: float, request: web.Request) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not future.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.wait({future}, timeout=min(remaining, self._CHECK))
+            if request.transport is None or request.transport.is_closing():
+                return  # the client went away: nothing to answer
+
+
+_END_EVENTS = frozenset({"workflow:completed", "workflow:error", "workflow:cancelled"})
+WAITERS = web.AppKey("waiters", _Waiters)
+
+
+_DATA_URI = re.compile(r"^data:([A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+)?((?:;[A-Za-z0-9=.+-]+)*),")
+
+
+async def _prepare_inputs(app: web.Application, spec: Mapping[str, str],
+                          workflow: Mapping[str, Any]) -> list[tuple[str, bytes, str]]:
+    """(name, bytes, file extension) of each inline input, decoded or fetched
+    and checked to be an image. An ApiError names the input it is about."""
+    mentioned = {value for node in workflow.values() for value in node["inputs"].values()
+                 if isinstance(value, str)}
+    prepared = []
+    for name, value in spec.items():
+        field = f"inputs.{name}"
+        if name not in mentioned:
+            raise BadRequest(f"{field}: no input of the workflow is {name!r}; put that name where "
+                             "the image goes (e.g. LoadImage's image)", code="input_not_used",
+                             details={"field": field})
+        if value[:8].lower().startswith(("http://", "https://")):
+            data = await _fetch_input(app, field, value)
+        else:
+            data = await _decode_input(app, field, value)
+        extension = _image_extension(data)
+        if extension is None:
+            raise BadRequest(f"{field}: not a PNG, JPEG, WebP, GIF, BMP or TIFF image",
+                             code="invalid_image", details={"field": field})
+        prepared.append((name, data, extension))
+    return prepared
+
+
+async def _decode_input(app: web.Application, field: str, value: str) -> bytes:
+    limit = app[CONFIG].max_input_bytes
+    payload = value
+    if value.startswith("data:"):
+        match = _DATA_URI.match(value)
+        if match is None or ";base64" not in match.group(2).lower():
+            raise BadRequest(f"{field}: a data: URI must be data:<type>;base64,<data>",
+                             code="invalid_input", details={"field": field})
+        payload = value[match.end():]
+    if len(payload) * 3 // 4 > limit + 3:
+        raise PayloadTooLarge(f"{field}: over the limit of {limit} bytes (COMFYMGR_MAX_INPUT_BYTES)",
+                              details={"field": field, "limit": limit})
+
+    def decode() -> bytes:
+        text = "".join(payload.split())  # base64 tools wrap lines
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+    try:
+        data = await asyncio.to_thread(decode)
+    except (ValueError, TypeError):
+        raise BadRequest(f"{field}: neither base64, a data: URI with base64, nor an http(s) URL",
+                         code="invalid_input", details={"field": field}) from None
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{field}: over the limit of {limit} bytes (COMFYMGR_MAX_INPUT_BYTES)",
+                              details={"field": field, "limit": limit})
+    return data
+
+
+_FETCH_REDIRECTS = 5
+
+
+async def _fetch_input(app: web.Application, field: str, value: str) -> bytes:
+    """GET an input URL through the outbound policy: every hop of a redirect
+    checked, the size bounded while reading, the event loop never held."""
+    policy, session, limit = app[POLICY], app[FETCHER], app[CONFIG].max_input_bytes
+    url = await policy.check_url(value, field=field, code="input_forbidden")
+    try:
+        for _ in range(_FETCH_REDIRECTS + 1):
+            _check_literal(policy, url)
+            async with session.get(url, allow_redirects=False) as resp:
+                if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                    url = await policy.check_url(str(url.join(yarl.URL(resp.headers["Location"]))),
+                                                 field=field, code="input_forbidden")
+                    continue
+                if resp.status != 200:
+                    raise UnprocessableEntity(f"{field}: {_redact_url(str(url))} answered HTTP "
+                                              f"{resp.status}", code="input_unavailable",
+                                              details={"field": field, "status": resp.status})
+                if (resp.content_length or 0) > limit:
+                    raise PayloadTooLarge(f"{field}: over the limit of {limit} bytes "
+                                          "(COMFYMGR_MAX_INPUT_BYTES)",
+                                          details={"field": field, "limit": limit})
+                data = bytearray()
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    data.extend(chunk)
+                    if len(data) > limit:
+                        raise PayloadTooLarge(f"{field}: over the limit of {limit} bytes "
+                                              "(COMFYMGR_MAX_INPUT_BYTES)",
+                                              details={"field": field, "limit": limit})
+                return bytes(data)
+    except OutboundRefused as exc:
+        _log_http.info("input %s refused at connect: %s", field, exc)
+        raise BadRequest(f"{field}: {_redact_url(str(url))} is not an address comfymgr may fetch "
+                         "from", code="input_forbidden", details={"field": field}) from None
+    except asyncio.TimeoutError:
+        raise UnprocessableEntity(f"{field}: fetching {_redact_url(str(url))} timed out",
+                                  code="input_unavailable", details={"field": field}) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        _log_http.info("input %s: fetching %s failed: %s", field, _redact_url(str(url)), exc)
+        raise UnprocessableEntity(f"{field}: {_redact_url(str(url))} could not be fetched",
+                                  code="input_unavailable", details={"field": field}) from None
+    raise UnprocessableEntity(f"{field}: more than {_FETCH_REDIRECTS} redirects",
+                              code="input_unavailable", details={"field": field})
+
+
+def _image_extension(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return next((ext for signature, ext in _IMAGE_SIGNATURES if data.startswith(signature)), None)
+
+
+def _input_files(prepared: Sequence[tuple[str, bytes, str]]) -> list[tuple[str, str, bytes]]:
+    """(input name, file name, bytes): file names from the input names, made
+    safe and distinct."""
+    files: list[tuple[str, str, bytes]] = []
+    for name, data, extension in prepared:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:60] or "input"
+        file, n = stem + extension, 1
+        while any(file == f for _, f, _ in files):
+            n += 1
+            file = f"{stem}-{n}{extension}"
+        files.append((name, file, data))
+    return files
+
+
+def _rewrite_inputs(workflow: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """The workflow with every string input equal to an input's name
+    replaced by where that input is stored."""
+    return {node_id: {**node, "inputs": {k: names.get(v, v) if isinstance(v, str) else v
+                                         for k, v in node["inputs"].items()}}
+            for node_id, node in workflow.items()}
+
+
+async def _full_view(request: web.Request, job: Job, position: int | None, *,
+                     include: str | None = None) -> dict[str, Any]:
+    """The job view of GET, with its webhook deliveries, for admins who
+    submitted it, and with include=data its outputs' bytes."""
     app = request.app
     view = _job_view(job, position, admin=request[PRINCIPAL].admin)
+    if include == "data" and view["outputs"]:
+        view["outputs"] = await app[FILES].with_data(job, view["outputs"], app[BRIDGE].backends)
     webhook = job.extra.get("webhook")
     if webhook:
         rows = await app[DB].read(lambda s: s.deliveries_for(job.id))
@@ -5895,8 +6384,11 @@ async def _full_view(request: web.Request, job: Job, position: int | None) -> di
 
 
 async def _handle_get(request: web.Request) -> web.Response:
+    q = _query(request, WAIT_QUERY_SCHEMA)
     job, position = await request.app[QUEUE].get(request.match_info["id"], request[PRINCIPAL].owner)
-    return _json(await _full_view(request, job, position))
+    if q.get("wait") and not job.terminal:
+        job, position = await _wait_for_end(request, job, q["wait"])
+    return _json(await _full_view(request, job, position, include=q.get("include")))
 
 
 async def _handle_cancel(request: web.Request) -> web.Response:
@@ -6155,11 +6647,78 @@ async def _handle_output(request: web.Request) -> web.StreamResponse:
         _check_rel_path(rel)
         if not await request.app[DB].read(lambda s: s.owned_outputs(owner, q["type"], [rel])):
             raise NotFound("no such file", details={"path": rel})
+    if request.app[FILES].roots.get(q["type"]) is None:
+        return await _proxy_output(request, q["type"], rel)
     fd, st, real = await request.app[FILES].open(q["type"], rel)
     try:
         return await _serve_file(request, fd, st, os.path.basename(real))
     finally:
         os.close(fd)
+
+
+_PROXIED_REQUEST_HEADERS = ("Range", "If-Range", "If-None-Match", "If-Modified-Since")
+_PROXIED_ANSWER_HEADERS = ("ETag", "Last-Modified", "Content-Range", "Accept-Ranges")
+
+
+async def _proxy_output(request: web.Request, type_: str, rel: str) -> web.StreamResponse:
+    """No output folder of comfymgr's own: the file comes from the backend
+    that produced it (ComfyUI's /view), streamed, with Range and
+    conditional requests passed through and comfymgr's own headers."""
+    _check_rel_path(rel)
+    app = request.app
+    job = await app[DB].read(lambda s: s.output_job(type_, rel))
+    backend = app[BRIDGE].backends.get(job.backend or "") if job is not None else None
+    if backend is None:
+        raise NotFound("no such file", details={"path": rel})
+    subfolder, _, filename = rel.rpartition("/")
+    forward = {h: request.headers[h] for h in _PROXIED_REQUEST_HEADERS if h in request.headers}
+    try:
+        async with backend.client.view(filename, subfolder, type_, method=request.method,
+                                       headers=forward) as upstream:
+            if upstream.status == 404:
+                raise NotFound("no such file", details={"path": rel})
+            if upstream.status == 416:
+                size = upstream.headers.get("Content-Range", "").rpartition("/")[2]
+                raise ApiError(f"the range {request.headers.get('Range')} is outside the file",
+                               code="range_not_satisfiable", headers={"Content-Range": f"bytes */{size}"},
+                               details={"size": int(size) if size.isdigit() else None}).with_status(416)
+            if upstream.status not in (200, 206, 304):
+                raise BackendError(f"GET /view: HTTP {upstream.status}")
+            headers = _file_headers(filename)
+            headers.update((h, upstream.headers[h]) for h in _PROXIED_ANSWER_HEADERS
+                           if h in upstream.headers)
+            if upstream.status == 304:
+                return web.Response(status=304, headers=headers)
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            response.content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            if request.method != "HEAD":
+                try:
+                    async for chunk in upstream.content.iter_chunked(_CHUNK):
+                        await response.write(chunk)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    _log_http.warning("output %s from %s cut short: %s", rel, backend.name, exc)
+                    return response  # the client sees a short body against Content-Length
+            await response.write_eof()
+            return response
+    except BackendError as exc:
+        _log_http.warning("output %s from backend %s: %s", rel, backend.name, exc)
+        raise ServiceUnavailable(f"ComfyUI {backend.name}, which holds this file, did not serve it; "
+                                 "try again", code="backend_unavailable",
+                                 details={"backend": backend.name}) from None
+
+
+def _file_headers(name: str) -> dict[str, str]:
+    """What every file download answers with, whatever serves it."""
+    return {
+        "Cache-Control": "private, no-cache",
+        "X-Content-Type-Options": "nosniff",
+        # An SVG or HTML output must never run script in comfymgr's origin.
+        "Content-Security-Policy": "default-src 'none'; img-src 'self'; media-src 'self'; sandbox",
+        "Content-Disposition": f"inline; filename*=UTF-8''{_quote(name)}",
+    }
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -6188,16 +6747,8 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 async def _serve_file(request: web.Request, fd: int, st: os.stat_result, name: str) -> web.StreamResponse:
     etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
-    headers = {
-        "ETag": etag,
-        "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
-        "Accept-Ranges": "bytes",
-        "Cache-Control": "private, no-cache",
-        "X-Content-Type-Options": "nosniff",
-        # An SVG or HTML output must never run script in comfymgr's origin.
-        "Content-Security-Policy": "default-src 'none'; img-src 'self'; media-src 'self'; sandbox",
-        "Content-Disposition": f"inline; filename*=UTF-8''{_quote(name)}",
-    }
+    headers = {"ETag": etag, "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
+               "Accept-Ranges": "bytes", **_file_headers(name)}
     match = request.headers.get("If-None-Match")
     if match is not None:
         if match.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in match.split(",")]:
@@ -6338,11 +6889,15 @@ def _routes() -> list[_Route]:
     r = _Route
     return [
         r("POST", "/v1/comfyui/workflow", _handle_submit, "submit", "Submit a workflow", "jobs",
-          body=SUBMIT_SCHEMA, response_schema="Job",
-          responses={202: "Queued; the job as GET shows it", 400: "Invalid JSON or request",
-                     413: "Body over the limit"}),
+          body=SUBMIT_SCHEMA, query=WAIT_QUERY_SCHEMA, response_schema="Job",
+          responses={200: "With wait: the job, ended; or an Idempotency-Key replay",
+                     202: "Queued; the job as GET shows it", 400: "Invalid JSON or request",
+                     413: "Body (or an inline input) over the limit",
+                     422: "An input URL could not be fetched"}),
         r("GET", "/v1/comfyui/workflow/{id}", _handle_get, "job", "Get a job's status", "jobs",
-          response_schema="Job", responses={200: "The job", 404: "No such job"}),
+          query=WAIT_QUERY_SCHEMA, response_schema="Job",
+          responses={200: "The job (with wait: once it ended, or when the wait is over)",
+                     404: "No such job"}),
         r("DELETE", "/v1/comfyui/workflow/{id}", _handle_cancel, "cancel", "Cancel a job", "jobs",
           response_schema="CancelResult",
           responses={200: "Cancelled (it was queued)", 202: "Being interrupted on ComfyUI",
@@ -6417,7 +6972,14 @@ _OUTPUT_SCHEMA = {
         "filename": {"type": "string"}, "subfolder": {"type": "string"},
         "type": {"type": "string", "enum": ["output", "temp", "input"]},
         "nodeId": {"type": "string"}, "workflowId": {"type": "string"},
+        "kind": {"type": "string", "description": "What ComfyUI listed it under: images, gifs, audio, ..."},
         "url": {"type": "string"},
+        "data": {"type": "string", "contentEncoding": "base64",
+                 "description": "With include=data: the file's bytes."},
+        "contentType": {"type": "string", "description": "With include=data: the file's type."},
+        "dataOmitted": {"type": "string", "enum": ["too_large", "missing", "unavailable"],
+                        "description": "With include=data: why data is absent (over "
+                                       "COMFYMGR_INLINE_MAX_BYTES, gone, ComfyUI unreachable)."},
     },
 }
 _JOB_SCHEMA = {
@@ -6846,12 +7408,30 @@ async def _hub_ctx(app: web.Application) -> Any:
 
 
 async def _close_streams(app: web.Application) -> None:
+    app[WAITERS].close()
     await app[HUB].close_all()
+
+
+def _background(app: web.Application, coroutine: Any, what: str) -> None:
+    """A short job of its own (removing files): its failure is logged and
+    reported, never lost."""
+    task = asyncio.ensure_future(coroutine)
+
+    def done(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            app[SUPERVISOR].report("background", task.exception())
+            _log_app.warning("%s failed: %s", what, task.exception())
+    task.add_done_callback(done)
 
 
 def _publish_events(app: web.Application, events: list[Event]) -> None:
     """Every committed event passes here, in seq order, on the event loop."""
     app[HUB].publish(events)
+    app[WAITERS].notify(events)
+    inputs = app[INPUTS]
+    for event in events:
+        if event.type in _END_EVENTS and event.job_id in inputs.pending and not inputs.keep:
+            _background(app, inputs.remove(event.job_id), f"removing the inputs of {event.job_id}")
     if any(e.type != EVENT_PROGRESS for e in events):
         app[WEBHOOKS].wake.set()  # a delivery may have been written with them
     metrics = app[METRICS]
@@ -6954,6 +7534,14 @@ async def _files_ctx(app: web.Application) -> Any:
     await supervisor.stop("files:")
 
 
+async def _fetcher_ctx(app: web.Application) -> Any:
+    """The session that fetches inline inputs given as URLs."""
+    app[FETCHER] = _outbound_session(app[POLICY], app[CONFIG].fetch_timeout, limit=16)
+    await app[INPUTS].sweep(app[DB])
+    yield
+    await app[FETCHER].close()
+
+
 async def _webhooks_ctx(app: web.Application) -> Any:
     webhooks = app[WEBHOOKS]
     await webhooks.start()
@@ -6994,7 +7582,10 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
     app[QUEUE] = _Queue(app[DB], clock, [b.name for b in config.backend_specs],
                         config.idempotency_ttl)
     app[SUPERVISOR] = _Supervisor(app[METRICS], clock)
-    app[BRIDGE] = _Bridge(config, app[DB], app[QUEUE], clock, app[METRICS], app[SUPERVISOR])
+    app[INPUTS] = _InputStore(config)
+    app[WAITERS] = _Waiters()
+    app[BRIDGE] = _Bridge(config, app[DB], app[QUEUE], clock, app[METRICS], app[SUPERVISOR],
+                          app[INPUTS])
     app[HUB] = _Hub(app[DB], config, clock, app[SUPERVISOR])
     app[GPUS] = _GpuMonitor(config.gpu_poll_interval, clock, nvml)
     app[FILES] = _Files(config, app[DB], clock)
@@ -7002,6 +7593,8 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
     app[POLICY] = _TargetPolicy(config.webhook_allow, config.backend_specs, resolver)
     app[WEBHOOKS] = _Webhooks(config, app[DB], app[METRICS], clock, app[POLICY], app[SUPERVISOR])
     app[METRICS].live_state = lambda: _live_metrics(app)
+    app[WEBHOOKS].with_data = lambda job, outputs: app[FILES].with_data(job, outputs,
+                                                                       app[BRIDGE].backends)
     if config.rate_limit:
         app[RATE_LIMITER] = _RateLimiter(config.rate_limit, clock)
     routes = _routes()
@@ -7024,6 +7617,7 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
     app.cleanup_ctx.append(_gpu_ctx)
     app.cleanup_ctx.append(_files_ctx)
     app.cleanup_ctx.append(_webhooks_ctx)
+    app.cleanup_ctx.append(_fetcher_ctx)
     app.cleanup_ctx.append(_bridge_ctx)
     app.on_shutdown.append(_close_streams)
     return app
