@@ -204,9 +204,21 @@ def _choice(*choices: str) -> Callable[[str], str]:
 
 
 def _parse_url(value: str) -> str:
+    """An http(s) base URL: scheme, host, an optional port and path; no user
+    info, query or fragment (an '@' there is most often a misplaced GPU index)."""
     value = value.strip().rstrip("/")
-    if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError("expected an http:// or https:// URL with a valid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL")
+    if "@" in parts.netloc:
+        raise ValueError("expected an http:// or https:// URL without user info (a GPU index "
+                         "goes after the whole URL: NAME=http://host:port@GPU)")
+    if parts.query or parts.fragment or (port is not None and port == 0):
+        raise ValueError("expected an http:// or https:// URL without query, fragment or port 0")
     return value
 
 
@@ -289,8 +301,8 @@ def _parse_backends(value: str) -> tuple[BackendSpec, ...]:
             url, gpu_index = head, int(tail)
         try:
             url = _parse_url(url)
-        except ValueError:
-            raise ValueError(f"backend {name!r}: {url!r} is not an http:// or https:// URL") from None
+        except ValueError as exc:
+            raise ValueError(f"backend {name!r}: {url!r}: {exc}") from None
         if any(b.name == name for b in backends):
             raise ValueError(f"backend name {name!r} appears twice")
         backends.append(BackendSpec(name, url, gpu_index))
@@ -424,8 +436,9 @@ def _settings() -> tuple[_Setting, ...]:
         s("inline_max_bytes", "COMFYMGR_INLINE_MAX_BYTES", "8388608", _parse_positive,
           "Largest output file put inline (base64) into an answer or a webhook with "
           "include=data; larger ones keep only their url.", "files"),
-        s("retention_days", "COMFYMGR_RETENTION_DAYS", "0", _parse_count,
-          "Delete finished jobs and their events after this many days; 0 keeps them.", "files"),
+        s("retention_days", "COMFYMGR_RETENTION_DAYS", "30", _parse_count,
+          "Delete finished jobs and their events after this many days (their output files "
+          "too with COMFYMGR_RETENTION_DELETE_OUTPUTS); 0 keeps them forever.", "files"),
         s("retention_delete_outputs", "COMFYMGR_RETENTION_DELETE_OUTPUTS", "false", _parse_bool,
           "With COMFYMGR_RETENTION_DAYS, also delete the output files of the jobs removed.",
           "files"),
@@ -5757,7 +5770,8 @@ SUBMIT_SCHEMA: dict[str, Any] = {
             "type": "object", "required": ["url"], "additionalProperties": False,
             "description": "POST signed events of this job to url (Standard Webhooks).",
             "properties": {
-                "url": {"type": "string", "minLength": 8, "maxLength": 2048},
+                "url": {"type": "string", "maxLength": 2048,
+                        "description": "An http:// or https:// URL on a public address."},
                 "events": {"type": "array", "minItems": 1, "maxItems": len(WEBHOOK_EVENTS),
                            "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
                            "default": list(_DEFAULT_WEBHOOK_EVENTS)},
@@ -6084,15 +6098,41 @@ def _authenticate(given: str | None, keys: Sequence[_Key]) -> _Principal | None:
 @web.middleware
 async def _auth_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     if _route_name(request) not in _OPEN_ROUTES:
-        given = request.headers.get("X-API-Key")
-        if given is None and _route_name(request) in _QUERY_KEY_ROUTES:
-            given = request.query.get("api_key")
-        principal = _authenticate(given, request.app[API_KEYS])
-        if principal is None:
-            raise Unauthorized("a valid X-API-Key header is required" if given is None
-                               else "the API key is not valid")
-        request[PRINCIPAL] = principal
+        request[PRINCIPAL] = _principal_or_401(request)
     return await handler(request)
+
+
+def _principal_or_401(request: web.Request) -> _Principal:
+    given = request.headers.get("X-API-Key")
+    if given is None and _route_name(request) in _QUERY_KEY_ROUTES:
+        given = request.query.get("api_key")
+    principal = _authenticate(given, request.app[API_KEYS])
+    if principal is None:
+        raise Unauthorized("a valid X-API-Key header is required" if given is None
+                           else "the API key is not valid")
+    return principal
+
+
+async def _expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """Expect: 100-continue is answered only once the key is known good, so
+    that a stranger never gets to send a large body (a 401 instead)."""
+    if _route_name(request) not in _OPEN_ROUTES:
+        try:
+            _principal_or_401(request)
+        except Unauthorized as exc:
+            return _json(exc.envelope(), status=exc.status)
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return _json(ApiError(f"Expect: {request.headers['Expect'][:100]} is not understood",
+                              code="expectation_failed").with_status(417).envelope(), status=417)
+    if request.version >= aiohttp.HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the answer's size
+    return None
+
+
+async def _plain_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """A plain Server header: no Python or aiohttp versions for scanners."""
+    response.headers["Server"] = "comfymgr"
 
 
 
@@ -6106,9 +6146,23 @@ _QUERY_KEY_ROUTES: frozenset[str] = frozenset({"stream"})
 # Submit, status, cancel and list; the event stream; health, status and
 # metrics.
 
+def _refuse_ui_format(body: Any) -> None:
+    """ComfyUI's saved workflow (UI format: nodes and links arrays) is not
+    what it runs; say so rather than "workflow.nodes: must be an object"."""
+    for where, graph in (("workflow", body.get("workflow") if isinstance(body, dict) else None),
+                         ("body", body)):
+        if isinstance(graph, dict) and isinstance(graph.get("nodes"), list) \
+                and isinstance(graph.get("links"), list):
+            raise BadRequest(f"{where}: this is a workflow in ComfyUI's UI format (it has nodes and "
+                             "links); comfymgr runs the API format: in ComfyUI use Workflow > "
+                             "Export (API), and send that file's content as workflow",
+                             code="invalid_workflow", details={"field": where, "format": "ui"})
+
+
 async def _handle_submit(request: web.Request) -> web.Response:
     q = _query(request, WAIT_QUERY_SCHEMA)
     body = await _json_body(request)
+    _refuse_ui_format(body)
     _Schema.validate(SUBMIT_SCHEMA, body)
     app = request.app
     queue_ = app[QUEUE]
@@ -7382,6 +7436,13 @@ async def _storage_ctx(app: web.Application) -> Any:
     db = app[DB]
     await db.start()
     _log_app.info("database %s ready", db.path)
+    if config.retention_days:
+        _log_app.info("retention: finished jobs and their events are deleted after %d days%s "
+                      "(COMFYMGR_RETENTION_DAYS; 0 keeps them)", config.retention_days,
+                      ", their output files too" if config.retention_delete_outputs else
+                      "; output files are kept")
+    else:
+        _log_app.info("retention is off (COMFYMGR_RETENTION_DAYS=0): finished jobs are kept forever")
     yield
     await db.close()
     _log_app.info("database closed")
@@ -7600,9 +7661,11 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
     routes = _routes()
     for route in routes:
         if route.method == "GET":  # every GET answers HEAD too (load balancers, downloads)
-            app.router.add_get(route.path, route.handler, name=route.name, allow_head=True)
+            app.router.add_get(route.path, route.handler, name=route.name, allow_head=True,
+                               expect_handler=_expect_handler)
         else:
-            app.router.add_route(route.method, route.path, route.handler, name=route.name)
+            app.router.add_route(route.method, route.path, route.handler, name=route.name,
+                                 expect_handler=_expect_handler)
     app.router.add_get("/openapi.json", _handle_openapi, name="openapi")
     app.router.add_get("/docs", _handle_docs, name="docs")
     app.router.add_get("/docs/init.js", _handle_docs_init, name="docs_init")
@@ -7620,6 +7683,7 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
     app.cleanup_ctx.append(_fetcher_ctx)
     app.cleanup_ctx.append(_bridge_ctx)
     app.on_shutdown.append(_close_streams)
+    app.on_response_prepare.append(_plain_server_header)
     return app
 
 
