@@ -365,10 +365,10 @@ def _parse_ca_file(value: str) -> Path | None:
         return None
     try:
         _load_ca_bundle(path)
+    except ssl.SSLError:  # an OSError too: first
+        raise ValueError("no PEM certificate in it") from None
     except OSError as exc:
         raise ValueError(f"cannot read it: {exc.strerror}") from None
-    except ssl.SSLError:
-        raise ValueError("no PEM certificate in it") from None
     return path
 
 
