@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -41,6 +42,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+import comfymgr
 from conftest import ROOT, workflow
 from nginx_helpers import Proc, free_port, wait_until
 
@@ -338,3 +340,82 @@ def test_restore_after_losing_the_machine_keeps_every_job_acknowledged_before_th
     finally:
         for proc in reversed(procs):
             proc.stop(signal.SIGKILL if proc.name == "litestream" else signal.SIGTERM)
+
+
+# -- the contrib files --------------------------------------------------------------
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """Key -> values of a unit file."""
+    values: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if line and line[0] not in "#;[" and "=" in line:
+            key, value = line.split("=", 1)
+            values.setdefault(key.strip(), []).append(value.strip())
+    return values
+
+
+def s3_variant(text: str) -> str:
+    """litestream.yml with the file replica taken out and the S3 one
+    uncommented, as its comment tells the operator to do."""
+    start = text.index("    replica:\n      # A directory")
+    end = text.index("      sync-interval: 1s\n", start) + len("      sync-interval: 1s\n")
+    text = text[:start] + text[end:]
+    at = text.index("    # replica:\n")
+    return text[:at] + "".join(line.replace("    # ", "    ", 1) for line in text[at:].splitlines(True))
+
+
+@pytest.mark.parametrize("variant", ["file", "s3"])
+def test_litestream_reads_the_shipped_config(variant, tmp_path):
+    litestream = litestream_binary()
+    text = (ROOT / "contrib" / "litestream" / "litestream.yml").read_text()
+    if variant == "s3":
+        text = s3_variant(text)
+    (tmp_path / "litestream.yml").write_text(text)
+    done = subprocess.run([litestream, "databases", "-config", str(tmp_path / "litestream.yml")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == ["path", "replica", "/var/lib/comfymgr/comfymgr.db", variant]
+
+
+def test_the_unit_fits_comfymgr_and_the_config():
+    unit = unit_settings(ROOT / "contrib" / "litestream" / "litestream.service")
+    comfymgr_unit = unit_settings(ROOT / "contrib" / "systemd" / "comfymgr.service")
+    text = (ROOT / "contrib" / "litestream" / "litestream.yml").read_text()
+    # comfymgr's user and its state directory, where the database is.
+    assert (unit["User"], unit["DynamicUser"]) == (comfymgr_unit["User"], comfymgr_unit["DynamicUser"])
+    state, replica = unit["StateDirectory"][0].split()
+    assert state == comfymgr_unit["StateDirectory"][0]
+    assert f"  - path: /var/lib/{state}/comfymgr.db\n" in text
+    assert f"      path: /var/lib/{replica}\n" in text
+    # Started before comfymgr and so stopped after it, with it.
+    assert (unit["Before"], unit["PartOf"], unit["WantedBy"]) == \
+        (["comfymgr.service"], ["comfymgr.service"], ["comfymgr.service"])
+    assert unit["ExecStart"] == ["/usr/local/bin/litestream replicate -config /etc/comfymgr/litestream.yml"]
+    assert unit["Restart"] == ["always"]
+    assert comfymgr._parse_duration(unit["TimeoutStopSec"][0]) > 30  # Litestream's shutdown-sync-timeout
+
+
+def test_systemd_analyze_verify_litestream_unit(tmp_path):
+    """`systemd-analyze verify` on the unit as shipped, beside comfymgr's,
+    with litestream pointed at the one this machine has."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (.ci/run installs it)")
+    litestream = litestream_binary()
+    text = (ROOT / "contrib" / "litestream" / "litestream.service").read_text()
+    (tmp_path / "litestream.service").write_text(text.replace("/usr/local/bin/litestream", litestream))
+    comfymgr_unit = (ROOT / "contrib" / "systemd" / "comfymgr.service").read_text()
+    if not os.access("/usr/bin/python3", os.X_OK):
+        comfymgr_unit = comfymgr_unit.replace("/usr/bin/python3", sys.executable)
+    (tmp_path / "comfymgr.service").write_text(comfymgr_unit)
+    done = subprocess.run([analyze, "verify", str(tmp_path / "litestream.service")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    ours = [line for line in (done.stdout + done.stderr).splitlines()
+            if "litestream" in line or "comfymgr" in line]
+    assert done.returncode == 0 and not ours, done.stdout + done.stderr
+    security = subprocess.run([analyze, "security", "--offline=yes", str(tmp_path / "litestream.service")],
+                              capture_output=True, text=True, cwd=tmp_path)
+    score = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
+    if score is None:
+        pytest.skip(f"systemd-analyze security --offline is not available: {security.stderr}")
+    assert float(score.group(1)) <= 2.0, security.stdout  # "OK"; 1.2 when written
