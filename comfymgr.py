@@ -32,6 +32,7 @@ import dataclasses
 import email.utils
 import enum
 import errno
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -46,6 +47,8 @@ import random
 import re
 import secrets
 import shutil
+import signal
+import socket
 import sqlite3
 import ssl
 import stat
@@ -448,6 +451,13 @@ def _settings() -> tuple[_Setting, ...]:
           "While a job runs, hand the next one to ComfyUI's own queue, so the GPU does not "
           "idle between jobs; a more urgent job arriving later takes its place back.",
           "comfyui"),
+        s("dispatch_attempts", "COMFYMGR_DISPATCH_ATTEMPTS", "3", _parse_positive,
+          "POST /prompt attempts per job that ComfyUI refuses (an answer other than 200 or "
+          "400) or never answers, before the job fails with dispatch_failed.", "comfyui"),
+        s("backend_lost_after", "COMFYMGR_BACKEND_LOST_AFTER", "120s", _parse_duration,
+          "How long the job running on a backend that went down waits for it to come back "
+          "before it fails with backend_lost (or is queued again, see "
+          "COMFYMGR_BACKEND_RETRIES).", "comfyui"),
         s("progress_interval", "COMFYMGR_PROGRESS_INTERVAL", "500ms", _parse_duration,
           "Least time between two progress events of one job (the latest value is kept).",
           "comfyui"),
@@ -543,6 +553,8 @@ class Config:
     reconcile_interval: float
     cancel_grace: float
     prefetch: bool
+    dispatch_attempts: int
+    backend_lost_after: float
     progress_interval: float
     heartbeat: float
     event_retention: float
@@ -971,6 +983,18 @@ class _Metrics:
         self.webhook_deliveries = Counter(
             "comfymgr_webhook_deliveries", "Webhook delivery attempts by outcome: sent, retried "
             "(will be tried again), failed (given up).", ["outcome"], registry=registry)
+        self.task_failures = Counter(
+            "comfymgr_task_failures", "Unexpected errors of comfymgr's background tasks; each "
+            "task was restarted after a back-off (see /v1/status tasks).", ["task"],
+            registry=registry)
+        self.dispatch_failures = Counter(
+            "comfymgr_dispatch_failures", "POST /prompt attempts that ComfyUI refused, did not "
+            "answer, or answered unreadably.", ["backend"], registry=registry)
+        self.messages_ignored = Counter(
+            "comfymgr_backend_messages_ignored", "Messages from ComfyUI's WebSocket that "
+            "comfymgr ignored: unknown_type (custom nodes), bad_shape (a known type with "
+            "unexpected data), unreadable (not JSON, or a binary frame it cannot read).",
+            ["backend", "reason"], registry=registry)
         self.retention_removed = Counter(
             "comfymgr_retention_removed", "Jobs, events and files removed by retention.",
             ["kind"], registry=registry)
@@ -1017,6 +1041,100 @@ def _gauge(name: str, documentation: str, labels: Sequence[str],
     for values, value in samples:
         family.add_metric(list(values), value)
     return family
+
+
+###############################################################################
+# supervision
+###############################################################################
+# Every long-lived task runs under the supervisor: an unexpected exception is
+# logged at ERROR with its traceback, counted in comfymgr_task_failures_total,
+# shown in /v1/status (`tasks`, and the component's own lastError), and the
+# task starts again after a back-off. Nothing dies silently. Background tasks
+# are started and cancelled through it only.
+
+_log_tasks = logging.getLogger("comfymgr.tasks")
+
+_RESTART_BASE, _RESTART_MAX = 0.5, 30.0
+_RESTART_RESET = 60.0  # a task that ran this long before failing starts from the base delay
+
+
+@dataclasses.dataclass(eq=False)
+class _TaskState:
+    name: str
+    failures: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    task: asyncio.Task[None] | None = None
+    restarted: bool = False  # started by the supervisor (else only reported: per-client tasks)
+
+    def view(self) -> dict[str, Any]:
+        running = (self.task is not None and not self.task.done()) if self.restarted else None
+        return {"name": self.name, "running": running,
+                "failures": self.failures, "lastError": self.last_error,
+                "lastErrorAt": _ms(self.last_error_at) if self.last_error_at else None}
+
+
+class _Supervisor:
+    """Starts, restarts and stops the background tasks. Only the event loop
+    touches it."""
+
+    def __init__(self, metrics: _Metrics, clock: Clock) -> None:
+        self.metrics = metrics
+        self.clock = clock
+        self.tasks: dict[str, _TaskState] = {}
+        self.restart_base = _RESTART_BASE
+
+    def start(self, name: str, run: Callable[[], Any], *,
+              on_error: Callable[[str], None] | None = None) -> None:
+        """Run `run()` (a coroutine function that loops until cancelled) as
+        task `name`; on_error hears the text of each failure."""
+        state = self.tasks.setdefault(name, _TaskState(name))
+        state.restarted = True
+        state.task = asyncio.create_task(self._keep(state, run, on_error), name=name)
+
+    def report(self, name: str, exc: BaseException) -> str:
+        """Record a failure of `name` that its owner recovers from itself
+        (e.g. a stream client's sender: the client is closed and resumes)."""
+        state = self.tasks.setdefault(name, _TaskState(name))
+        text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")[:500]
+        _log_tasks.error("task %s failed: %s", name, text, exc_info=exc)
+        state.failures += 1
+        state.last_error, state.last_error_at = text, self.clock()
+        self.metrics.task_failures.labels(name).inc()
+        return text
+
+    async def _keep(self, state: _TaskState, run: Callable[[], Any],
+                    on_error: Callable[[str], None] | None) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.restart_base
+        while True:
+            began = loop.time()
+            try:
+                await run()
+                raise RuntimeError("the task returned; it must run until cancelled")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the point of supervision
+                text = self.report(state.name, exc)
+                if on_error is not None:
+                    with contextlib.suppress(Exception):
+                        on_error(text)
+            if loop.time() - began >= _RESTART_RESET:
+                delay = self.restart_base
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(_RESTART_MAX, delay * 2)
+
+    async def stop(self, prefix: str = "") -> None:
+        """Cancel the tasks whose names start with `prefix` and wait for them."""
+        states = [s for s in self.tasks.values() if s.name.startswith(prefix) and s.task is not None]
+        for state in states:
+            state.task.cancel()
+        await asyncio.gather(*(s.task for s in states), return_exceptions=True)
+        for state in states:
+            state.task = None
+
+    def view(self) -> list[dict[str, Any]]:
+        return [state.view() for state in self.tasks.values()]
 
 
 ###############################################################################
@@ -1146,6 +1264,16 @@ class Event:
         """The stream message: the seed's fields plus seq."""
         return {"type": self.type, "seq": self.seq, "workflowId": self.job_id,
                 "timestamp": self.ts, **self.data}
+
+
+# Per-attempt notes live under "attempt"; comfymgr 0.1.0 wrote the two others
+# at the top level.
+_ATTEMPT_NOTES = ("attempt", "interrupt", "preempting")
+
+
+def _job_extra(extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A job's `extra` without the notes of its current attempt."""
+    return {k: v for k, v in extra.items() if k not in _ATTEMPT_NOTES}
 
 
 ###############################################################################
@@ -1635,19 +1763,21 @@ class Storage:
             head = self.queue_head(backend)
             if head is None:
                 return None
-            _, n = head
-            self._conn.execute(
-                "UPDATE jobs SET state = 'dispatching', status = 'queued', backend = ?, "
-                "prompt_id = ?, attempts = attempts + 1, progress = 0, current_node = NULL, "
-                "updated_at = ? WHERE n = ?", (backend, prompt_id, now, n))
-            return Job.from_row(self._conn.execute("SELECT * FROM jobs WHERE n = ?", (n,)).fetchone())
+            row = self._conn.execute("SELECT id, attempts, extra FROM jobs WHERE n = ?",
+                                     (head[1],)).fetchone()
+            extra = _job_extra(json.loads(row["extra"]) if row["extra"] else {})
+            return self.transition(row["id"], JobState.DISPATCHING, now, expect=(JobState.QUEUED,),
+                                   backend=backend, prompt_id=prompt_id,
+                                   attempts=row["attempts"] + 1, progress=0.0, current_node=None,
+                                   extra=extra or None)
 
     def transition(self, job_id: str, to: JobState, now: int, *,
                    expect: Iterable[JobState] | None = None,
                    event: dict[str, Any] | None = None, **fields: Any) -> Job:
         """The one way a job changes state: checks the move against _ALLOWED
         (and `expect`, the states the caller believes the job is in), writes
-        the row and the state's event in one transaction, returns the job."""
+        the row and the state's event in one transaction, returns the job.
+        The verbs below (claim, mark, end, requeue, cancel) are built on it."""
         unknown = set(fields) - _JOB_COLUMNS
         if unknown:
             raise TypeError(f"not job columns: {sorted(unknown)}")
@@ -1698,6 +1828,119 @@ class Storage:
                                    (now, now, job.n))
                 job = dataclasses.replace(job, cancel_requested_at=now, updated_at=now)
             return job
+
+    # -- a job's life on a backend ------------------------------------------------
+    # Each verb names the attempt (the prompt id) it is about and does nothing,
+    # returning None, when the job has moved on: ended, queued again, or on a
+    # later attempt. A late answer from ComfyUI can therefore never change a
+    # job that comfymgr has already settled.
+
+    def _attempt(self, job_id: str, prompt_id: str) -> Job | None:
+        job = self.get(job_id)
+        if job is None or job.state not in _IN_FLIGHT or job.prompt_id != prompt_id:
+            return None
+        return job
+
+    def mark_submitted(self, job_id: str, prompt_id: str, now: int) -> Job | None:
+        """ComfyUI acknowledged the POST: the prompt waits in its queue."""
+        with self.transaction():
+            job = self._attempt(job_id, prompt_id)
+            if job is None or job.state is not JobState.DISPATCHING:
+                return None
+            return self.transition(job_id, JobState.SUBMITTED, now)
+
+    def mark_running(self, job_id: str, prompt_id: str, now: int, backend: str) -> Job | None:
+        """ComfyUI started the prompt."""
+        with self.transaction():
+            job = self._attempt(job_id, prompt_id)
+            if job is None or job.state is JobState.RUNNING:
+                return None
+            return self.transition(job_id, JobState.RUNNING, now, started_at=now,
+                                   event={"startTime": now, "backend": backend})
+
+    def adopt_prompt_id(self, job_id: str, prompt_id: str, new_id: str, now: int) -> Job | None:
+        """ComfyUI ran the prompt under an id of its own choosing (an old
+        server): follow that one."""
+        with self.transaction():
+            job = self._attempt(job_id, prompt_id)
+            if job is None:
+                return None
+            self._conn.execute("UPDATE jobs SET prompt_id = ?, updated_at = ? WHERE n = ?",
+                               (new_id, now, job.n))
+            return dataclasses.replace(job, prompt_id=new_id, updated_at=now)
+
+    def note_attempt(self, job_id: str, prompt_id: str, now: int, **values: Any) -> None:
+        """Bookkeeping of this attempt only (why it was interrupted, that it
+        is being taken back); cleared when the job is queued again."""
+        with self.transaction():
+            job = self._attempt(job_id, prompt_id)
+            if job is not None:
+                extra = {**job.extra, "attempt": {**job.extra.get("attempt", {}), **values}}
+                self._conn.execute("UPDATE jobs SET extra = ?, updated_at = ? WHERE n = ?",
+                                   (_dumps(extra), now, job.n))
+
+    def end_run(self, job_id: str, prompt_id: str, to: JobState, now: int, *, backend: str,
+                outputs: list[dict[str, Any]] | None = None, error: dict[str, Any] | None = None,
+                progress: tuple[float, str | None] | None = None) -> Job | None:
+        """The attempt ended: `progress` (the last value seen, not yet
+        written) first, then the end with its event."""
+        with self.transaction():
+            job = self._attempt(job_id, prompt_id)
+            if job is None:
+                return None
+            if progress is not None:
+                self.set_progress(job_id, progress[0], progress[1], now, emit=True)
+            fields: dict[str, Any] = {"completed_at": now}
+            event: dict[str, Any] = {"completionTime": now, "backend": backend}
+            if job.started_at is not None:
+                event["startTime"] = job.started_at
+            if to is JobState.COMPLETED:
+                fields.update(outputs=outputs or [], progress=100.0)
+                event["outputs"] = outputs or []
+            if error is not None:
+                fields["error"] = event["error"] = error
+            return self.transition(job_id, to, now, event=event, **fields)
+
+    def requeue_run(self, job_id: str, prompt_id: str, now: int, *, reason: str | None = None,
+                    count: str | None = None, allowed: int = 0,
+                    error: dict[str, Any] | None = None) -> Job | None:
+        """The attempt is over without a result: the job goes back to its
+        place in the queue, its per-attempt notes cleared. With `count`, that
+        counter of the job goes up first, and once it exceeds `allowed` the
+        job fails with `error` instead. A job whose cancel was requested ends
+        cancelled: it never ran."""
+        with self.transaction():
+            job = self._attempt(job_id, prompt_id)
+            if job is None:
+                return None
+            if job.cancel_requested_at is not None:
+                return self.transition(job_id, JobState.CANCELLED, now, completed_at=now,
+                                       error={"code": "cancelled", "message": "cancelled by request"},
+                                       event={"reason": "cancelled by request"})
+            extra = _job_extra(job.extra)
+            if count is not None:
+                extra[count] = int(extra.get(count, 0)) + 1
+                if extra[count] > allowed:
+                    return self.transition(job_id, JobState.FAILED, now, completed_at=now,
+                                           error=error, extra=extra, event={"error": error})
+            return self.transition(job_id, JobState.QUEUED, now, backend=None, prompt_id=None,
+                                   started_at=None, progress=0.0, current_node=None,
+                                   extra=extra or None,
+                                   event={"reason": reason} if reason else None)
+
+    def fail_orphans(self, backends: Sequence[str], now: int) -> list[Job]:
+        """Unfinished jobs bound to a backend that is no longer configured
+        would wait forever: they fail with backend_lost."""
+        failed = []
+        with self.transaction():
+            for job_id in self.orphaned(backends):
+                job = self.get(job_id)
+                assert job is not None
+                error = {"code": "backend_lost", "message": f"backend "
+                         f"{job.backend or job.target!r} is no longer configured"}
+                failed.append(self.transition(job_id, JobState.FAILED, now, completed_at=now,
+                                              error=error, event={"error": error}))
+        return failed
 
     def set_progress(self, job_id: str, progress: float, current_node: str | None, now: int,
                      *, emit: bool) -> Event | None:
@@ -2134,24 +2377,21 @@ class _Queue:
 ###############################################################################
 # comfyui client
 ###############################################################################
-# The bridge to real ComfyUI servers, speaking their own HTTP API and
-# WebSocket as shared/comfyui/PROTOCOL.md records them. The rules it lives by:
-# - comfymgr mints a lowercase UUID4 prompt_id for every attempt and stores
-#   it (state dispatching) before POST /prompt, always with `client_id`;
-# - one WebSocket per backend, a fresh clientId per connection;
-# - WebSocket messages are hints; /queue and /history are the record: a job
-#   is completed only when ComfyUI's history says success;
-# - reconcile what each in-flight prompt became at start, after every
-#   reconnect and on a timer: re-attach, record, resubmit if ComfyUI never
-#   saw it, or fail it `backend_lost` if ComfyUI restarted and forgot it.
-# This section is the client (HTTP calls, workflow checks against
-# /object_info, reading /history); the bridge section below drives it.
+# ComfyUI's HTTP API and what it says, read as untrusted input (docs/PROTOCOL.md
+# has the protocol in full). Every answer and every WebSocket message is
+# checked for shape before use: custom node packs broadcast messages of their
+# own with any data, and servers differ. What cannot be read is reported as a
+# BackendError (the call failed) or a _ProtocolError (it answered, but not in
+# a shape comfymgr understands), never an exception from deep inside a task.
+# The bridge section below drives the client.
 
 _log_bridge = logging.getLogger("comfymgr.bridge")
 
 _HISTORY_RETRIES = 5           # history written just after `executing: null`
 _BACKOFF_BASE, _BACKOFF_MAX = 0.25, 10.0
 _TRACEBACK_LINES = 12
+_EXCERPT_CHARS = 300
+_WS_MAX_MESSAGE = 32 * 1024 * 1024  # custom nodes broadcast what they like
 
 
 class BackendError(ComfymgrError):
@@ -2161,6 +2401,14 @@ class BackendError(ComfymgrError):
     def __init__(self, message: str, *, sent: bool = True) -> None:
         super().__init__(message)
         self.sent = sent
+
+
+class _ProtocolError(BackendError):
+    """ComfyUI answered, but in a shape comfymgr cannot read."""
+
+    def __init__(self, message: str, excerpt: str = "") -> None:
+        super().__init__(message)
+        self.excerpt = excerpt
 
 
 _CONNECT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,) + tuple(
@@ -2175,6 +2423,42 @@ def _connect_error(base_url: str, exc: BaseException) -> BackendError:
         return BackendError(f"cannot connect to {base_url}: TLS certificate verify failed: {reason}",
                             sent=False)
     return BackendError(f"cannot connect to {base_url}: {exc}", sent=False)
+
+
+def _excerpt(value: Any, limit: int = _EXCERPT_CHARS) -> str:
+    """A short, printable rendering of something ComfyUI sent, for errors."""
+    if isinstance(value, (bytes, bytearray)):
+        text = bytes(value[:limit * 2]).decode("utf-8", "replace")
+    else:
+        try:
+            text = _dumps(value)
+        except (TypeError, ValueError):
+            text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_node_id(value: Any) -> bool:
+    # ComfyUI sends node ids as strings; old servers and some custom nodes as numbers.
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+class _PromptAnswer:
+    """ComfyUI's answer to POST /prompt, below 500: 200 (accepted), 400
+    (refused: the workflow), or another status (refused: something else)."""
+
+    __slots__ = ("status", "body", "excerpt")
+
+    def __init__(self, status: int, body: Any, excerpt: str) -> None:
+        self.status, self.body, self.excerpt = status, body, excerpt
+
+    @property
+    def prompt_id(self) -> str | None:
+        value = self.body.get("prompt_id") if isinstance(self.body, dict) else None
+        return value if isinstance(value, str) and 0 < len(value) <= 128 else None
 
 
 class _ComfyClient:
@@ -2212,14 +2496,14 @@ class _ComfyClient:
         return "ws" + self.base_url[len("http"):] + f"/ws?clientId={client_id}"
 
     @contextlib.asynccontextmanager
-    async def websocket(self, client_id: str, *, heartbeat: float) -> Any:
+    async def websocket(self, client_id: str, *, heartbeat: float, max_msg_size: int) -> Any:
         """ComfyUI's WebSocket as `client_id`. A refused handshake (the
         proxy's 401, a 502 while ComfyUI restarts) is a BackendError that
         names the status and the URL, without the clientId."""
         assert self.session is not None
         try:
             ws = await self.session.ws_connect(self.ws_url(client_id), heartbeat=heartbeat,
-                                               autoping=True)
+                                               autoping=True, max_msg_size=max_msg_size)
         except aiohttp.WSServerHandshakeError as exc:
             raise BackendError(f"HTTP {exc.status} from {self.base_url}/ws"
                                + (f" ({exc.message})" if exc.status < 300 else "")) from None
@@ -2235,10 +2519,12 @@ class _ComfyClient:
             await self.session.close()
 
     async def _call(self, method: str, path: str, *, json_body: Any = None,
-                    expect_json: bool = True) -> tuple[int, Any]:
+                    data: Any = None) -> tuple[int, bytes]:
+        """(status, body) of one request; BackendError for a failed call or a 5xx."""
         assert self.session is not None
         try:
-            async with self.session.request(method, self.base_url + path, json=json_body) as resp:
+            async with self.session.request(method, self.base_url + path, json=json_body,
+                                            data=data) as resp:
                 raw = await resp.read()
                 status = resp.status
         except _CONNECT_ERRORS as exc:
@@ -2247,100 +2533,306 @@ class _ComfyClient:
             raise BackendError(f"{method} {path}: {type(exc).__name__} {exc}".strip()) from None
         if status >= 500:
             raise BackendError(f"{method} {path}: HTTP {status}")
-        if not expect_json:
-            return status, raw
-        try:
-            return status, _loads(raw.decode("utf-8")) if raw else None
-        except (ValueError, UnicodeDecodeError):
-            raise BackendError(f"{method} {path}: HTTP {status} with a body that is not JSON") from None
+        return status, raw
 
-    async def post_prompt(self, prompt: Mapping[str, Any], prompt_id: str,
-                          client_id: str) -> tuple[int, Any]:
-        status, body = await self._call("POST", "/prompt", json_body={
-            "prompt": prompt, "prompt_id": prompt_id, "client_id": client_id})
-        if status not in (200, 400) or not isinstance(body, dict):
-            raise BackendError(f"POST /prompt: unexpected HTTP {status}")
-        return status, body
+    async def _json(self, method: str, path: str, *, json_body: Any = None) -> Any:
+        """The JSON body of a 200 answer; _ProtocolError for anything else."""
+        status, raw = await self._call(method, path, json_body=json_body)
+        if status != 200:
+            raise _ProtocolError(f"{method} {path}: HTTP {status}", _excerpt(raw))
+        try:
+            return _loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise _ProtocolError(f"{method} {path}: HTTP {status} with a body that is not JSON",
+                                 _excerpt(raw)) from None
+
+    async def post_prompt(self, prompt: str, prompt_id: str, client_id: str) -> _PromptAnswer:
+        """POST the workflow (JSON text, sent as it was stored) under comfymgr's
+        prompt id. BackendError when the outcome is unknown (no answer, 5xx)
+        or surely nothing was sent (sent=False)."""
+        body = '{"prompt":' + prompt + ',"prompt_id":' + _dumps(prompt_id) + \
+            ',"client_id":' + _dumps(client_id) + "}"
+        status, raw = await self._call("POST", "/prompt", data=aiohttp.BytesPayload(
+            body.encode(), content_type="application/json"))
+        try:
+            parsed = _loads(raw.decode("utf-8")) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            parsed = None
+        return _PromptAnswer(status, parsed, _excerpt(raw))
 
     async def queue(self) -> tuple[list[str], list[str]]:
         """(running prompt ids, pending prompt ids). Items carry extra_data,
         which may hold secrets: only the ids leave this method."""
-        status, body = await self._call("GET", "/queue")
-        if status != 200 or not isinstance(body, dict):
-            raise BackendError(f"GET /queue: unexpected HTTP {status}")
-        try:
-            running = [str(item[1]) for item in body.get("queue_running", [])]
-            pending = [str(item[1]) for item in sorted(body.get("queue_pending", []),
-                                                       key=lambda item: item[0])]
-        except (TypeError, IndexError, KeyError):
-            raise BackendError("GET /queue: unexpected shape") from None
+        body = await self._json("GET", "/queue")
+        if not (isinstance(body, dict) and isinstance(body.get("queue_running"), list)
+                and isinstance(body.get("queue_pending"), list)):
+            raise _ProtocolError("GET /queue: not {queue_running: [...], queue_pending: [...]}",
+                                 _excerpt(type(body).__name__))
+
+        def items(name: str) -> list[list[Any]]:
+            found = body[name]
+            if not all(isinstance(i, list) and len(i) >= 2 and isinstance(i[1], str)
+                       and _is_number(i[0]) for i in found):
+                raise _ProtocolError(f"GET /queue: an item of {name} is not [number, prompt_id, ...]")
+            return found
+
+        running = [item[1] for item in items("queue_running")]
+        pending = [item[1] for item in sorted(items("queue_pending"), key=lambda item: item[0])]
         return running, pending
 
-    async def history(self, prompt_id: str) -> dict[str, Any] | None:
-        status, body = await self._call("GET", f"/history/{prompt_id}")
-        if status != 200 or not isinstance(body, dict):
-            raise BackendError(f"GET /history: unexpected HTTP {status}")
-        entry = body.get(prompt_id)
-        return entry if isinstance(entry, dict) else None
+    async def history(self, prompt_id: str) -> Any:
+        """The history entry of a prompt (any shape: _read_history judges it),
+        None when ComfyUI does not know the prompt."""
+        body = await self._json("GET", f"/history/{prompt_id}")
+        if not isinstance(body, dict):
+            raise _ProtocolError("GET /history: not an object", _excerpt(body))
+        return body.get(prompt_id)
 
     async def interrupt(self, prompt_id: str) -> None:
-        await self._call("POST", "/interrupt", json_body={"prompt_id": prompt_id}, expect_json=False)
+        await self._call("POST", "/interrupt", json_body={"prompt_id": prompt_id})
 
     async def delete_pending(self, prompt_id: str) -> None:
-        await self._call("POST", "/queue", json_body={"delete": [prompt_id]}, expect_json=False)
+        await self._call("POST", "/queue", json_body={"delete": [prompt_id]})
 
     async def cancel_job(self, prompt_id: str) -> bool | None:
         """The newer POST /api/jobs/{id}/cancel: True/False as ComfyUI says
         whether it cancelled, None when the server has no such route."""
-        status, raw = await self._call("POST", f"/api/jobs/{prompt_id}/cancel", expect_json=False)
+        status, raw = await self._call("POST", f"/api/jobs/{prompt_id}/cancel")
         if status in (404, 405):
             return None  # an older server: no such route
         try:
             body = _loads(raw.decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
-            raise BackendError(f"POST /api/jobs/{prompt_id}/cancel: HTTP {status}, not JSON") from None
+            raise _ProtocolError(f"POST /api/jobs/{prompt_id}/cancel: HTTP {status}, not JSON",
+                                 _excerpt(raw)) from None
         return status == 200 and isinstance(body, dict) and body.get("cancelled") is True
 
     async def models(self, folder: str) -> list[str]:
-        status, body = await self._call("GET", f"/models/{folder}")
-        if status != 200 or not isinstance(body, list):
-            raise BackendError(f"GET /models/{folder}: HTTP {status}")
-        return [str(name) for name in body]
+        body = await self._json("GET", f"/models/{folder}")
+        if not isinstance(body, list):
+            raise _ProtocolError(f"GET /models/{folder}: not a list", _excerpt(body))
+        return [str(name) for name in body if isinstance(name, (str, int, float))]
 
     async def upload_image(self, name: str, data: bytes, subfolder: str,
                            overwrite: bool) -> dict[str, Any]:
-        assert self.session is not None
         form = aiohttp.FormData()
         form.add_field("image", data, filename=name, content_type="application/octet-stream")
         form.add_field("type", "input")
         form.add_field("subfolder", subfolder)
         form.add_field("overwrite", "true" if overwrite else "false")
-        try:
-            async with self.session.post(self.base_url + "/upload/image", data=form) as resp:
-                raw, status = await resp.read(), resp.status
-        except _CONNECT_ERRORS as exc:
-            raise _connect_error(self.base_url, exc) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise BackendError(f"POST /upload/image: {type(exc).__name__} {exc}".strip()) from None
+        status, raw = await self._call("POST", "/upload/image", data=form)
         try:
             body = _loads(raw.decode("utf-8")) if status == 200 else None
         except (ValueError, UnicodeDecodeError):
             body = None
-        if not isinstance(body, dict) or "name" not in body:
-            raise BackendError(f"POST /upload/image: HTTP {status}")
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
+            raise _ProtocolError(f"POST /upload/image: HTTP {status}", _excerpt(raw))
         return body
 
-    async def system_stats(self) -> dict[str, Any]:
-        status, body = await self._call("GET", "/system_stats")
-        if status != 200 or not isinstance(body, dict):
-            raise BackendError(f"GET /system_stats: unexpected HTTP {status}")
-        return body
+    async def system_stats(self) -> Any:
+        return await self._json("GET", "/system_stats")
 
-    async def object_info(self) -> dict[str, Any]:
-        status, body = await self._call("GET", "/object_info")
-        if status != 200 or not isinstance(body, dict):
-            raise BackendError(f"GET /object_info: unexpected HTTP {status}")
-        return body
+    async def object_info(self) -> Any:
+        return await self._json("GET", "/object_info")
+
+
+# -- reading what ComfyUI says -------------------------------------------------------
+
+def _read_system_stats(body: Any) -> tuple[str | None, list[dict[str, Any]]]:
+    """(ComfyUI version, devices) from /system_stats; _ProtocolError when it
+    is not the expected shape. argv is never read (it may hold secrets)."""
+    if not isinstance(body, dict) or not isinstance(body.get("system", {}), dict) \
+            or not isinstance(body.get("devices", []), list):
+        raise _ProtocolError("GET /system_stats: not {system: {...}, devices: [...]}",
+                             _excerpt(type(body).__name__))
+    version = (body.get("system") or {}).get("comfyui_version")
+    devices = []
+    for device in body.get("devices") or []:
+        if isinstance(device, dict):
+            devices.append({
+                "name": str(device["name"])[:200] if isinstance(device.get("name"), str) else None,
+                "type": str(device["type"])[:50] if isinstance(device.get("type"), str) else None,
+                "index": device.get("index") if _is_number(device.get("index")) else None,
+                "vram_total": device.get("vram_total") if _is_number(device.get("vram_total")) else None,
+                "vram_free": device.get("vram_free") if _is_number(device.get("vram_free")) else None,
+            })
+    return (str(version)[:64] if isinstance(version, (str, int, float)) else None), devices
+
+
+def _read_object_info(body: Any) -> tuple[dict[str, Any], int]:
+    """The node classes of /object_info whose schema comfymgr can use for its
+    submit-time checks, and how many it dropped as unreadable."""
+    if not isinstance(body, dict):
+        raise _ProtocolError("GET /object_info: not an object", _excerpt(type(body).__name__))
+    kept: dict[str, Any] = {}
+    for name, info in body.items():
+        # What every ComfyUI writes for every node class; a custom node whose
+        # entry lacks it is checked by ComfyUI itself at dispatch.
+        if not (isinstance(info, dict) and isinstance(info.get("input"), dict)
+                and isinstance(info.get("output"), list) and isinstance(info.get("output_node"), bool)
+                and isinstance(info.get("name"), str)):
+            continue
+        inputs = info["input"]
+        if not all(isinstance(inputs.get(group, {}), dict) for group in ("required", "optional")):
+            continue
+        kept[name] = {"input": {"required": inputs.get("required") or {},
+                                "optional": inputs.get("optional") or {}},
+                      "output": info["output"], "output_node": info["output_node"]}
+    if body and not kept:  # e.g. a proxy's JSON error page: nothing here is a node schema
+        raise _ProtocolError("GET /object_info: no entry is a node schema", _excerpt(body))
+    return kept, len(body) - len(kept)
+
+
+class _HistoryRecord:
+    """What a prompt's /history entry says: how it ended, its files, and the
+    end message (execution_error / execution_interrupted data) if any."""
+
+    __slots__ = ("outcome", "outputs", "message")
+
+    def __init__(self, outcome: str, outputs: list[dict[str, Any]],
+                 message: dict[str, Any] | None = None) -> None:
+        self.outcome, self.outputs, self.message = outcome, outputs, message
+
+
+def _read_history(entry: Any) -> _HistoryRecord:
+    """Judge a history entry; _ProtocolError with an excerpt when it cannot
+    be read (the job then fails backend_protocol_error rather than wait)."""
+    problem = None
+    if not isinstance(entry, dict):
+        problem = "the entry is not an object"
+    elif not isinstance(entry.get("status"), dict):
+        problem = "the entry has no status object"
+    elif not isinstance(entry.get("outputs", {}), dict):
+        problem = "its outputs are not an object"
+    elif not isinstance(entry["status"].get("messages", []), list):
+        problem = "its status messages are not a list"
+    if problem:
+        raise _ProtocolError(problem, _excerpt(entry))
+    status = entry["status"]
+    outputs = _history_outputs(entry)
+    if status.get("status_str") == "success" and status.get("completed") is True:
+        return _HistoryRecord("success", outputs)
+    for name in ("execution_interrupted", "execution_error"):
+        data = _history_event(entry, name)
+        if data is not None:
+            return _HistoryRecord(name, outputs, data)
+    if status.get("completed") is False or status.get("status_str") == "error":
+        return _HistoryRecord("error", outputs)
+    raise _ProtocolError("its status is neither success nor error", _excerpt(entry))
+
+
+def _history_outputs(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The files of a history entry: every list item with a filename, of any
+    kind (images, gifs, audio, ...), in node order. Other items (texts of
+    custom nodes) are not files."""
+    records = []
+    for node_id, produced in (entry.get("outputs") or {}).items():
+        if not isinstance(produced, dict):
+            continue
+        for kind, items in produced.items():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if (isinstance(item, dict) and isinstance(item.get("filename"), str)
+                        and item["filename"] and isinstance(item.get("subfolder", ""), str)
+                        and isinstance(item.get("type", "output"), str)):
+                    records.append(_output_record(node_id, item, str(kind)))
+    return records
+
+
+def _history_event(entry: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    for message in (entry.get("status") or {}).get("messages") or []:
+        if isinstance(message, list) and len(message) == 2 and message[0] == name:
+            return message[1] if isinstance(message[1], dict) else {}
+    return None
+
+
+def _text_field(data: Mapping[str, Any], name: str, limit: int = 2000) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else _excerpt(value, limit)
+    return text[:limit]
+
+
+def _execution_error(data: Mapping[str, Any]) -> dict[str, Any]:
+    traceback = data.get("traceback") or []
+    if isinstance(traceback, str):
+        traceback = traceback.splitlines()
+    elif not isinstance(traceback, list):
+        traceback = [_excerpt(traceback)]
+    exception_type = _text_field(data, "exception_type", 200)
+    exception_message = _text_field(data, "exception_message")
+    node_id = data.get("node_id")
+    return {
+        "code": "execution_error",
+        "message": f"{exception_type or 'error'}: {(exception_message or '').strip()}",
+        "nodeId": str(node_id) if _is_node_id(node_id) else None,
+        "nodeType": _text_field(data, "node_type", 200),
+        "exceptionType": exception_type,
+        "exceptionMessage": exception_message,
+        "traceback": [str(line)[:500] for line in traceback[-_TRACEBACK_LINES:]],
+    }
+
+
+def _protocol_error(what: str, exc: _ProtocolError) -> dict[str, Any]:
+    """A job's `error` when ComfyUI's record of it cannot be read."""
+    error = {"code": "backend_protocol_error", "message": f"{what}: {exc}"}
+    if exc.excerpt:
+        error["excerpt"] = exc.excerpt
+    return error
+
+
+# What each known WebSocket message type must carry: name -> (type check,
+# required). Types not listed here are custom nodes' own and are ignored.
+_FIELD_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: isinstance(v, str),
+    "node": _is_node_id,
+    "node?": lambda v: v is None or _is_node_id(v),
+    "number": _is_number,
+    "list": lambda v: isinstance(v, list),
+    "dict": lambda v: isinstance(v, dict),
+}
+_MESSAGE_SHAPES: dict[str, dict[str, tuple[str, bool]]] = {
+    "status": {"status": ("dict", False), "sid": ("str", False)},
+    "execution_start": {"prompt_id": ("str", True)},
+    "execution_cached": {"prompt_id": ("str", True), "nodes": ("list", True)},
+    # The "executing" a reconnecting socket gets carries no prompt_id.
+    "executing": {"prompt_id": ("str", False), "node": ("node?", True)},
+    "executed": {"prompt_id": ("str", True), "node": ("node", True)},
+    # Custom nodes send progress of their own, without prompt_id or node.
+    "progress": {"prompt_id": ("str", False), "node": ("node?", False),
+                 "value": ("number", True), "max": ("number", True)},
+    "progress_state": {"prompt_id": ("str", True), "nodes": ("dict", True)},
+    "execution_success": {"prompt_id": ("str", True)},
+    "execution_error": {"prompt_id": ("str", True)},
+    "execution_interrupted": {"prompt_id": ("str", True)},
+    "feature_flags": {},
+}
+
+
+def _read_message(text: str) -> tuple[str, Any, str | None]:
+    """(type, data, problem) of one text frame: problem is None for a known
+    type of the right shape, "unknown_type", "bad_shape" or "unreadable"."""
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):
+        return "", None, "unreadable"
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return "", None, "unreadable"
+    kind, data = message["type"], message.get("data")
+    shape = _MESSAGE_SHAPES.get(kind)
+    if shape is None:
+        return kind, data, "unknown_type"
+    if not isinstance(data, dict):
+        return kind, data, "bad_shape"
+    for name, (check, required) in shape.items():
+        if name in data:
+            if not _FIELD_CHECKS[check](data[name]):
+                return kind, data, "bad_shape"
+        elif required:
+            return kind, data, "bad_shape"
+    return kind, data, None
 
 
 # -- workflow checks against /object_info -------------------------------------------
@@ -2464,59 +2956,39 @@ def _check_workflow(workflow: Mapping[str, Any], object_info: Mapping[str, Any])
 def _invalid_workflow(body: Mapping[str, Any]) -> dict[str, Any]:
     """comfymgr's `error` for a workflow ComfyUI (or its /object_info) refuses."""
     error = body.get("error") if isinstance(body.get("error"), dict) else {}
-    message = str(error.get("message") or "ComfyUI refused the workflow")
+    message = _text_field(error, "message", 500) or "ComfyUI refused the workflow"
     if error.get("details"):
-        message += f": {error['details']}"
+        message += f": {_text_field(error, 'details', 1000)}"
+    node_errors = body.get("node_errors")
     return {"code": "invalid_workflow", "message": message,
-            "details": {"error": error, "node_errors": body.get("node_errors") or {}}}
-
-
-def _history_outputs(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The files of a history entry: every list item with a filename, of any
-    kind (images, gifs, audio, ...), in node order."""
-    records = []
-    for node_id, produced in (entry.get("outputs") or {}).items():
-        if not isinstance(produced, dict):
-            continue
-        for kind, items in produced.items():
-            if not isinstance(items, list):
-                continue
-            for item in items:
-                if isinstance(item, dict) and isinstance(item.get("filename"), str):
-                    records.append(_output_record(node_id, item, kind))
-    return records
-
-
-def _history_event(entry: Mapping[str, Any], name: str) -> dict[str, Any] | None:
-    for message in (entry.get("status") or {}).get("messages") or []:
-        if isinstance(message, list) and len(message) == 2 and message[0] == name:
-            return message[1] if isinstance(message[1], dict) else {}
-    return None
-
-
-def _execution_error(data: Mapping[str, Any]) -> dict[str, Any]:
-    traceback = data.get("traceback") or []
-    if isinstance(traceback, str):
-        traceback = traceback.splitlines()
-    return {
-        "code": "execution_error",
-        "message": f"{data.get('exception_type', 'error')}: "
-                   f"{str(data.get('exception_message', '')).strip()}",
-        "nodeId": data.get("node_id"),
-        "nodeType": data.get("node_type"),
-        "exceptionType": data.get("exception_type"),
-        "exceptionMessage": data.get("exception_message"),
-        "traceback": [str(line) for line in traceback[-_TRACEBACK_LINES:]],
-    }
+            "details": {"error": error, "node_errors": node_errors if isinstance(node_errors, dict) else {}}}
 
 
 ###############################################################################
 # bridge
 ###############################################################################
-# What happens to a job between its claim and its end, on each backend: the
-# rules are in the comfyui client section's header. Each backend has three
-# tasks (its WebSocket, its dispatcher, its tick), started and cancelled by
-# _Bridge.start()/stop() only.
+# What happens to a job between its claim and its end. The rules it lives by:
+# - comfymgr mints a lowercase UUID4 prompt_id for every attempt and stores
+#   it (state dispatching) before POST /prompt, always with `client_id`;
+# - one WebSocket per backend, a fresh clientId per connection;
+# - WebSocket messages are hints; /queue and /history are the record: a job
+#   is completed only when ComfyUI's history says success;
+# - what a prompt became is asked of ComfyUI in one way (_Backend.locate:
+#   /queue, then /history), at start, after every reconnect, on a timer, and
+#   before any cancel, preemption or judgement;
+# - a prompt is judged gone only after a second look: a POST whose answer
+#   was lost after a grace of several backend timeouts, an acknowledged
+#   prompt after two reconciles; so a slow answer never runs a prompt twice;
+# - timeouts and cancels run by comfymgr's own clock, whether or not the
+#   backend answers; prompts comfymgr gave up on are "abandoned" and removed
+#   from ComfyUI (deleted or interrupted) when it is seen again.
+# Each backend is one _Backend: it alone changes its connection, its runs and
+# its jobs' rows, in its three supervised tasks (WebSocket, dispatcher,
+# tick). _Bridge holds the backends and what spans them.
+
+_UNKNOWN_POST_GRACE = 3  # backend timeouts before an unanswered POST is judged lost
+_ABANDONED_MAX, _ABANDONED_TTL = 1000, 3600.0
+
 
 @dataclasses.dataclass(eq=False)
 class _Run:
@@ -2527,9 +2999,11 @@ class _Run:
     priority: int
     nodes: frozenset[str]            # what ComfyUI will execute (reachable from outputs)
     timeout_s: float | None
+    pinned: bool = False             # submitted for this backend only
     started: float | None = None     # clock() at execution_start
-    client_id: str | None = None     # the socket ComfyUI sends this prompt's messages to
-    posting: bool = False            # POST /prompt under way: reconcile must not judge it
+    posting: bool = False            # POST /prompt under way: nobody judges it meanwhile
+    post_unknown_since: float | None = None  # POST unanswered (timeout, 5xx) since
+    missing_since: float | None = None        # found in neither /queue nor /history since
     cached: set[str] = dataclasses.field(default_factory=set)
     node_progress: dict[str, float] = dataclasses.field(default_factory=dict)
     current_node: str | None = None
@@ -2538,7 +3012,8 @@ class _Run:
     last_flush: float = float("-inf")
     ending: tuple[str, dict[str, Any]] | None = None  # the end message, a hint
     interrupt: str | None = None     # "cancel" or "timeout" once decided
-    interrupt_at: float | None = None
+    interrupt_sent: bool = False     # ComfyUI has been asked to stop it
+    give_up_at: float | None = None  # clock(): recorded ended by comfymgr if not confirmed by then
     # The nodes' finished fractions summed (a cached node counts 1), kept up
     # to date by set_node/add_cached: summing all nodes on every message made
     # a 10,000-node run cost 10,000 x 20,000 steps of the event loop.
@@ -2568,173 +3043,278 @@ class _Run:
             self.progress, self.dirty = value, True
 
 
-class _Backend:
-    """One ComfyUI server: its connection, its one job at a time, its state."""
+class _OwnedLock(asyncio.Lock):
+    """An asyncio.Lock that knows which task holds it, so that "caller holds
+    the lock" is checked, not only written in a docstring."""
 
-    def __init__(self, spec: BackendSpec, bridge: _Bridge) -> None:
+    _owner: asyncio.Task[Any] | None = None
+
+    async def acquire(self) -> bool:
+        await super().acquire()
+        self._owner = asyncio.current_task()
+        return True
+
+    def release(self) -> None:
+        self._owner = None
+        super().release()
+
+    def assert_held(self) -> None:
+        if self._owner is None or self._owner is not asyncio.current_task():
+            raise RuntimeError("this needs the backend's lock, held by the calling task")
+
+
+class _Located:
+    """Where a prompt is on ComfyUI: running, pending, finished (with its
+    history entry) or missing (in neither /queue nor /history)."""
+
+    __slots__ = ("where", "entry")
+
+    def __init__(self, where: str, entry: Any = None) -> None:
+        self.where, self.entry = where, entry
+
+
+class _Backend:
+    """One ComfyUI server: its connection, its runs (one at a time, plus one
+    waiting in ComfyUI's queue with prefetch), its state.
+
+    Locking: `lock` is held by whatever changes this backend's runs and their
+    rows with awaits in between: dispatch, preemption, reconcile, a run's
+    end, interrupts and deadlines. Methods whose names end in `_locked`, and
+    those that say so, need it (checked: _OwnedLock.assert_held). Progress
+    messages only touch their run object and take no lock.
+    """
+
+    def __init__(self, spec: BackendSpec, *, config: Config, db: _Database, queue_: _Queue,
+                 clock: Clock, metrics: _Metrics) -> None:
         self.spec = spec
         self.name = spec.name
-        self.bridge = bridge
-        self.client = _ComfyClient.for_backend(spec, bridge.config)
+        self.config = config
+        self.db = db
+        self.queue = queue_
+        self.clock = clock
+        self.metrics = metrics
+        self.client = _ComfyClient.for_backend(spec, config)
         self.up = False
+        self.incompatible: str | None = None   # why this server gets no jobs
+        self.down_since: float | None = clock()
         self.last_error: str | None = None
         self.version: str | None = None
         self.devices: list[dict[str, Any]] = []
         self.object_info: dict[str, Any] | None = None
         self.queue_remaining: int | None = None
         self.client_id: str | None = None
-        self.runs: dict[str, _Run] = {}        # job id -> run; one at a time in practice
+        self.runs: dict[str, _Run] = {}        # job id -> run
+        self.abandoned: dict[str, float] = {}  # prompt ids comfymgr gave up on -> since (clock)
         self.jobs_cancel_route: bool | None = None
-        # Dispatch, reconcile, finish and interrupt change the same runs and
-        # rows with awaits in between: they take this lock; progress does not.
-        self.lock = asyncio.Lock()
-        self.wake = bridge.queue.waiter()
+        self.lock = _OwnedLock()
+        self.wake = queue_.waiter()
         self.last_reconcile = float("-inf")
+        self._reconcile_requested = False
+        self._dispatch_failures = 0
+        self._dispatch_not_before = 0.0        # loop time; dispatch backs off after failures
+        self._warned: set[str] = set()
 
     # -- status --------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.incompatible:
+            return "incompatible"
+        return "up" if self.up else "down"
 
     def view(self) -> dict[str, Any]:
         return {
             "name": self.name, "url": self.spec.url, "gpu": self.spec.gpu_index,
-            "state": "up" if self.up else "down", "lastError": self.last_error,
+            "state": self.state, "lastError": self.last_error,
+            "downSince": _ms(self.down_since) if self.down_since is not None and not self.up else None,
             "comfyuiVersion": self.version,
-            "devices": [{k: d.get(k) for k in ("name", "type", "index", "vram_total", "vram_free")}
-                        for d in self.devices],
+            "devices": self.devices,
             "runningJob": next((r.job_id for r in self.runs.values() if r.started), None),
             "waitingJob": next((r.job_id for r in self.runs.values() if not r.started), None),
             "comfyuiQueueRemaining": self.queue_remaining,
         }
 
+    def error(self, message: str) -> None:
+        """Record (and log once) what is wrong with this backend now."""
+        if message != self.last_error:
+            _log_bridge.warning("backend %s: %s", self.name, message, extra={"backend": self.name})
+        self.last_error = message
+
+    def request_reconcile(self) -> None:
+        """Ask ComfyUI about every in-flight prompt at the next tick."""
+        self._reconcile_requested = True
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            _log_bridge.warning("backend %s: " + message, self.name, *args,
+                                extra={"backend": self.name})
+
+    # -- the WebSocket task ------------------------------------------------------
+
+    async def websocket_loop(self) -> None:
+        """Stay connected; after a failed reconnect the jobs handed to this
+        backend but not started go back to the shared queue."""
+        failures = 0
+        try:
+            while True:
+                client_id = _new_id()
+                connected = False
+                try:
+                    async with self.client.websocket(
+                            client_id, heartbeat=max(5.0, self.config.backend_timeout),
+                            max_msg_size=_WS_MAX_MESSAGE) as ws:
+                        await self._connected(client_id)
+                        connected, failures = True, 0
+                        async for message in ws:
+                            if message.type == aiohttp.WSMsgType.TEXT:
+                                await self._on_text(message.data)
+                            elif message.type == aiohttp.WSMsgType.BINARY:
+                                self._on_binary(message.data)
+                            elif message.type == aiohttp.WSMsgType.ERROR:
+                                break
+                    reason = "the WebSocket closed"
+                except asyncio.CancelledError:
+                    raise
+                except ApiError as exc:  # the reconcile after connecting could not write
+                    reason = f"cannot record what ComfyUI said: {exc.message}"
+                except BackendError as exc:
+                    reason = str(exc)
+                except _CONNECT_ERRORS as exc:
+                    reason = f"cannot connect to {self.spec.url}: {exc}"
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                    reason = f"WebSocket: {type(exc).__name__} {exc}".strip()
+                self._disconnected(reason)
+                if not connected:
+                    failures += 1
+                    await self.release_unstarted()
+                delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** min(failures, 10))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        finally:
+            self._disconnected(self.last_error or "stopped")
+
+    def _disconnected(self, reason: str) -> None:
+        if self.up:
+            self.down_since = self.clock()
+        self.up = False
+        self.client_id = None
+        self.error(reason)
+
+    async def _connected(self, client_id: str) -> None:
+        """A fresh socket: learn the server, then reconcile before dispatching,
+        since whatever ComfyUI said while we were away is gone."""
+        await self._learn_server()
+        self.jobs_cancel_route = None
+        self.incompatible = None  # a restarted server may be a newer one
+        self.client_id = client_id
+        self.up = True  # dispatch waits for the lock that reconcile holds
+        await self.reconcile()
+        self.last_error = None
+        self.down_since = None
+        self._dispatch_failures, self._dispatch_not_before = 0, 0.0
+        _log_bridge.info("backend %s up (ComfyUI %s)", self.name, self.version,
+                         extra={"backend": self.name})
+        self.wake.set()
+
+    async def _learn_server(self) -> None:
+        """Version, devices and node schemas; an unreadable answer keeps what
+        was known and is said once (it is not a reason to stay down)."""
+        try:
+            self.version, self.devices = _read_system_stats(await self.client.system_stats())
+        except _ProtocolError as exc:
+            self._warn_once("system_stats", "%s (%s); keeping what was known", exc, exc.excerpt)
+        try:
+            info, dropped = _read_object_info(await self.client.object_info())
+        except _ProtocolError as exc:
+            self._warn_once("object_info", "%s; submit-time checks use what was known", exc)
+        else:
+            if dropped:
+                self._warn_once("object_info_entries", "%d /object_info entries are not node "
+                                "schemas; ComfyUI checks those nodes at dispatch", dropped)
+            self.object_info = info
+
+    def _ignored(self, reason: str, kind: str) -> None:
+        self.metrics.messages_ignored.labels(self.name, reason).inc()
+        if reason == "bad_shape":
+            self._warn_once(f"shape:{kind}", "ignoring %r messages whose data is not of the "
+                            "expected shape (said once per type)", kind[:100])
+        else:
+            _log_bridge.debug("backend %s: ignored a message (%s) %r", self.name, reason, kind[:100])
+
+    def _on_binary(self, data: bytes) -> None:
+        self._ignored("unreadable", "binary")
+
+    async def _on_text(self, text: str) -> None:
+        kind, data, problem = _read_message(text)
+        if problem is not None:
+            self._ignored(problem, kind)
+            return
+        if kind == "status":
+            remaining = ((data.get("status") or {}).get("exec_info") or {})
+            remaining = remaining.get("queue_remaining") if isinstance(remaining, dict) else None
+            if isinstance(remaining, int) and not isinstance(remaining, bool):
+                self.queue_remaining = remaining
+            return
+        run = self._run_for_prompt(data.get("prompt_id"))
+        if run is None:
+            return  # a prompt comfymgr did not send, or one already settled
+        if kind == "execution_start":
+            await self._mark_running(run)
+        elif kind == "execution_cached":
+            run.add_cached(str(n) for n in data["nodes"] if _is_node_id(n))
+            run.recompute()
+        elif kind == "executing":
+            if data["node"] is None:
+                # The end marker: ComfyUI has written the history by now.
+                async with self.lock:
+                    await self._finish_locked(run)
+                return
+            run.current_node, run.dirty = str(data["node"]), True
+        elif kind == "progress":
+            node, value, maximum = data.get("node"), data["value"], data["max"]
+            if node is not None and maximum > 0:
+                run.set_node(str(node), max(0.0, min(1.0, value / maximum)))
+                run.current_node = str(node)
+                run.recompute()
+        elif kind == "progress_state":
+            for node, state in data["nodes"].items():
+                if not isinstance(state, dict):
+                    continue
+                value, maximum = state.get("value"), state.get("max")
+                if state.get("state") == "finished":
+                    run.set_node(str(node), 1.0)
+                elif _is_number(value) and _is_number(maximum) and maximum > 0:
+                    run.set_node(str(node), max(0.0, min(1.0, value / maximum)))
+            run.recompute()
+        elif kind == "executed":
+            run.set_node(str(data["node"]), 1.0)
+            run.recompute()
+        elif kind in ("execution_success", "execution_error", "execution_interrupted"):
+            run.ending = (kind, data)
+        if run.dirty:
+            await self._flush_progress(run)
+
     def _run_for_prompt(self, prompt_id: Any) -> _Run | None:
+        if not isinstance(prompt_id, str):
+            return None
         for run in self.runs.values():
             if run.prompt_id == prompt_id:
                 return run
         return None
 
-    def _error(self, message: str) -> None:
-        if message != self.last_error:
-            _log_bridge.warning("backend %s: %s", self.name, message, extra={"backend": self.name})
-        self.last_error = message
-
-    # -- the WebSocket task ------------------------------------------------------
-
-    async def websocket_loop(self) -> None:
-        failures = 0
-        while True:
-            client_id = _new_id()
-            try:
-                async with self.client.websocket(
-                        client_id, heartbeat=max(5.0, self.bridge.config.backend_timeout)) as ws:
-                    await self._connected(client_id)
-                    failures = 0
-                    async for message in ws:
-                        if message.type == aiohttp.WSMsgType.TEXT:
-                            try:
-                                await self._on_text(message.data)
-                            except ApiError as exc:
-                                # The database refused to record it. Nothing is lost:
-                                # ComfyUI's /history keeps the record, and reconcile
-                                # (asked for now, retried by the tick) reads it again.
-                                self._error(f"cannot record what ComfyUI said: {exc.message}")
-                                self.last_reconcile = float("-inf")
-                        elif message.type == aiohttp.WSMsgType.ERROR:
-                            break
-                self._error("the WebSocket closed")
-            except asyncio.CancelledError:
-                raise
-            except ApiError as exc:  # the reconcile after connecting could not write
-                self._error(f"cannot record what ComfyUI said: {exc.message}")
-            except BackendError as exc:
-                self._error(str(exc))
-            except _CONNECT_ERRORS as exc:
-                self._error(f"cannot connect to {self.spec.url}: {exc}")
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-                self._error(f"WebSocket: {type(exc).__name__} {exc}".strip())
-            finally:
-                self.up = False
-                self.client_id = None
-            failures += 1
-            delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** min(failures, 10))
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-
-    async def _connected(self, client_id: str) -> None:
-        """A fresh socket: learn the server, then reconcile before dispatching,
-        since whatever ComfyUI said while we were away is gone."""
-        stats = await self.client.system_stats()
-        system = stats.get("system") or {}
-        self.version = str(system.get("comfyui_version")) if system.get("comfyui_version") else None
-        self.devices = [d for d in stats.get("devices") or [] if isinstance(d, dict)]
-        self.object_info = await self.client.object_info()
-        self.jobs_cancel_route = None
-        self.client_id = client_id
-        self.up = True  # dispatch waits for the lock that reconcile holds
-        await self.reconcile()
-        self.last_error = None
-        _log_bridge.info("backend %s up (ComfyUI %s)", self.name, self.version,
-                         extra={"backend": self.name})
-        self.wake.set()
-
-    async def _on_text(self, text: str) -> None:
-        try:
-            message = json.loads(text)
-            kind, data = message["type"], message.get("data") or {}
-        except (ValueError, KeyError, TypeError):
-            return
-        if kind == "status":
-            remaining = ((data.get("status") or {}).get("exec_info") or {}).get("queue_remaining")
-            if isinstance(remaining, int):
-                self.queue_remaining = remaining
-            return
-        run = self._run_for_prompt(data.get("prompt_id"))
-        if run is None:
-            return  # a prompt comfymgr did not send, or one already finished
-        bridge = self.bridge
-        if kind == "execution_start":
-            await bridge.mark_running(self, run)
-        elif kind == "execution_cached":
-            run.add_cached(str(n) for n in data.get("nodes") or [])
-            run.recompute()
-        elif kind == "executing":
-            if data.get("node") is None:
-                # The end marker: ComfyUI has written the history by now.
-                async with self.lock:
-                    await bridge.finish(self, run)
-                return
-            run.current_node, run.dirty = str(data["node"]), True
-        elif kind == "progress":
-            node, value, maximum = data.get("node"), data.get("value"), data.get("max")
-            if node is not None and isinstance(value, (int, float)) and maximum:
-                run.set_node(str(node), max(0.0, min(1.0, value / maximum)))
-                run.current_node = str(node)
-                run.recompute()
-        elif kind == "progress_state":
-            for node, state in (data.get("nodes") or {}).items():
-                if not isinstance(state, dict):
-                    continue
-                if state.get("state") == "finished":
-                    run.set_node(str(node), 1.0)
-                elif isinstance(state.get("value"), (int, float)) and state.get("max"):
-                    run.set_node(str(node), max(0.0, min(1.0, state["value"] / state["max"])))
-            run.recompute()
-        elif kind == "executed":
-            if data.get("node") is not None:
-                run.set_node(str(data["node"]), 1.0)
-                run.recompute()
-        elif kind in ("execution_success", "execution_error", "execution_interrupted"):
-            run.ending = (kind, data)
-        if run.dirty:
-            await bridge.flush_progress(run)
-
     # -- the dispatcher task -------------------------------------------------------
 
     def can_take_another(self) -> bool:
         """One job at a time; with prefetch, one more waits in ComfyUI's own
-        queue while the first runs (never two waiting)."""
-        if not self.up:
+        queue while the first runs (never two waiting). None while down,
+        incompatible, or backing off after failed POSTs."""
+        if not self.up or self.incompatible:
+            return False
+        if asyncio.get_running_loop().time() < self._dispatch_not_before:
             return False
         if not self.runs:
             return True
-        if not self.bridge.config.prefetch or len(self.runs) > 1:
+        if not self.config.prefetch or len(self.runs) > 1:
             return False
         return all(run.started is not None for run in self.runs.values())
 
@@ -2750,95 +3330,595 @@ class _Backend:
             self.wake.clear()
             try:
                 if self.up and self.waiting_run() is not None:
-                    await self.bridge.preempt_if_overtaken(self)
-                dispatched = self.can_take_another() and await self.bridge.dispatch_next(self)
+                    await self.preempt_if_overtaken()
+                dispatched = self.can_take_another() and await self.dispatch_next()
             except ApiError as exc:
                 # Storage unavailable. Try again in a second rather than on the
                 # next wake: nothing may ring it while jobs wait.
-                self._error(f"cannot claim a job: {exc.message}")
+                self.error(f"cannot claim a job: {exc.message}")
                 await asyncio.sleep(1)
                 continue
             except BackendError as exc:
-                self._error(str(exc))
+                self.error(str(exc))
                 dispatched = False
             if dispatched:
                 continue
-            await self.wake.wait()
+            wait = self._dispatch_not_before - asyncio.get_running_loop().time()
+            if wait > 0:  # backing off: look again when it ends, or on a wake
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), wait)
+            else:
+                await self.wake.wait()
+
+    def _dispatch_failed(self, reason: str) -> None:
+        """Back off: exponential with jitter, capped, reset by a success."""
+        self.metrics.dispatch_failures.labels(self.name).inc()
+        self._dispatch_failures += 1
+        delay = min(_BACKOFF_MAX * 3, _BACKOFF_BASE * 2 ** min(self._dispatch_failures, 10))
+        self._dispatch_not_before = asyncio.get_running_loop().time() + delay * random.uniform(0.5, 1.0)
+        self.error(f"{reason}; dispatching again in {delay:.1f} s at most")
+
+    async def dispatch_next(self) -> bool:
+        """Claim the next job for this backend and POST it. False when none waits."""
+        async with self.lock:
+            if not self.can_take_another():
+                return False
+            prompt_id = _new_id()
+            job = await self.db.write(lambda s: s.claim_next(self.name, prompt_id, self.now_ms()))
+            if job is None:
+                return False
+            run = self._attach(job)
+            _log_bridge.info("dispatching %s to %s as prompt %s (attempt %d)", job.id,
+                             self.name, prompt_id, job.attempts, extra={"job": job.id})
+            run.posting = True
+            try:
+                answer = await self.client.post_prompt(job.workflow, prompt_id, self.client_id or "")
+            except BackendError as exc:
+                self._dispatch_failed(str(exc))
+                if not exc.sent:  # surely never reached ComfyUI: back to its place
+                    await self._requeue_locked(run)
+                else:  # its fate is unknown: reconcile settles it after a grace
+                    run.post_unknown_since = self.clock()
+                    self.request_reconcile()
+                return True
+            finally:
+                run.posting = False
+            await self._posted_locked(run, job, answer)
+        return True
+
+    async def _posted_locked(self, run: _Run, job: Job, answer: _PromptAnswer) -> None:
+        self.lock.assert_held()
+        if answer.status == 400:
+            self._dispatch_failures, self._dispatch_not_before = 0, 0.0
+            body = answer.body if isinstance(answer.body, dict) else {}
+            await self._end_locked(run, JobState.FAILED, error=_invalid_workflow(body))
+            return
+        if answer.status != 200:
+            # Refused by something that is not ComfyUI's validation (an auth
+            # plug-in, a proxy, a wrong URL prefix): surely not queued.
+            self._dispatch_failed(f"POST /prompt: HTTP {answer.status}")
+            await self._requeue_locked(run, reason="dispatch_failed", count="dispatchFailures",
+                                       allowed=self.config.dispatch_attempts - 1, error={
+                                           "code": "dispatch_failed",
+                                           "message": f"ComfyUI {self.name} refused the prompt "
+                                                      f"{self.config.dispatch_attempts} times; "
+                                                      f"the last answer was HTTP {answer.status}",
+                                           "status": answer.status, "excerpt": answer.excerpt})
+            return
+        returned = answer.prompt_id
+        if returned is None:
+            # Accepted, but the answer does not say as what: reconcile looks
+            # for comfymgr's id, and judges only after the grace.
+            self._dispatch_failed(f"POST /prompt: HTTP 200 without a prompt_id ({answer.excerpt})")
+            run.post_unknown_since = self.clock()
+            self.request_reconcile()
+            return
+        self._dispatch_failures, self._dispatch_not_before = 0, 0.0
+        if returned != run.prompt_id:
+            # An older ComfyUI mints its own ids: follow this prompt under its
+            # id, and send this server nothing more (a restart of comfymgr
+            # between POST and record would lose track of the next one).
+            self.incompatible = (f"ComfyUI {self.name} ignores the prompt_id comfymgr sends "
+                                 f"(it answered {returned[:64]!r} for {run.prompt_id}); it gets no "
+                                 "more jobs: upgrade it to a version that accepts a client "
+                                 "prompt_id")
+            self.error(self.incompatible)
+            if await self.db.write(lambda s: s.adopt_prompt_id(
+                    run.job_id, run.prompt_id, returned, self.now_ms())) is not None:
+                run.prompt_id = returned
+        await self.db.write(lambda s: s.mark_submitted(run.job_id, run.prompt_id, self.now_ms()))
+        if job.cancel_requested_at is not None or run.interrupt:
+            await self._interrupt_locked(run, run.interrupt or "cancel")
+
+    async def preempt_if_overtaken(self) -> None:
+        """A job more urgent than the one waiting in ComfyUI's queue arrived:
+        take the waiting one back (POST /queue delete) to its place in
+        comfymgr's queue, so that priorities hold with prefetch too."""
+        async with self.lock:
+            run = self.waiting_run()
+            if run is None:
+                return
+            head = await self.db.read(lambda s: s.queue_head(self.name))
+            if head is None or head[0] >= run.priority:
+                return
+            pid = run.prompt_id
+            # Written before ComfyUI forgets the prompt: if what follows fails,
+            # or comfymgr dies here, reconcile finds a prompt comfymgr removed
+            # itself (see _missing_locked), not one ComfyUI lost.
+            await self.db.write(lambda s: s.note_attempt(run.job_id, pid, self.now_ms(),
+                                                         preempting=pid))
+            await self.client.delete_pending(pid)
+            located = await self.locate(pid)
+            if located.where in ("running", "pending"):
+                return  # it started first: it runs, the urgent job comes next
+            if located.where == "finished":
+                await self._finish_locked(run, located.entry)
+                return
+            _log_bridge.info("%s: a more urgent job arrived; taken back from ComfyUI's queue",
+                             run.job_id, extra={"job": run.job_id})
+            await self._requeue_locked(run, reason="preempted")
 
     # -- the tick task ---------------------------------------------------------------
 
     async def tick_loop(self) -> None:
-        period = max(0.05, min(1.0, self.bridge.config.reconcile_interval,
-                               self.bridge.config.progress_interval or 1.0))
+        period = max(0.05, min(1.0, self.config.reconcile_interval,
+                               self.config.progress_interval or 1.0))
         while True:
             await asyncio.sleep(period)
             try:
-                await self.bridge.tick(self)
-            except asyncio.CancelledError:
-                raise
+                await self.tick()
             except ApiError as exc:  # storage unavailable: said once, not a traceback a tick
-                self._error(f"cannot record what ComfyUI said: {exc.message}")
-            except Exception:  # noqa: BLE001 - a tick must never kill the backend
-                _log_bridge.exception("backend %s: tick failed", self.name)
+                self.error(f"cannot record what ComfyUI said: {exc.message}")
 
-    # -- reconciliation ----------------------------------------------------------------
+    async def tick(self) -> None:
+        """Late progress, deadlines (timeouts, cancels, a backend gone too
+        long), and the periodic reconcile."""
+        now = self.clock()
+        for run in list(self.runs.values()):
+            if run.dirty:
+                await self._flush_progress(run)
+        async with self.lock:
+            for run in list(self.runs.values()):
+                if run.job_id in self.runs:
+                    await self._deadlines_locked(run, now)
+            if (not self.up and self.down_since is not None
+                    and now - self.down_since >= self.config.backend_lost_after):
+                for run in [r for r in self.runs.values() if r.started is not None]:
+                    _log_bridge.warning("%s: backend %s down for %.0f s", run.job_id, self.name,
+                                        now - self.down_since, extra={"job": run.job_id})
+                    await self._lost_locked(run, f"ComfyUI {self.name} has been unreachable for "
+                                                 f"{now - self.down_since:.0f} s")
+            if self.up and (self.runs or self.abandoned) and (
+                    self._reconcile_requested
+                    or now - self.last_reconcile >= self.config.reconcile_interval):
+                try:
+                    await self._reconcile_locked()
+                except BackendError as exc:
+                    self.error(f"reconcile: {exc}")
+
+    async def _deadlines_locked(self, run: _Run, now: float) -> None:
+        self.lock.assert_held()
+        if (run.interrupt is None and run.timeout_s and run.started is not None
+                and now - run.started > run.timeout_s):
+            _log_bridge.info("%s: over its %g s timeout", run.job_id, run.timeout_s,
+                             extra={"job": run.job_id})
+            await self.db.write(lambda s: s.note_attempt(run.job_id, run.prompt_id, self.now_ms(),
+                                                         interrupt="timeout"))
+            run.interrupt, run.give_up_at = "timeout", now + self.config.cancel_grace
+            if self.up and not run.posting:
+                await self._interrupt_locked(run, "timeout")
+        elif run.give_up_at is not None and now >= run.give_up_at:
+            await self._give_up_locked(run)
+        elif run.interrupt and not run.interrupt_sent and self.up and not run.posting:
+            await self._interrupt_locked(run, run.interrupt)
+
+    # -- locating and reconciling ---------------------------------------------------------
+
+    async def locate(self, prompt_id: str) -> _Located:
+        """Where a prompt is: /queue first, then /history for what it lacks.
+        ComfyUI moves a prompt from its queue to its history atomically, so
+        nothing falls between the two reads."""
+        running, pending = await self.client.queue()
+        return await self._locate_in(prompt_id, running, pending)
+
+    async def _locate_in(self, prompt_id: str, running: Sequence[str],
+                         pending: Sequence[str]) -> _Located:
+        if prompt_id in running:
+            return _Located("running")
+        if prompt_id in pending:
+            return _Located("pending")
+        entry = await self.client.history(prompt_id)
+        return _Located("missing") if entry is None else _Located("finished", entry)
 
     async def reconcile(self) -> None:
         """Ask ComfyUI what became of every in-flight job of this backend."""
         async with self.lock:
-            await self.bridge.reconcile(self)
+            await self._reconcile_locked()
 
+    async def _reconcile_locked(self) -> None:
+        self.lock.assert_held()
+        self._reconcile_requested = False
+        self.last_reconcile = self.clock()
+        jobs = await self.db.read(lambda s: s.in_flight(self.name))
+        running, pending = await self.client.queue()
+        await self._clean_abandoned_locked(running, pending)
+        for job in jobs:
+            run = self._attach(job)
+            if run.posting or run.job_id not in self.runs:
+                continue
+            located = await self._locate_in(run.prompt_id, running, pending)
+            if located.where != "missing":
+                run.missing_since = None
+            if located.where == "running":
+                run.post_unknown_since = None
+                if job.state is not JobState.RUNNING:
+                    await self._mark_running(run)
+                run.started = run.started or self.clock()
+            elif located.where == "pending":
+                run.post_unknown_since = None
+                if job.state is JobState.DISPATCHING:
+                    await self.db.write(lambda s, r=run: s.mark_submitted(r.job_id, r.prompt_id,
+                                                                          self.now_ms()))
+            elif located.where == "finished":
+                await self._finish_locked(run, located.entry)
+                continue
+            else:
+                await self._missing_locked(run, job)
+                continue
+            if run.interrupt and not run.interrupt_sent:
+                await self._interrupt_locked(run, run.interrupt)
 
-class _Bridge:
-    """All backends, and what happens to a job between its claim and its end."""
+    async def _missing_locked(self, run: _Run, job: Job) -> None:
+        """A prompt in neither /queue nor /history: judged on a second look."""
+        self.lock.assert_held()
+        now = self.clock()
+        first = run.missing_since is None
+        run.missing_since = run.missing_since or now
+        if run.interrupt == "cancel" and run.interrupt_sent:
+            # comfymgr removed it from ComfyUI's queue itself.
+            await self._end_locked(run, JobState.CANCELLED, error={
+                "code": "cancelled", "message": "cancelled by request before it started"})
+            return
+        if job.state is JobState.DISPATCHING:
+            # POST /prompt's answer was lost, or comfymgr stopped before it
+            # came: ComfyUI may still be validating it. Only after a grace of
+            # several backend timeouts is it judged never received.
+            since = run.post_unknown_since if run.post_unknown_since is not None else run.missing_since
+            if now - since < _UNKNOWN_POST_GRACE * self.config.backend_timeout:
+                return
+            _log_bridge.info("%s: ComfyUI never received prompt %s; queued again",
+                             job.id, run.prompt_id, extra={"job": job.id})
+            self.abandon(run.prompt_id)
+            if run.post_unknown_since is not None:  # a POST that failed counts against the job
+                await self._requeue_locked(
+                    run, reason="dispatch_failed", count="dispatchFailures",
+                    allowed=self.config.dispatch_attempts - 1, error={
+                        "code": "dispatch_failed",
+                        "message": f"ComfyUI {self.name} did not take the prompt in "
+                                   f"{self.config.dispatch_attempts} attempts (no answer, or "
+                                   "an error, and the prompt never appeared in its queue)"})
+            else:
+                await self._requeue_locked(run)
+            return
+        if first or now - run.missing_since < self.config.reconcile_interval:
+            return  # a second reconcile confirms it
+        if job.extra.get("attempt", {}).get("preempting") == job.prompt_id:
+            # preempt_if_overtaken removed it from ComfyUI's queue and was cut
+            # short before it could say so: it never started; it waits again.
+            _log_bridge.info("%s: taken back from ComfyUI's queue (preempted); queued again",
+                             job.id, extra={"job": job.id})
+            await self._requeue_locked(run, reason="preempted")
+            return
+        await self._lost_locked(run, f"ComfyUI {self.name} lost the job (it restarted while the "
+                                     "job was queued or running there)")
 
-    def __init__(self, config: Config, db: _Database, queue_: _Queue, clock: Clock) -> None:
-        self.config = config
-        self.db = db
-        self.queue = queue_
-        self.clock = clock
-        self.backends = {spec.name: _Backend(spec, self) for spec in config.backend_specs}
-        self._tasks: list[asyncio.Task[None]] = []
+    async def _lost_locked(self, run: _Run, message: str) -> None:
+        """ComfyUI no longer has a prompt it had accepted (it restarted), or
+        has been unreachable too long: the job ends, or waits again while
+        COMFYMGR_BACKEND_RETRIES allows (on any backend)."""
+        self.lock.assert_held()
+        self.abandon(run.prompt_id)
+        if run.interrupt == "cancel":
+            await self._end_locked(run, JobState.CANCELLED, error={
+                "code": "cancelled", "message": "cancelled by request"})
+            return
+        if run.interrupt == "timeout":
+            await self._end_locked(run, JobState.FAILED, error=self._timeout_error(run))
+            return
+        _log_bridge.warning("%s: %s (prompt %s)", run.job_id, message, run.prompt_id,
+                            extra={"job": run.job_id})
+        await self._requeue_locked(run, reason="backend_lost", count="lost",
+                                   allowed=self.config.backend_retries,
+                                   error={"code": "backend_lost", "message": message})
+
+    def abandon(self, prompt_id: str) -> None:
+        """comfymgr gave up on this prompt: if ComfyUI still has it, it is
+        deleted or interrupted at the next reconcile."""
+        self.abandoned[prompt_id] = self.clock()
+        if len(self.abandoned) > _ABANDONED_MAX:
+            del self.abandoned[next(iter(self.abandoned))]
+
+    async def _clean_abandoned_locked(self, running: Sequence[str], pending: Sequence[str]) -> None:
+        now = self.clock()
+        for pid, since in list(self.abandoned.items()):
+            if pid in pending:
+                _log_bridge.info("backend %s: removing abandoned prompt %s from ComfyUI's queue",
+                                 self.name, pid, extra={"backend": self.name})
+                await self.client.delete_pending(pid)
+            elif pid in running:
+                _log_bridge.info("backend %s: interrupting abandoned prompt %s", self.name, pid,
+                                 extra={"backend": self.name})
+                await self.client.interrupt(pid)
+            elif now - since > max(_UNKNOWN_POST_GRACE * self.config.backend_timeout,
+                                   self.config.reconcile_interval) or now - since > _ABANDONED_TTL:
+                del self.abandoned[pid]  # long enough gone: it will not come back
+
+    async def release_unstarted(self) -> None:
+        """The backend is unreachable: jobs handed to it that have not started
+        go back to the shared queue, in their place (unless pinned to it);
+        their prompts are abandoned, in case ComfyUI still holds them."""
+        async with self.lock:
+            for run in list(self.runs.values()):
+                if run.started is None and not run.posting and not run.pinned:
+                    self.abandon(run.prompt_id)
+                    _log_bridge.info("%s: backend %s is down; queued again", run.job_id,
+                                     self.name, extra={"job": run.job_id})
+                    await self._requeue_locked(run, reason="backend_down")
+
+    # -- a run's life ----------------------------------------------------------------
 
     def now_ms(self) -> int:
         return _ms(self.clock())
 
+    def _attach(self, job: Job) -> _Run:
+        """The run of an in-flight job, made from its row when comfymgr has
+        none (at start, or after a dispatch)."""
+        run = self.runs.get(job.id)
+        if run is not None and run.prompt_id == job.prompt_id:
+            return run
+        try:
+            workflow = json.loads(job.workflow)
+        except ValueError:
+            workflow = {}
+        nodes: Iterable[str] = workflow
+        if self.object_info and isinstance(workflow, dict):
+            outputs = _output_nodes(workflow, self.object_info)
+            if outputs:
+                nodes = _reachable(workflow, outputs)
+        run = _Run(job_id=job.id, prompt_id=job.prompt_id or "", priority=int(job.priority),
+                   nodes=frozenset(map(str, nodes)), timeout_s=job.timeout_s,
+                   pinned=job.target != TARGET_ANY, progress=job.progress)
+        if job.started_at is not None:
+            run.started = job.started_at / 1000
+        attempt = job.extra.get("attempt", {})
+        if job.cancel_requested_at is not None:
+            run.interrupt = "cancel"
+            run.give_up_at = job.cancel_requested_at / 1000 + self.config.cancel_grace
+        elif attempt.get("interrupt") == "timeout" and run.started is not None and run.timeout_s:
+            run.interrupt = "timeout"
+            run.give_up_at = run.started + run.timeout_s + self.config.cancel_grace
+        self.runs[job.id] = run
+        return run
+
+    async def _mark_running(self, run: _Run) -> None:
+        now = self.now_ms()
+        job = await self.db.write(lambda s: s.mark_running(run.job_id, run.prompt_id, now, self.name))
+        if job is not None:
+            run.started = now / 1000
+            _log_bridge.info("%s running on %s", run.job_id, self.name, extra={"job": run.job_id})
+            self.wake.set()  # the next job may now wait in ComfyUI's queue (prefetch)
+
+    async def _flush_progress(self, run: _Run) -> None:
+        """Progress is kept on the run and written at most once per
+        progress_interval (the tick writes what is left)."""
+        now = self.clock()
+        if not run.dirty or now - run.last_flush < self.config.progress_interval:
+            return
+        run.dirty, run.last_flush = False, now
+        progress, node, ms = run.progress, run.current_node, self.now_ms()
+        await self.db.write(lambda s: s.set_progress(run.job_id, progress, node, ms, emit=True))
+
+    async def _end_locked(self, run: _Run, to: JobState, *, error: dict[str, Any] | None = None,
+                          outputs: list[dict[str, Any]] | None = None) -> None:
+        """Record a run's end (with the last progress first) and free the backend."""
+        self.lock.assert_held()
+        progress = (run.progress, run.current_node) if run.dirty else None
+        try:
+            job = await self.db.write(lambda s: s.end_run(
+                run.job_id, run.prompt_id, to, self.now_ms(), backend=self.name,
+                outputs=outputs, error=error, progress=progress))
+        finally:
+            run.dirty = False
+            self.runs.pop(run.job_id, None)
+            self.wake.set()
+        if job is not None:
+            _log_bridge.info("%s %s on %s%s", job.id, to.value, self.name,
+                             f" ({error['code']})" if error else "", extra={"job": job.id})
+
+    async def _requeue_locked(self, run: _Run, **how: Any) -> None:
+        """The attempt is over without a result (see Storage.requeue_run)."""
+        self.lock.assert_held()
+        try:
+            await self.db.write(lambda s: s.requeue_run(run.job_id, run.prompt_id, self.now_ms(), **how))
+        finally:
+            self.runs.pop(run.job_id, None)
+            self.queue.notify()
+
+    async def _finish_locked(self, run: _Run, entry: Any = None) -> None:
+        """Decide a run's end from ComfyUI's history (the record); the end
+        message only stands in for it when the history cannot be fetched and
+        the end was an error or an interrupt."""
+        self.lock.assert_held()
+        if self.runs.get(run.job_id) is not run:
+            return
+        if entry is None:
+            for attempt in range(_HISTORY_RETRIES):
+                try:
+                    entry = await self.client.history(run.prompt_id)
+                except BackendError as exc:
+                    self.error(str(exc))
+                    break
+                if entry is not None:
+                    break
+                await asyncio.sleep(0.02 * (attempt + 1))
+        if entry is None:
+            if run.ending and run.ending[0] != "execution_success":
+                await self._end_with_locked(run, run.ending[0], run.ending[1], [])
+            else:
+                self.request_reconcile()
+            return
+        try:
+            record = _read_history(entry)
+        except _ProtocolError as exc:
+            self.error(f"the /history entry of prompt {run.prompt_id} cannot be read: {exc}")
+            await self._end_locked(run, JobState.FAILED, error=_protocol_error(
+                f"ComfyUI's /history entry for prompt {run.prompt_id} cannot be read", exc))
+            return
+        if record.outcome == "success":
+            await self._end_locked(run, JobState.COMPLETED, outputs=record.outputs)
+        elif record.message is not None:
+            await self._end_with_locked(run, record.outcome, record.message, record.outputs)
+        else:
+            await self._end_locked(run, JobState.FAILED, error={
+                "code": "execution_error", "message": "ComfyUI recorded the run as failed"})
+
+    def _timeout_error(self, run: _Run, detail: str = "") -> dict[str, Any]:
+        return {"code": "timeout",
+                "message": f"ran longer than its {run.timeout_s or 0:g} s timeout{detail}"}
+
+    async def _end_with_locked(self, run: _Run, name: str, data: dict[str, Any],
+                               outputs: list[dict[str, Any]]) -> None:
+        if name == "execution_error":
+            await self._end_locked(run, JobState.FAILED, error=_execution_error(data))
+        elif name == "execution_interrupted":
+            node_id = data.get("node_id")
+            where = {"nodeId": str(node_id) if _is_node_id(node_id) else None,
+                     "nodeType": _text_field(data, "node_type", 200)}
+            if run.interrupt == "cancel":
+                await self._end_locked(run, JobState.CANCELLED, error={
+                    "code": "cancelled", "message": "cancelled by request", **where})
+            elif run.interrupt == "timeout":
+                await self._end_locked(run, JobState.FAILED, error={**self._timeout_error(run), **where})
+            else:
+                await self._end_locked(run, JobState.FAILED, error={
+                    "code": "interrupted", "message": "interrupted on ComfyUI, not by comfymgr",
+                    **where})
+        else:
+            await self._end_locked(run, JobState.COMPLETED, outputs=outputs)
+
+    # -- cancel and timeout ------------------------------------------------------------
+
+    async def request_cancel(self, job: Job) -> None:
+        """The API marked an in-flight job cancelled: interrupt it now if this
+        backend is reachable; the tick retries, and after COMFYMGR_CANCEL_GRACE
+        records it cancelled whatever ComfyUI says."""
+        async with self.lock:
+            run = self.runs.get(job.id) or (self._attach(job) if job.state in _IN_FLIGHT else None)
+            if run is None:
+                return
+            if run.interrupt != "cancel":
+                run.interrupt, run.interrupt_sent = "cancel", False
+                run.give_up_at = self.clock() + self.config.cancel_grace
+            if run.posting or not self.up:
+                return  # dispatch_next, the tick or reconcile act on the mark
+            await self._interrupt_locked(run, "cancel")
+
+    async def _interrupt_locked(self, run: _Run, reason: str) -> None:
+        """Stop a prompt on ComfyUI: the newer /api/jobs/{id}/cancel where the
+        server has it; else remove it from ComfyUI's queue if pending, or
+        POST /interrupt {prompt_id} if it is the running one. The job ends
+        when ComfyUI confirms (the end marker, or polling), or at give_up_at."""
+        self.lock.assert_held()
+        run.interrupt, run.interrupt_sent = reason, True
+        if run.give_up_at is None:
+            run.give_up_at = self.clock() + self.config.cancel_grace
+        pid = run.prompt_id
+        try:
+            if self.jobs_cancel_route is not False:
+                cancelled = await self.client.cancel_job(pid)
+                self.jobs_cancel_route = cancelled is not None
+                if cancelled is not None:
+                    _log_bridge.info("%s: asked ComfyUI to cancel prompt %s (%s)", run.job_id, pid,
+                                     reason, extra={"job": run.job_id})
+                    await self._after_stop_locked(run, await self.locate(pid), removed=cancelled)
+                    return
+            located = await self.locate(pid)
+            if located.where == "pending":
+                await self.client.delete_pending(pid)
+                await self._after_stop_locked(run, await self.locate(pid), removed=True)
+                return
+            if located.where == "running":
+                await self.client.interrupt(pid)
+                _log_bridge.info("%s: interrupted prompt %s (%s)", run.job_id, pid, reason,
+                                 extra={"job": run.job_id})
+                return
+            await self._after_stop_locked(run, located, removed=False)
+        except BackendError as exc:
+            run.interrupt_sent = False  # the tick asks again
+            self.error(str(exc))
+
+    async def _after_stop_locked(self, run: _Run, located: _Located, *, removed: bool) -> None:
+        """What comfymgr knows once it asked ComfyUI to stop a prompt."""
+        if located.where == "finished":
+            await self._finish_locked(run, located.entry)
+        elif located.where == "missing" and removed:
+            # Taken out of ComfyUI's queue before it started: it never ran.
+            await self._end_with_locked(run, "execution_interrupted", {}, [])
+        elif located.where == "missing":
+            self.request_reconcile()  # judged on a second look
+
+    async def _give_up_locked(self, run: _Run) -> None:
+        """ComfyUI did not confirm the interrupt in time (or could not be
+        reached): recorded by comfymgr's clock; the prompt is abandoned."""
+        self.lock.assert_held()
+        grace = self.config.cancel_grace
+        self.abandon(run.prompt_id)
+        if run.interrupt == "timeout":
+            await self._end_locked(run, JobState.FAILED, error=self._timeout_error(
+                run, f"; ComfyUI did not confirm the interrupt within {grace:g} s"))
+        else:
+            await self._end_locked(run, JobState.CANCELLED, error={
+                "code": "cancelled", "message": f"cancelled by request; ComfyUI did not confirm "
+                f"the interrupt within {grace:g} s"})
+
+
+class _Bridge:
+    """All backends, and what spans them: start and stop, submit-time checks,
+    cancels routed to the backend that holds the job."""
+
+    def __init__(self, config: Config, db: _Database, queue_: _Queue, clock: Clock,
+                 metrics: _Metrics, supervisor: _Supervisor) -> None:
+        self.config = config
+        self.db = db
+        self.queue = queue_
+        self.clock = clock
+        self.supervisor = supervisor
+        self.backends = {spec.name: _Backend(spec, config=config, db=db, queue_=queue_, clock=clock,
+                                             metrics=metrics)
+                         for spec in config.backend_specs}
+
     async def start(self) -> None:
-        await self._fail_orphans()
-        for backend in self.backends.values():
-            await backend.client.open()
-            for loop in (backend.websocket_loop, backend.dispatch_loop, backend.tick_loop):
-                self._tasks.append(asyncio.create_task(loop(), name=f"{backend.name}:{loop.__name__}"))
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-        for backend in self.backends.values():
-            await backend.client.close()
-
-    async def _fail_orphans(self) -> None:
-        """Jobs for a backend that is no longer configured would wait forever."""
-        names = list(self.backends)
-
-        def fail(s: Storage) -> list[Job]:
-            failed = []
-            for job_id in s.orphaned(names):
-                job = s.get(job_id)
-                assert job is not None
-                error = {"code": "backend_lost", "message": f"backend "
-                         f"{job.backend or job.target!r} is no longer configured"}
-                failed.append(s.transition(job_id, JobState.FAILED, self.now_ms(),
-                                           completed_at=self.now_ms(), error=error,
-                                           event={"error": error}))
-            return failed
-
-        for job in await self.db.write(fail):
+        now = _ms(self.clock())
+        for job in await self.db.write(lambda s: s.fail_orphans(list(self.backends), now)):
             _log_bridge.warning("failed %s: its backend is no longer configured", job.id,
                                 extra={"job": job.id})
+        in_flight = await self.db.read(lambda s: s.in_flight())
+        for backend in self.backends.values():
+            await backend.client.open()
+            for job in in_flight:
+                if job.backend == backend.name:
+                    run = backend._attach(job)
+                    if job.state is JobState.DISPATCHING:
+                        # Its POST may have been under way when comfymgr stopped.
+                        run.post_unknown_since = self.clock()
+            for task in ("websocket", "dispatch", "tick"):
+                self.supervisor.start(f"backend:{backend.name}:{task}",
+                                      getattr(backend, f"{task}_loop"), on_error=backend.error)
 
-    # -- submit-time checks ------------------------------------------------------------
+    async def stop(self) -> None:
+        await self.supervisor.stop("backend:")
+        for backend in self.backends.values():
+            await backend.client.close()
 
     def check_workflow(self, workflow: Mapping[str, Any], target: str) -> None:
         """Refuse at submit what ComfyUI would refuse, as far as a cached
@@ -2853,399 +3933,10 @@ class _Bridge:
             error = _invalid_workflow(problem)
             raise BadRequest(error["message"], code="invalid_workflow", details=error["details"])
 
-    # -- dispatch --------------------------------------------------------------------------
-
-    async def dispatch_next(self, backend: _Backend) -> bool:
-        """Claim the next job for `backend` and POST it. False when none waits."""
-        async with backend.lock:
-            if not backend.can_take_another():
-                return False
-            prompt_id = _new_id()
-            job = await self.db.write(lambda s: s.claim_next(backend.name, prompt_id, self.now_ms()))
-            if job is None:
-                return False
-            run = self._attach(backend, job)
-            run.posting = True
-            run.client_id = backend.client_id
-            _log_bridge.info("dispatching %s to %s as prompt %s (attempt %d)", job.id,
-                             backend.name, prompt_id, job.attempts, extra={"job": job.id})
-            try:
-                status, body = await backend.client.post_prompt(
-                    json.loads(job.workflow), prompt_id, backend.client_id or "")
-            except BackendError as exc:
-                run.posting = False
-                backend._error(str(exc))
-                if not exc.sent:
-                    # Surely never reached ComfyUI: back to its place in the queue.
-                    await self._requeue(backend, run, count_loss=False)
-                else:
-                    backend.last_reconcile = float("-inf")  # ask ComfyUI soon
-                return True
-            run.posting = False
-            if status == 400:
-                error = _invalid_workflow(body)
-                await self._end(backend, run, JobState.FAILED, error=error)
-                return True
-            await self._transition(run, JobState.SUBMITTED, expect=(JobState.DISPATCHING,))
-            if job.cancel_requested_at is not None or run.interrupt:
-                await self._interrupt(backend, run, run.interrupt or "cancel")
-        return True
-
-    async def preempt_if_overtaken(self, backend: _Backend) -> None:
-        """A job more urgent than the one waiting in ComfyUI's queue arrived:
-        take the waiting one back (POST /queue delete) to its place in
-        comfymgr's queue, so that priorities hold with prefetch too."""
-        async with backend.lock:
-            run = backend.waiting_run()
-            if run is None:
-                return
-            head = await self.db.read(lambda s: s.queue_head(backend.name))
-            if head is None or head[0] >= run.priority:
-                return
-            pid = run.prompt_id
-            # Written before ComfyUI forgets the prompt: if what follows fails,
-            # or comfymgr dies here, reconcile finds a prompt comfymgr removed
-            # itself (see _lost), not one ComfyUI lost.
-            await self.db.write(lambda s: s.note(run.job_id, self.now_ms(), preempting=pid))
-            await backend.client.delete_pending(pid)
-            running, pending = await backend.client.queue()
-            if pid in running or pid in pending:
-                return  # it started first: it runs, the urgent job comes next
-            entry = await backend.client.history(pid)
-            if entry is not None:
-                await self.finish(backend, run, entry)
-                return
-            _log_bridge.info("%s: a more urgent job arrived; taken back from ComfyUI's queue",
-                             run.job_id, extra={"job": run.job_id})
-            await self._requeue(backend, run, count_loss=False, reason="preempted")
-
-    def _attach(self, backend: _Backend, job: Job) -> _Run:
-        run = backend.runs.get(job.id)
-        if run is not None:
-            return run
-        try:
-            workflow = json.loads(job.workflow)
-        except ValueError:
-            workflow = {}
-        nodes: Iterable[str] = workflow
-        if backend.object_info:
-            outputs = _output_nodes(workflow, backend.object_info)
-            if outputs:
-                nodes = _reachable(workflow, outputs)
-        run = _Run(job_id=job.id, prompt_id=job.prompt_id or "", priority=int(job.priority),
-                   nodes=frozenset(map(str, nodes)),
-                   timeout_s=job.timeout_s, progress=job.progress)
-        if job.started_at is not None:
-            run.started = job.started_at / 1000
-        if job.cancel_requested_at is not None:
-            run.interrupt = "cancel"
-        elif job.extra.get("interrupt"):
-            run.interrupt = job.extra["interrupt"]
-        backend.runs[job.id] = run
-        return run
-
-    async def _transition(self, run: _Run, to: JobState, *, expect: Iterable[JobState] | None = None,
-                          **fields: Any) -> Job | None:
-        """A state change a ComfyUI message or answer implies; None when the
-        job has already moved on (messages and polling may both report it)."""
-        now = self.now_ms()
-        try:
-            return await self.db.write(lambda s: s.transition(run.job_id, to, now, expect=expect, **fields))
-        except (InvalidTransition, NotFound):
-            return None
-
-    async def mark_running(self, backend: _Backend, run: _Run) -> None:
-        now = self.now_ms()
-        job = await self._transition(run, JobState.RUNNING,
-                                     expect=(JobState.DISPATCHING, JobState.SUBMITTED),
-                                     started_at=now, event={"startTime": now, "backend": backend.name})
-        if job is not None:
-            run.started = now / 1000
-            _log_bridge.info("%s running on %s", run.job_id, backend.name, extra={"job": run.job_id})
-            backend.wake.set()  # the next job may now wait in ComfyUI's queue (prefetch)
-
-    async def flush_progress(self, run: _Run, *, force: bool = False) -> None:
-        """Progress is kept on the run and written at most once per
-        progress_interval (the tick writes what is left)."""
-        now = self.clock()
-        if not run.dirty or (not force and now - run.last_flush < self.config.progress_interval):
-            return
-        run.dirty, run.last_flush = False, now
-        progress, node, ms = run.progress, run.current_node, self.now_ms()
-        await self.db.write(lambda s: s.set_progress(run.job_id, progress, node, ms, emit=True))
-
-    async def _end(self, backend: _Backend, run: _Run, to: JobState, *,
-                   error: dict[str, Any] | None = None,
-                   outputs: list[dict[str, Any]] | None = None) -> None:
-        """Record a run's end (with the last progress first) and free the backend."""
-        now = self.now_ms()
-        progress, node = run.progress, run.current_node
-        fields: dict[str, Any] = {"completed_at": now}
-        event: dict[str, Any] = {"completionTime": now, "backend": backend.name}
-        if to is JobState.COMPLETED:
-            fields.update(outputs=outputs or [], progress=100.0)
-            event["outputs"] = outputs or []
-        if error is not None:
-            fields["error"] = error
-            event["error"] = error
-        started = run.started
-
-        def write(s: Storage) -> Job | None:
-            if run.dirty:
-                s.set_progress(run.job_id, progress, node, now, emit=True)
-            job = s.get(run.job_id)
-            if job is None or job.terminal:
-                return None
-            if job.started_at is not None:
-                event["startTime"] = job.started_at
-            return s.transition(run.job_id, to, now, **fields, event=event)
-
-        try:
-            job = await self.db.write(write)
-        except InvalidTransition:
-            job = None
-        run.dirty = False
-        backend.runs.pop(run.job_id, None)
-        backend.wake.set()
-        if job is not None:
-            _log_bridge.info("%s %s on %s%s", job.id, to.value, backend.name,
-                             f" ({error['code']})" if error else "", extra={"job": job.id})
-            self.on_job_end(backend, job, started)
-
-    def on_job_end(self, backend: _Backend, job: Job, started: float | None) -> None:
-        """Hook for observers of finished runs (metrics)."""
-
-    async def _requeue(self, backend: _Backend, run: _Run, *, count_loss: bool,
-                       reason: str | None = None) -> None:
-        job_id = run.job_id
-        now = self.now_ms()
-
-        def write(s: Storage) -> Job | None:
-            job = s.get(job_id)
-            if job is None or job.state not in _IN_FLIGHT:
-                return None
-            if job.cancel_requested_at is not None:  # never ran; nothing to interrupt
-                return s.transition(job_id, JobState.CANCELLED, now, completed_at=now,
-                                    error={"code": "cancelled", "message": "cancelled by request"},
-                                    event={"reason": "cancelled by request"})
-            if count_loss:
-                s.note(job_id, now, lost=int(job.extra.get("lost", 0)) + 1)
-            return s.transition(job_id, JobState.QUEUED, now, backend=None, prompt_id=None,
-                                started_at=None, progress=0.0, current_node=None,
-                                event={"reason": reason} if reason else None)
-
-        await self.db.write(write)
-        backend.runs.pop(job_id, None)
-        self.queue.notify()
-
-    # -- the end of a run --------------------------------------------------------------
-
-    async def finish(self, backend: _Backend, run: _Run, entry: dict[str, Any] | None = None) -> None:
-        """Decide a run's end from ComfyUI's history (the record); the end
-        message only stands in for it when the history cannot be read and
-        the end was an error or an interrupt. Caller holds backend.lock."""
-        if run.job_id not in backend.runs:
-            return
-        if entry is None:
-            for attempt in range(_HISTORY_RETRIES):
-                try:
-                    entry = await backend.client.history(run.prompt_id)
-                except BackendError as exc:
-                    backend._error(str(exc))
-                    break
-                if entry is not None:
-                    break
-                await asyncio.sleep(0.02 * (attempt + 1))
-        if entry is None:
-            if run.ending and run.ending[0] != "execution_success":
-                await self._end_with(backend, run, run.ending[0], run.ending[1], [])
-            else:
-                backend.last_reconcile = float("-inf")  # the tick asks again
-            return
-        status = entry.get("status") or {}
-        if status.get("status_str") == "success" and status.get("completed"):
-            await self._end(backend, run, JobState.COMPLETED, outputs=_history_outputs(entry))
-            return
-        for name in ("execution_interrupted", "execution_error"):
-            data = _history_event(entry, name)
-            if data is not None:
-                await self._end_with(backend, run, name, data, _history_outputs(entry))
-                return
-        if status.get("completed") is False or status.get("status_str") == "error":
-            await self._end(backend, run, JobState.FAILED, error={
-                "code": "execution_error", "message": "ComfyUI recorded the run as failed"})
-
-    async def _end_with(self, backend: _Backend, run: _Run, name: str, data: dict[str, Any],
-                        outputs: list[dict[str, Any]]) -> None:
-        if name == "execution_error":
-            await self._end(backend, run, JobState.FAILED, error=_execution_error(data))
-        elif name == "execution_interrupted":
-            where = {"nodeId": data.get("node_id"), "nodeType": data.get("node_type")}
-            if run.interrupt == "cancel":
-                await self._end(backend, run, JobState.CANCELLED, error={
-                    "code": "cancelled", "message": "cancelled by request", **where})
-            elif run.interrupt == "timeout":
-                await self._end(backend, run, JobState.FAILED, error={
-                    "code": "timeout", "message": f"ran longer than its {run.timeout_s:g} s timeout",
-                    **where})
-            else:
-                await self._end(backend, run, JobState.FAILED, error={
-                    "code": "interrupted", "message": "interrupted on ComfyUI, not by comfymgr",
-                    **where})
-        else:
-            await self._end(backend, run, JobState.COMPLETED, outputs=outputs)
-
-    # -- reconciliation ------------------------------------------------------------------
-
-    async def reconcile(self, backend: _Backend) -> None:
-        """Caller holds backend.lock. /queue first, then /history for what it
-        lacks: a prompt moves from the queue to the history atomically inside
-        ComfyUI, so nothing can fall between the two reads."""
-        backend.last_reconcile = self.clock()
-        jobs = await self.db.read(lambda s: s.in_flight(backend.name))
-        jobs = [job for job in jobs
-                if not (job.id in backend.runs and backend.runs[job.id].posting)]
-        if not jobs:
-            return
-        running, pending = await backend.client.queue()
-        for job in jobs:
-            run = self._attach(backend, job)
-            if job.prompt_id in running:
-                if job.state is not JobState.RUNNING:
-                    await self.mark_running(backend, run)
-                run.started = run.started or self.clock()
-            elif job.prompt_id in pending:
-                if job.state is JobState.DISPATCHING:
-                    await self._transition(run, JobState.SUBMITTED, expect=(JobState.DISPATCHING,))
-            else:
-                entry = await backend.client.history(run.prompt_id)
-                if entry is not None:
-                    await self.finish(backend, run, entry)
-                elif job.state is JobState.DISPATCHING:
-                    _log_bridge.info("%s: ComfyUI never received prompt %s; queued again",
-                                     job.id, job.prompt_id, extra={"job": job.id})
-                    await self._requeue(backend, run, count_loss=False)
-                else:
-                    await self._lost(backend, run, job)
-                continue
-            if run.interrupt and run.interrupt_at is None:
-                await self._interrupt(backend, run, run.interrupt)
-            if run.client_id != backend.client_id:
-                run.client_id = None  # its socket is gone: only polling tells us now
-
-    async def _lost(self, backend: _Backend, run: _Run, job: Job) -> None:
-        """ComfyUI no longer knows a prompt it had accepted: it restarted."""
-        if run.interrupt == "cancel":
-            await self._end(backend, run, JobState.CANCELLED, error={
-                "code": "cancelled", "message": "cancelled by request; ComfyUI restarted meanwhile"})
-            return
-        if job.state is JobState.SUBMITTED and job.extra.get("preempting") == job.prompt_id:
-            # preempt_if_overtaken removed it from ComfyUI's queue and was cut
-            # short before it could say so: it never started; it waits again.
-            _log_bridge.info("%s: taken back from ComfyUI's queue (preempted); queued again",
-                             job.id, extra={"job": job.id})
-            await self._requeue(backend, run, count_loss=False, reason="preempted")
-            return
-        lost = int(job.extra.get("lost", 0))
-        if lost < self.config.backend_retries:
-            _log_bridge.warning("%s: ComfyUI %s forgot prompt %s (restarted?); queued again "
-                                "(%d of %d)", job.id, backend.name, job.prompt_id, lost + 1,
-                                self.config.backend_retries, extra={"job": job.id})
-            await self._requeue(backend, run, count_loss=True, reason="backend_lost")
-            return
-        _log_bridge.warning("%s: ComfyUI %s forgot prompt %s (restarted?)", job.id, backend.name,
-                            job.prompt_id, extra={"job": job.id})
-        await self._end(backend, run, JobState.FAILED, error={
-            "code": "backend_lost",
-            "message": f"ComfyUI {backend.name} lost the job (it restarted while the job was "
-                       "queued or running there)"})
-
-    # -- cancel and timeout ------------------------------------------------------------
-
     async def request_cancel(self, job: Job) -> None:
-        """The API marked an in-flight job cancelled: interrupt it now if its
-        backend is reachable; otherwise reconcile does once it is."""
         backend = self.backends.get(job.backend or "")
-        if backend is None:
-            return
-        async with backend.lock:
-            run = backend.runs.get(job.id)
-            if run is None:
-                return
-            if run.interrupt != "cancel":
-                run.interrupt, run.interrupt_at = "cancel", None
-            if run.posting or not backend.up:
-                return  # dispatch_next / reconcile act on the mark
-            await self._interrupt(backend, run, "cancel")
-
-    async def _interrupt(self, backend: _Backend, run: _Run, reason: str) -> None:
-        """Stop a prompt on ComfyUI: the newer /api/jobs/{id}/cancel where the
-        server has it; else remove it from ComfyUI's queue if pending, or
-        POST /interrupt {prompt_id} if it is the running one. The job ends
-        when ComfyUI confirms (the end marker, or polling), or after the grace
-        period. Caller holds backend.lock."""
-        run.interrupt, run.interrupt_at = reason, self.clock()
-        if reason == "timeout":
-            await self.db.write(lambda s: s.note(run.job_id, self.now_ms(), interrupt="timeout"))
-        pid = run.prompt_id
-        try:
-            if backend.jobs_cancel_route is not False:
-                cancelled = await backend.client.cancel_job(pid)
-                backend.jobs_cancel_route = cancelled is not None
-                if cancelled is not None:
-                    _log_bridge.info("%s: asked ComfyUI to cancel prompt %s (%s)", run.job_id, pid,
-                                     reason, extra={"job": run.job_id})
-                    if not cancelled:
-                        backend.last_reconcile = float("-inf")
-                    return
-            running, pending = await backend.client.queue()
-            if pid in pending:
-                await backend.client.delete_pending(pid)
-                running, pending = await backend.client.queue()
-                if pid not in running and pid not in pending:
-                    await self._end_with(backend, run, "execution_interrupted", {}, [])
-                    return
-            if pid in running:
-                await backend.client.interrupt(pid)
-                _log_bridge.info("%s: interrupted prompt %s (%s)", run.job_id, pid, reason,
-                                 extra={"job": run.job_id})
-            else:
-                backend.last_reconcile = float("-inf")
-        except BackendError as exc:
-            backend._error(str(exc))
-
-    async def tick(self, backend: _Backend) -> None:
-        """Timeouts, cancel grace, late progress, periodic reconcile."""
-        now = self.clock()
-        for run in list(backend.runs.values()):
-            if run.dirty:
-                await self.flush_progress(run)
-            async with backend.lock:
-                if run.job_id not in backend.runs:
-                    continue
-                if (run.interrupt is None and run.timeout_s and run.started is not None
-                        and now - run.started > run.timeout_s and backend.up):
-                    _log_bridge.info("%s: over its %g s timeout", run.job_id, run.timeout_s,
-                                     extra={"job": run.job_id})
-                    await self._interrupt(backend, run, "timeout")
-                elif run.interrupt_at is not None and now - run.interrupt_at > self.config.cancel_grace:
-                    await self._give_up_interrupt(backend, run)
-        if backend.runs and backend.up and now - backend.last_reconcile >= self.config.reconcile_interval:
-            try:
-                await backend.reconcile()
-            except BackendError as exc:
-                backend._error(f"reconcile: {exc}")
-
-    async def _give_up_interrupt(self, backend: _Backend, run: _Run) -> None:
-        grace = self.config.cancel_grace
-        if run.interrupt == "timeout":
-            await self._end(backend, run, JobState.FAILED, error={
-                "code": "timeout", "message": f"ran longer than its {run.timeout_s:g} s timeout; "
-                f"ComfyUI did not confirm the interrupt within {grace:g} s"})
-        else:
-            await self._end(backend, run, JobState.CANCELLED, error={
-                "code": "cancelled", "message": f"cancelled by request; ComfyUI did not confirm "
-                f"the interrupt within {grace:g} s"})
+        if backend is not None:
+            await backend.request_cancel(job)
 
 
 ###############################################################################
@@ -3324,12 +4015,11 @@ class _GpuMonitor:
             self.read_at = self.clock()
 
     async def poll_loop(self) -> None:
+        """Supervised: an unexpected failure is reported and polling restarts
+        (a failing GPU is not one: _read_all records it in its reading)."""
         while True:
             await asyncio.sleep(self.interval)
-            try:
-                await self.poll()
-            except Exception:  # noqa: BLE001 - keep polling; the reading says what failed
-                _log_gpu.exception("GPU poll failed")
+            await self.poll()
 
     def _read_all(self) -> dict[int, GpuReading]:
         nvml = self._nvml
@@ -3469,17 +4159,22 @@ class _Subscriber:
                 self.live -= 1
                 if item.progress and self.pending_progress.get(item.job_id or "") is item:
                     del self.pending_progress[item.job_id or ""]
-                if item.seq and (item.seq <= self.sent_upto or
-                                 item.seq <= self.replayed_upto.get(item.job_id or "", 0)):
-                    continue  # already sent by a replay
-                await self.send(item.text)
+                async with self.send_lock:
+                    # Checked under the lock a replay holds while it sends, so
+                    # what the replay sent is skipped here, never sent twice.
+                    if item.seq and (item.seq <= self.sent_upto or
+                                     item.seq <= self.replayed_upto.get(item.job_id or "", 0)):
+                        continue
+                    await self.ws.send_str(item.text)
 
 
 class _Hub:
-    def __init__(self, db: _Database, config: Config, clock: Clock) -> None:
+    def __init__(self, db: _Database, config: Config, clock: Clock,
+                 supervisor: _Supervisor) -> None:
         self.db = db
         self.config = config
         self.clock = clock
+        self.supervisor = supervisor
         self.subscribers: set[_Subscriber] = set()
         self.latest_seq = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -3570,9 +4265,8 @@ class _Hub:
             if workflow_ids:
                 await self._ack(sub, "subscribed", unknown=[w for w in workflow_ids if w not in known])
             if since is not None:
-                sub.sent_upto = await self._replay(sub, since, None if sub.follow_all
-                                                   else sorted(sub.workflow_ids))
-            sub.sender = asyncio.create_task(sub.sender_loop())
+                await self._replay(sub, since, None if sub.follow_all else sorted(sub.workflow_ids))
+            sub.sender = asyncio.create_task(self._send_for(sub))
             sub.ready.set()
             async for message in sub.ws:
                 if message.type == aiohttp.WSMsgType.TEXT:
@@ -3594,24 +4288,46 @@ class _Hub:
             return {i for i in ids if s.get(i) is not None}
         return await self.db.read(read)
 
-    async def _replay(self, sub: _Subscriber, since: int, ids: Sequence[str] | None) -> int:
-        """Send stored events after `since`, oldest first; returns the last seq sent."""
+    async def _send_for(self, sub: _Subscriber) -> None:
+        """The client's sender task. A client that went away ends it quietly;
+        anything else is a failure of comfymgr's: reported, and the client
+        is closed with 1011 so that it reconnects and resumes with since."""
+        try:
+            await sub.sender_loop()
+        except asyncio.CancelledError:
+            raise
+        except (ConnectionError, aiohttp.ClientError):
+            self.kill(sub, aiohttp.WSCloseCode.GOING_AWAY, "connection lost")
+        except Exception as exc:  # noqa: BLE001 - supervised: reported, the client resumes
+            self.supervisor.report("stream:sender", exc)
+            self.kill(sub, aiohttp.WSCloseCode.INTERNAL_ERROR, "internal error; reconnect with since")
+
+    async def _replay(self, sub: _Subscriber, since: int, ids: Sequence[str] | None) -> None:
+        """Send the stored events after `since` (of `ids`, or of everything the
+        client follows), oldest first, holding the client's send lock; the
+        sender then skips what this sent. The one replay: at connect and on
+        a subscribe with since."""
         oldest, _ = await self.db.read(lambda s: s.event_bounds())
-        if oldest and since < oldest - 1:
-            await sub.send({"type": "error", "code": "since_expired",
-                            "message": f"events after seq {since} are no longer all kept (retention "
-                                       f"{self.config.event_retention:g} s); replaying from the "
-                                       f"oldest kept, seq {oldest}",
-                            "since": since, "oldestSeq": oldest})
-        cursor = since
-        while True:
-            page = await self.db.read(
-                lambda s, after=cursor: s.events_since(after, job_ids=ids, limit=_REPLAY_PAGE))
-            for event in page:
-                await sub.send(event.message())
-                cursor = event.seq
-            if len(page) < _REPLAY_PAGE:
-                return cursor
+        async with sub.send_lock:
+            if oldest and since < oldest - 1:
+                await sub.ws.send_str(_dumps({
+                    "type": "error", "code": "since_expired",
+                    "message": f"events after seq {since} are no longer all kept (retention "
+                               f"{self.config.event_retention:g} s); replaying from the oldest "
+                               f"kept, seq {oldest}", "since": since, "oldestSeq": oldest}))
+            cursor = since
+            while True:
+                page = await self.db.read(
+                    lambda s, after=cursor: s.events_since(after, job_ids=ids, limit=_REPLAY_PAGE))
+                for event in page:
+                    await sub.ws.send_str(_dumps(event.message()))
+                    cursor = event.seq
+                    if ids is None:
+                        sub.sent_upto = event.seq
+                    else:
+                        sub.replayed_upto[event.job_id] = event.seq
+                if len(page) < _REPLAY_PAGE:
+                    return
 
     async def _ack(self, sub: _Subscriber, kind: str, **extra: Any) -> None:
         ack = {"type": kind, "all": sub.follow_all, "workflowIds": sorted(sub.workflow_ids)}
@@ -3685,17 +4401,7 @@ class _Hub:
         if since is not None and new:
             # Live events of the new workflows queue up from here; the stored
             # ones are sent first, and the sender skips what was replayed.
-            async with sub.send_lock:
-                cursor = since
-                while True:
-                    page = await self.db.read(
-                        lambda s, after=cursor: s.events_since(after, job_ids=new, limit=_REPLAY_PAGE))
-                    for event in page:
-                        await sub.ws.send_str(_dumps(event.message()))
-                        cursor = event.seq
-                        sub.replayed_upto[event.job_id] = event.seq
-                    if len(page) < _REPLAY_PAGE:
-                        break
+            await self._replay(sub, since, new)
         await self._ack(sub, "subscribed", unknown=[i for i in ids if i not in known])
 
 
@@ -4026,10 +4732,14 @@ def _open_inside(root: Path, rel: str) -> tuple[int, os.stat_result, str]:
     return fd, st, real
 
 
-def _sha256_file(path: str) -> str:
+def _sha256_file(path: str, stop: threading.Event) -> str | None:
+    """The file's SHA-256, or None when `stop` was set meanwhile (checked
+    every MiB, so a 10 GB checkpoint never holds up a shutdown)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
+            if stop.is_set():
+                return None
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -4077,16 +4787,23 @@ class _Files:
         # 10 GB checkpoint never delays a listing.
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="comfymgr-files")
         self._hash_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="comfymgr-hash")
+        self._stopping = threading.Event()  # set by close(): the hashing thread gives up
         self._hash_queue: asyncio.Queue[tuple[str, int, int]] = asyncio.Queue()
         self._hashing: set[str] = set()
         self.disk: dict[str, Any] = {}
+        self.filesystems: dict[str, dict[str, Any]] = {}
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop the worker threads; a hash under way gives up within a MiB."""
+        self._stopping.set()
+        if self._hashing:
+            _log_files.info("hashing of %s stopped: comfymgr is stopping", ", ".join(sorted(self._hashing)))
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._hash_pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self._hash_pool.shutdown, wait=True, cancel_futures=True))
 
     # -- models ------------------------------------------------------------------
 
@@ -4150,7 +4867,10 @@ class _Files:
         while True:
             path, size, mtime_ns = await self._hash_queue.get()
             try:
-                digest = await loop.run_in_executor(self._hash_pool, _sha256_file, path)
+                digest = await loop.run_in_executor(self._hash_pool, _sha256_file, path,
+                                                    self._stopping)
+                if digest is None:
+                    continue  # comfymgr is stopping
                 st = await self.run(os.stat, path)
                 if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):  # unchanged while hashed
                     await self.db.write(functools.partial(
@@ -4279,8 +4999,26 @@ class _Files:
                                 "filesystemTotalBytes": usage.total,
                                 "measuredAt": _ms(self.clock())}
 
+    async def measure_filesystems(self) -> None:
+        """Free and total bytes of the filesystems comfymgr writes to or
+        reads from: one statvfs each, cheap enough for every pass."""
+        folders = {"state": self.config.state_dir, "output": self.roots["output"],
+                   "temp": self.roots["temp"], "input": self.config.inputs_dir}
+        found = {}
+        for name, folder in folders.items():
+            if folder is None:
+                continue
+            try:
+                usage = await self.run(shutil.disk_usage, folder)
+            except OSError as exc:
+                _log_files.warning("cannot measure the %s filesystem (%s): %s", name, folder, exc)
+                continue
+            found[name] = {"path": str(folder), "freeBytes": usage.free, "sizeBytes": usage.total}
+        self.filesystems = found
+
     async def disk_loop(self) -> None:
         while True:
+            await self.measure_filesystems()
             try:
                 await self.measure_disk()
             except OSError as exc:
@@ -4351,6 +5089,7 @@ QUEUE = web.AppKey("queue", _Queue)
 API_KEYS = web.AppKey("api_keys", tuple)
 STARTED_AT = web.AppKey("started_at", float)
 BRIDGE = web.AppKey("bridge", _Bridge)
+SUPERVISOR = web.AppKey("supervisor", _Supervisor)
 HUB = web.AppKey("hub", _Hub)
 GPUS = web.AppKey("gpus", _GpuMonitor)
 FILES = web.AppKey("files", _Files)
@@ -4867,9 +5606,11 @@ async def _handle_status(request: web.Request) -> web.Response:
                     "eventLoop": type(asyncio.get_running_loop()).__module__.split(".")[0],
                     "json": "orjson" if orjson is not None else "json"},
         "backends": [b.view() for b in app[BRIDGE].backends.values()],
+        "tasks": app[SUPERVISOR].view(),
         "gpu": app[GPUS].view(_gpu_users(app)),
         "stream": {"clients": len(app[HUB].subscribers), "latestSeq": app[HUB].latest_seq},
         "files": {**{t: app[FILES].disk.get(t) for t in ("output", "temp")},
+                  "filesystems": app[FILES].filesystems,
                   "retentionDays": app[CONFIG].retention_days or None},
     })
 
@@ -5559,11 +6300,10 @@ async def _bridge_ctx(app: web.Application) -> Any:
 async def _hub_ctx(app: web.Application) -> Any:
     hub = app[HUB]
     hub.latest_seq = (await app[DB].read(lambda s: s.event_bounds()))[1]
-    tasks = [asyncio.create_task(hub.tick_loop()), asyncio.create_task(hub.prune_loop())]
+    app[SUPERVISOR].start("hub:tick", hub.tick_loop)
+    app[SUPERVISOR].start("hub:prune", hub.prune_loop)
     yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await app[SUPERVISOR].stop("hub:")
 
 
 async def _close_streams(app: web.Application) -> None:
@@ -5648,6 +6388,15 @@ def _live_metrics(app: web.Application) -> Iterable[Any]:
         yield _gauge("comfymgr_gpu_info", "Always 1; each GPU's name and UUID.",
                      ["gpu_id", "name", "uuid"],
                      [((str(r.index), r.name or "", r.uuid or ""), 1.0) for r in readings])
+    yield _gauge("comfymgr_gpu_available", "1 while NVML reads the GPUs, else 0 (no driver, a "
+                 "CPU box, NVML failing: /v1/status gpu.reason says why).", [],
+                 [((), 1.0 if gpus.available else 0.0)])
+    filesystems = app[FILES].filesystems
+    yield _gauge("comfymgr_filesystem_free_bytes", "Free bytes of the filesystem of the state "
+                 "directory and of the configured ComfyUI folders (measured every minute).",
+                 ["filesystem"], [((name, ), float(fs["freeBytes"])) for name, fs in filesystems.items()])
+    yield _gauge("comfymgr_filesystem_size_bytes", "Size in bytes of the same filesystems.",
+                 ["filesystem"], [((name, ), float(fs["sizeBytes"])) for name, fs in filesystems.items()])
     hub = app[HUB]
     yield _gauge("comfymgr_stream_clients", "WebSocket stream clients connected.", [],
                  [((), float(len(hub.subscribers)))])
@@ -5657,34 +6406,31 @@ def _live_metrics(app: web.Application) -> Iterable[Any]:
 
 
 async def _files_ctx(app: web.Application) -> Any:
-    files = app[FILES]
-    tasks = [asyncio.create_task(files.hash_loop()), asyncio.create_task(files.disk_loop()),
-             asyncio.create_task(app[RETENTION].loop())]
+    files, supervisor = app[FILES], app[SUPERVISOR]
+    supervisor.start("files:hash", files.hash_loop)
+    supervisor.start("files:disk", files.disk_loop)
+    supervisor.start("files:retention", app[RETENTION].loop)
     yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    files.close()
+    await files.close()
+    await supervisor.stop("files:")
 
 
 async def _webhooks_ctx(app: web.Application) -> Any:
     webhooks = app[WEBHOOKS]
     await webhooks.start()
-    task = asyncio.create_task(webhooks.loop())
+    app[SUPERVISOR].start("webhooks", webhooks.loop)
     yield
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    await app[SUPERVISOR].stop("webhooks")
     await webhooks.stop()
 
 
 async def _gpu_ctx(app: web.Application) -> Any:
     gpus = app[GPUS]
     await gpus.start()
-    task = asyncio.create_task(gpus.poll_loop()) if gpus.available else None
+    if gpus.available:
+        app[SUPERVISOR].start("gpu:poll", gpus.poll_loop)
     yield
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await app[SUPERVISOR].stop("gpu:")
     await gpus.stop()
 
 
@@ -5706,8 +6452,9 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
                         public_url=config.public_url)
     app[QUEUE] = _Queue(app[DB], clock, [b.name for b in config.backend_specs],
                         config.idempotency_ttl)
-    app[BRIDGE] = _Bridge(config, app[DB], app[QUEUE], clock)
-    app[HUB] = _Hub(app[DB], config, clock)
+    app[SUPERVISOR] = _Supervisor(app[METRICS], clock)
+    app[BRIDGE] = _Bridge(config, app[DB], app[QUEUE], clock, app[METRICS], app[SUPERVISOR])
+    app[HUB] = _Hub(app[DB], config, clock, app[SUPERVISOR])
     app[GPUS] = _GpuMonitor(config.gpu_poll_interval, clock, nvml)
     app[FILES] = _Files(config, app[DB], clock)
     app[RETENTION] = _Retention(config, app[DB], app[FILES], app[METRICS], clock)
@@ -5753,7 +6500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve_main(argv: list[str]) -> int:
     """Run comfymgr until SIGTERM/SIGINT. Exit codes: 0 stopped cleanly,
-    2 bad configuration, 1 could not start."""
+    2 bad configuration (or the state directory is in use), 1 could not
+    start."""
     try:
         config = load_config(argv)
     except ConfigError as exc:
@@ -5764,15 +6512,116 @@ def _serve_main(argv: list[str]) -> int:
         return 0
     _setup_logging(config.log_format, config.log_level)
     try:
-        app = create_app(config)
-        _log_app.info("comfymgr %s listening on %s:%d", __version__, config.host, config.port)
-        web.run_app(app, host=config.host, port=config.port, print=None, access_log=None,
-                    shutdown_timeout=config.shutdown_timeout, handle_signals=True)
+        with _StateLock(config.state_dir):
+            asyncio.run(_serve(config, _Notifier(os.environ)))
+    except _StateDirInUse as exc:
+        print(f"comfymgr: error: {exc}", file=sys.stderr)
+        return 2
     except (OSError, ConfigError, sqlite3.Error) as exc:
         _log_app.error("cannot start: %s", exc)
         return 1
     _log_app.info("stopped")
     return 0
+
+
+class _StateDirInUse(ComfymgrError):
+    """Another comfymgr process holds the state directory."""
+
+
+class _StateLock:
+    """An exclusive flock on <state dir>/lock for the life of the process:
+    two comfymgr processes on one database would each reconcile, and so
+    requeue, the other's jobs. The lock file names the PID holding it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> _StateLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise _StateDirInUse(f"another comfymgr (PID {holder}) is using the state directory "
+                                 f"{self.path.parent}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+class _Notifier:
+    """systemd's notify protocol (sd_notify): one datagram per message to
+    $NOTIFY_SOCKET; nothing at all when not started by systemd."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        address = environ.get("NOTIFY_SOCKET", "")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.watchdog: float | None = None  # seconds between the pings systemd expects
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            self.watchdog = int(usec) / 1e6
+        self._failed = False
+
+    def send(self, *fields: str) -> None:
+        if not self.address:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto("\n".join(fields).encode(), self.address)
+        except OSError as exc:
+            if not self._failed:  # said once: systemd would restart us for a missed watchdog
+                _log_app.warning("cannot notify systemd at %s: %s", self.address.lstrip("\0"), exc)
+            self._failed = True
+
+    async def watchdog_loop(self) -> None:
+        """WATCHDOG=1 from the event loop itself: a loop that hangs stops
+        the pings, and systemd restarts the service."""
+        assert self.watchdog is not None
+        while True:
+            self.send("WATCHDOG=1")
+            await asyncio.sleep(self.watchdog / 2)
+
+
+async def _serve(config: Config, notifier: _Notifier) -> None:
+    """Serve until SIGTERM or SIGINT. "listening" is logged, and systemd
+    told READY=1, only once the socket is bound."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port,
+                           shutdown_timeout=config.shutdown_timeout)
+        await site.start()
+        addresses = ", ".join(_address_text(sock.getsockname())
+                              for sock in (site._server.sockets if site._server else ()))
+        _log_app.info("comfymgr %s listening on %s", __version__, addresses)
+        notifier.send("READY=1", f"STATUS=listening on {addresses}", f"MAINPID={os.getpid()}")
+        if notifier.watchdog:
+            app[SUPERVISOR].start("systemd:watchdog", notifier.watchdog_loop)
+        await stop.wait()
+        _log_app.info("stopping")
+        notifier.send("STOPPING=1")
+        await app[SUPERVISOR].stop("systemd:")
+    finally:
+        await runner.cleanup()
+
+
+def _address_text(address: Any) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 if __name__ == "__main__":

@@ -1175,6 +1175,64 @@ class _PromptQueue:
 
 
 # ---------------------------------------------------------------------------
+# Hostility
+# ---------------------------------------------------------------------------
+
+CHAOS_ROUTES = ("/history", "/queue", "/system_stats", "/object_info")
+
+
+class Chaos:
+    """What a production box full of custom node packs does to a client, on
+    purpose: messages of any type with any data between the real ones, and
+    answers of /history, /queue, /system_stats and /object_info replaced by
+    other JSON. Random, but from a seed, so a failing run can be replayed.
+
+    messages: (type, data) pairs to draw from; a data of PROMPT_ID_MARK has
+    the running prompt's id put in ("prompt_id"), so known types aimed at a
+    real prompt come too. message_rate: chance, before each real message, of
+    sending one of them (to every socket). answers: JSON values to draw from;
+    answer_rates: route (one of CHAOS_ROUTES) -> chance of answering with one
+    of them instead (for /history/<id> also wrapped as {<id>: value}).
+    binary: byte strings to send as binary frames, at message_rate too."""
+
+    def __init__(self, *, seed: int = 0, messages=(), message_rate: float = 0.0, answers=(),
+                 answer_rates=None, binary=()):
+        self.rng = random.Random(seed)
+        self.messages = list(messages)
+        self.message_rate = message_rate
+        self.answers = list(answers)
+        self.answer_rates = dict(answer_rates or {})
+        self.binary = list(binary)
+        self.sent = 0       # junk messages and frames sent
+        self.replaced = 0   # answers replaced
+
+    def interjections(self, prompt_id: str | None) -> list:
+        out = []
+        if self.messages and self.rng.random() < self.message_rate:
+            kind, data = self.rng.choice(self.messages)
+            if isinstance(data, dict) and data.get("prompt_id") == PROMPT_ID_MARK:
+                data = {**data, "prompt_id": prompt_id}
+            out.append(json.dumps({"type": kind, "data": data}))
+        if self.binary and self.rng.random() < self.message_rate:
+            out.append(self.rng.choice(self.binary))
+        self.sent += len(out)
+        return out
+
+    def answer(self, route: str, prompt_id: str | None):
+        """(True, body) to answer with junk, (False, None) to answer for real."""
+        if not self.answers or self.rng.random() >= self.answer_rates.get(route, 0.0):
+            return False, None
+        self.replaced += 1
+        body = self.rng.choice(self.answers)
+        if prompt_id is not None and self.rng.random() < 0.5:
+            body = {prompt_id: body}
+        return True, body
+
+
+PROMPT_ID_MARK = "<the running prompt>"
+
+
+# ---------------------------------------------------------------------------
 # The fake server
 # ---------------------------------------------------------------------------
 
@@ -1233,6 +1291,18 @@ class FakeComfyUI:
         self.ws_close_every: float | None = None
         self._gates: dict[str, tuple[asyncio.Event, bool]] = {}
         self.gated: set = set()  # (prompt_id, node_id) of nodes now waiting at a gate
+        # Hostility knobs (see Chaos, and the tests of comfymgr's defences).
+        self.chaos: Chaos | None = None
+        # Called with each POST /prompt body before it is validated; returning
+        # (status, JSON body) answers with that instead (e.g. a proxy's 413).
+        self.prompt_answer: Callable[[dict], tuple[int, Any] | None] | None = None
+        # Seconds the next POSTs spend validating before they are queued (one
+        # per POST, first first): ComfyUI's validation can suspend that long.
+        self.validation_delays: list[float] = []
+        # False: mint ids of its own like ComfyUI servers older than client prompt ids.
+        self.honour_prompt_id = True
+        # Awaited with the ids of a POST /queue delete before it is carried out.
+        self.before_queue_delete: Callable[[list], Any] | None = None
 
         # Records.
         self.posted_prompt_ids: list[str] = []
@@ -1411,8 +1481,21 @@ class FakeComfyUI:
 
     def _send(self, event: str, data: dict, sid: str | None = None):
         """Queues a message for sid, or for every socket when sid is None (ComfyUI's send_sync)."""
+        if self.chaos is not None:
+            running = self._running_prompt_ids()
+            for junk in self.chaos.interjections(running[0] if running else None):
+                self._outbox.put_nowait((junk, None))
         message = {"type": event, "data": data}
         self._outbox.put_nowait((json.dumps(message), sid))
+
+    def broadcast(self, event: str, data: Any, sid: str | None = None):
+        """What a custom node does with PromptServer.instance.send_sync(event, data, sid):
+        any event name, any JSON data, to every socket (or one)."""
+        self._outbox.put_nowait((json.dumps({"type": event, "data": data}), sid))
+
+    def send_binary(self, frame: bytes, sid: str | None = None):
+        """A binary frame as ComfyUI's send_bytes sends it (previews), to sid or everyone."""
+        self._outbox.put_nowait((bytes(frame), sid))
 
     def _queue_updated(self):
         self._send("status", {"status": self._queue_info()})
@@ -1437,12 +1520,15 @@ class FakeComfyUI:
             if self._outbox.empty():
                 self._notify()
 
-    async def _send_to(self, conn: _Connection, text: str):
+    async def _send_to(self, conn: _Connection, text):
         try:
-            await conn.ws.send_str(text)
+            if isinstance(text, bytes):
+                await conn.ws.send_bytes(text)
+            else:
+                await conn.ws.send_str(text)
         except Exception:
             return
-        self.ws_sent[conn.index].append(json.loads(text))
+        self.ws_sent[conn.index].append({"binary": len(text)} if isinstance(text, bytes) else json.loads(text))
 
     async def _ws_handler(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -1611,6 +1697,14 @@ class FakeComfyUI:
             return web.Response(text=HTML_PAGE, content_type="text/html")
         if mode == "truncated":
             return web.Response(body=TRUNCATED_JSON, content_type="application/json", charset="utf-8")
+        if self.chaos is not None and request.method == "GET":
+            path = request.path.removeprefix("/api")
+            route = next((r for r in CHAOS_ROUTES if path == r or path.startswith(r + "/")), None)
+            if route is not None:
+                prompt_id = path[len("/history/"):] if path.startswith("/history/") else None
+                replaced, body = self.chaos.answer(route, prompt_id)
+                if replaced:
+                    return web.Response(text=json.dumps(body), content_type="application/json")
         return await handler(request)
 
     @web.middleware
@@ -1641,8 +1735,16 @@ class FakeComfyUI:
             self._number += 1
         if "prompt" not in json_data:
             return _json({"error": _error("no_prompt", "No prompt provided", "No prompt provided"), "node_errors": {}}, 400)
+        if self.prompt_answer is not None:
+            answer = self.prompt_answer(json_data)
+            if answer is not None:
+                return _json(answer[1], answer[0])
         prompt = json_data["prompt"]
         prompt_id = str(json_data.get("prompt_id", uuid.uuid4()))
+        if not self.honour_prompt_id:
+            prompt_id = str(uuid.uuid4())
+        if self.validation_delays:
+            await asyncio.sleep(self.validation_delays.pop(0))
         valid, error, outputs, node_errors = self._validator.validate(prompt, json_data.get("partial_execution_targets"))
         extra_data = json_data.get("extra_data", {})
         if "client_id" in json_data:
@@ -1661,6 +1763,8 @@ class FakeComfyUI:
 
     async def _post_queue(self, request):
         json_data = await request.json()
+        if self.before_queue_delete is not None and json_data.get("delete"):
+            await self.before_queue_delete(list(json_data["delete"]))
         if json_data.get("clear"):
             self._queue.wipe()
         for prompt_id in json_data.get("delete", []):

@@ -375,7 +375,7 @@ async def test_cancel_uses_jobs_cancel_route_where_the_server_has_it(make_client
     fake = FakeComfyUI(output_dir=tmp_path / "c2" / "output", supports_jobs_cancel=True)
     await fake.start()
     try:
-        fake.gate("ImageBlur")
+        gate = fake.gate("ImageBlur", interruptible=False)  # the interrupt lands at the next node
         client = await make_client(make_config(comfyui_url=fake.url, progress_interval=0.0,
                                                reconcile_interval=0.2))
         await wait_backends_up(client)
@@ -384,6 +384,7 @@ async def test_cancel_uses_jobs_cancel_route_where_the_server_has_it(make_client
         await fake.wait_for_gated(running["promptId"], "10")
         resp = await client.delete(f"/v1/comfyui/workflow/{job['workflowId']}", headers=HEADERS)
         assert resp.status == 202
+        gate.set()
         done = await wait_job(client, job["workflowId"], status_is("cancelled", "failed", "completed"))
         assert done["status"] == "cancelled"
         assert ("POST", f"/api/jobs/{running['promptId']}/cancel") in fake.requests
@@ -404,7 +405,7 @@ async def test_cancel_grace_records_cancelled_when_comfyui_never_confirms(make_c
     assert resp.status == 202
     clock.advance(31)
     bridge = client.app[comfymgr.BRIDGE]
-    await bridge.tick(bridge.backends["local"])
+    await bridge.backends["local"].tick()
     done = await get_job(client, job["workflowId"])
     assert done["status"] == "cancelled"
     assert "did not confirm the interrupt within 30 s" in done["error"]["message"]
@@ -422,10 +423,10 @@ async def test_timeout_interrupts_and_fails_with_timeout(make_client, bridge_con
     await fake.wait_for_gated(running["promptId"], "10")
     bridge = client.app[comfymgr.BRIDGE]
     clock.advance(4)
-    await bridge.tick(bridge.backends["local"])
+    await bridge.backends["local"].tick()
     assert (await get_job(client, job["workflowId"]))["status"] == "running"
     clock.advance(2)
-    await bridge.tick(bridge.backends["local"])
+    await bridge.backends["local"].tick()
     done = await wait_job(client, job["workflowId"], status_is("failed", "cancelled", "completed"))
     assert done["status"] == "failed"
     assert done["error"]["code"] == "timeout"

@@ -168,3 +168,37 @@ def json_slow():
 
     from conftest import DATA
     return json.loads((DATA / "workflows" / "slow.json").read_text())
+
+
+# -- with the custom nodes of tests/comfyui_nodes ----------------------------------------------
+
+async def custom_nodes(*names):
+    """Skip unless the real ComfyUI has the test custom nodes installed."""
+    async with aiohttp.ClientSession() as session:
+        for name in names:
+            async with session.get(f"{URL.rstrip('/')}/object_info/{name}") as resp:
+                if name not in await resp.json():
+                    pytest.skip(f"ComfyUI lacks the {name} node: copy tests/comfyui_nodes/"
+                                "comfymgr_test_nodes into its custom_nodes folder and restart it")
+
+
+async def test_custom_node_broadcasting_its_own_messages_wedges_nothing(make_client, real_config):
+    """Node packs broadcast messages of their own types, and known types with
+    data that is text, a list, a number or null, while a prompt runs: the job
+    completes, and so does the next one."""
+    await custom_nodes("ComfymgrChatter")
+    client = await make_client(real_config())
+    await wait_backends_up(client, timeout=WAIT)
+    graph = tagged(workflow("simple"))
+    graph["5"] = {"class_type": "ComfymgrChatter", "inputs": {"image": ["1", 0], "rounds": 5}}
+    graph["2"]["inputs"]["images"] = ["5", 0]
+    for _ in range(2):
+        job = await submit(client, tagged(graph))
+        done = await wait_job(client, job["workflowId"], status_is("completed", "failed"), WAIT)
+        assert done["status"] == "completed", done
+    status = await (await client.get("/v1/status", headers=HEADERS)).json()
+    assert status["backends"][0]["state"] == "up"
+    assert not [t for t in status["tasks"] if t["failures"]]
+    text = await (await client.get("/metrics")).text()
+    assert 'comfymgr_backend_messages_ignored_total{backend="local",reason="unknown_type"}' in text
+    assert 'comfymgr_backend_messages_ignored_total{backend="local",reason="bad_shape"}' in text

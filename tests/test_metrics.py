@@ -167,6 +167,7 @@ async def test_gpu_figures_from_nvml_and_status(make_client, make_config, fake):
     assert value(text, "comfymgr_gpu_power_watts", gpu_id="0") == 312.5
     assert value(text, "comfymgr_gpu_power_watts", gpu_id="1") is None  # board does not report it
     assert value(text, "comfymgr_gpu_info", gpu_id="1", name="NVIDIA L4", uuid="GPU-bbbb") == 1
+    assert value(text, "comfymgr_gpu_available") == 1
     status = await (await client.get("/v1/status", headers=HEADERS)).json()
     assert status["gpu"]["available"] is True and status["gpu"]["reason"] is None
     assert status["gpu"]["devices"][1] == {
@@ -216,8 +217,10 @@ async def test_nvml_shut_down_on_exit(make_client, make_config):
 async def test_no_nvml_means_no_gpu_series_and_a_reason(make_client, make_config):
     client = await make_client(make_config(), nvml=NoNVML())
     text = await scrape(client)
-    names = {family.name for family in text_string_to_metric_families(text)}
-    assert not {n for n in names if "gpu" in n and n != "comfyui_workflow_duration_seconds"}
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    assert {n for n in families if "gpu" in n} == {"comfymgr_gpu_available"}
+    [sample] = families["comfymgr_gpu_available"].samples  # always there, for the alert
+    assert sample.value == 0.0
     status = await (await client.get("/v1/status", headers=HEADERS)).json()
     assert status["gpu"] == {"available": False,
                              "reason": "NVML unavailable: NVML Shared Library Not Found",
@@ -265,3 +268,22 @@ async def test_promtool_accepts_a_live_scrape(make_client, make_config, fake):
     result = await asyncio.to_thread(subprocess.run, [promtool, "check", "metrics"],
                                      input=text.encode(), capture_output=True, timeout=30)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+async def test_filesystems_of_state_and_folders(make_client, make_config, tmp_path):
+    outputs = tmp_path / "out"
+    outputs.mkdir()
+    client = await make_client(make_config(outputs_dir=outputs), nvml=NoNVML())
+    files = client.app[comfymgr.FILES]
+    await files.measure_filesystems()
+    text = await scrape(client)
+    state = shutil.disk_usage(tmp_path / "state")
+    # Free space moves while the suite writes; the size of a filesystem does not.
+    assert value(text, "comfymgr_filesystem_size_bytes", filesystem="state") == state.total
+    assert value(text, "comfymgr_filesystem_size_bytes", filesystem="output") == state.total
+    assert 0 < value(text, "comfymgr_filesystem_free_bytes", filesystem="output") <= state.total
+    assert value(text, "comfymgr_filesystem_free_bytes", filesystem="temp") is None  # not configured
+    status = await (await client.get("/v1/status", headers=HEADERS)).json()
+    assert set(status["files"]["filesystems"]) == {"state", "output"}
+    assert status["files"]["filesystems"]["output"]["path"] == str(outputs)
+    assert status["files"]["filesystems"]["state"]["sizeBytes"] == state.total

@@ -142,9 +142,10 @@ def test_comfyui_down_at_start(world):
 
 def test_comfyui_killed_mid_job_and_back_empty(world):
     """ComfyUI dies mid-job and comes back with an empty memory: the running
-    job and the one prefetched into ComfyUI's queue fail backend_lost (it
-    forgot them; whether the waiting one started cannot be known), the
-    queued ones run on the new ComfyUI, and nothing is resubmitted."""
+    job fails backend_lost (it forgot it); the one prefetched into ComfyUI's
+    queue, which never started, goes back to comfymgr's queue as soon as a
+    reconnect fails and runs on the new ComfyUI under a new prompt id, like
+    the queued ones; no prompt id is posted twice."""
     fake = world.fake(node_delay={"ImageBlur": 1.0})
     service = world.comfymgr(fake.url)
     api = Api(service.base)
@@ -161,12 +162,15 @@ def test_comfyui_killed_mid_job_and_back_empty(world):
     fake.kill(signal.SIGKILL)
     time.sleep(0.3)
     assert api.job(victim["workflowId"])["status"] == "running"  # not judged while unreachable
+    deadline = time.monotonic() + 10
+    while api.job(waiting["workflowId"])["state"] != "queued":  # released while ComfyUI is away
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     reborn = world.fake(port=fake.port, node_delay={"ImageBlur": 0.05})
-    for handed in (victim, waiting):
-        lost = api.wait_job(handed["workflowId"], timeout=30)
-        assert lost["status"] == "failed", lost
-        assert lost["error"]["code"] == "backend_lost"
-    rest = [j for j in jobs if j["workflowId"] not in (victim["workflowId"], waiting["workflowId"])]
+    lost = api.wait_job(victim["workflowId"], timeout=30)
+    assert lost["status"] == "failed", lost
+    assert lost["error"]["code"] == "backend_lost"
+    rest = [j for j in jobs if j["workflowId"] != victim["workflowId"]]
     done = [api.wait_job(j["workflowId"], timeout=30) for j in rest]
     assert [d["status"] for d in done] == ["completed"] * len(rest), done
     stats = reborn.stats()

@@ -1,0 +1,498 @@
+"""Never wedged: one bad answer, one slow answer or one bad job must not
+stop a backend, run a prompt twice, or leave a job in flight forever. One
+test per case found in review (issue "never wedged", cases 1-12), each with
+the scenario that showed it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from test_bridge import (
+    free_port,
+    get_job,
+    slow_workflow,
+    status_is,
+    submit,
+    unique,
+    wait_backends_up,
+    wait_job,
+)
+
+import comfymgr
+from conftest import API_KEY, HEADERS, ROOT, workflow
+from fake_comfyui import FakeComfyUI
+
+
+@pytest.fixture
+def config(make_config, fake):
+    def make(**overrides):
+        values = dict(comfyui_url=fake.url, progress_interval=0.0, reconcile_interval=0.1,
+                      backend_timeout=0.5)
+        values.update(overrides)
+        return make_config(**values)
+
+    return make
+
+
+def marked(tag):
+    """A simple workflow whose SaveImage prefix says which job it is."""
+    return unique(workflow("simple"), tag)
+
+
+def prefix_of(body):
+    return next(node["inputs"]["filename_prefix"] for node in body["prompt"].values()
+                if node["class_type"] == "SaveImage")
+
+
+async def status_of(client):
+    return await (await client.get("/v1/status", headers=HEADERS)).json()
+
+
+async def until(predicate, timeout=15.0):
+    async def poll():
+        while not await predicate():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout)
+
+
+# -- 1. dispatch without a cap or back-off ------------------------------------------------
+
+async def test_1_a_refused_post_fails_its_job_after_the_attempts_and_the_next_runs(
+        make_client, config, fake):
+    refused = []
+
+    def proxy(body):  # an auth plug-in or proxy refusing one job's request
+        if prefix_of(body).endswith("_toolarge"):
+            refused.append(body["prompt_id"])
+            return 413, {"error": "Request Entity Too Large"}
+        return None
+
+    fake.prompt_answer = proxy
+    client = await make_client(config())
+    await wait_backends_up(client)
+    bad = await submit(client, marked("toolarge"))
+    good = await submit(client, marked("fine"))
+    done = await wait_job(client, bad["workflowId"], status_is("failed", "completed"))
+    assert done["status"] == "failed"
+    assert done["error"] == {
+        "code": "dispatch_failed",
+        "message": "ComfyUI local refused the prompt 3 times; the last answer was HTTP 413",
+        "status": 413, "excerpt": '{"error": "Request Entity Too Large"}'}
+    assert done["attempts"] == 3 and len(refused) == 3 and len(set(refused)) == 3
+    assert (await wait_job(client, good["workflowId"], status_is("completed")))["status"] == "completed"
+    text = await (await client.get("/metrics")).text()
+    assert 'comfymgr_dispatch_failures_total{backend="local"} 3.0' in text
+
+
+async def test_1_posts_that_cannot_connect_back_off_exponentially(make_client, config, fake):
+    client = await make_client(config(dispatch_attempts=100))
+    await wait_backends_up(client)
+    backend = client.app[comfymgr.BRIDGE].backends["local"]
+    tries = []
+    real_post = backend.client.post_prompt
+
+    async def emfile(*args, **kwargs):  # the socket for the POST cannot be made; the WS lives
+        tries.append(asyncio.get_running_loop().time())
+        if len(tries) <= 5:
+            raise comfymgr.BackendError("cannot connect: [Errno 24] Too many open files", sent=False)
+        return await real_post(*args, **kwargs)
+
+    backend.client.post_prompt = emfile
+    job = await submit(client, marked("emfile"))
+    done = await wait_job(client, job["workflowId"], status_is("completed", "failed"), timeout=30)
+    assert done["status"] == "completed" and len(tries) == 6
+    # Each wait at least half the doubling delay (jitter 0.5-1.0): 0.25, 0.5, 1, 2, 4 s.
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert all(gap >= 0.5 * comfymgr._BACKOFF_BASE * 2 ** (n + 1) for n, gap in enumerate(gaps)), gaps
+    events = await client.app[comfymgr.DB].read(lambda s: s.events_since(0, job_ids=[job["workflowId"]]))
+    assert [e.type for e in events].count("workflow:queued") == 6  # five returns, not hundreds
+
+
+# -- 2. a lost answer never runs a prompt twice --------------------------------------------
+
+async def test_2_a_post_answered_after_the_timeout_runs_once(make_client, config, fake):
+    fake.validation_delays = [1.5]  # the first POST validates longer than the 0.5 s timeout
+    client = await make_client(config(backend_timeout=0.5))
+    await wait_backends_up(client)
+    job = await submit(client, marked("slowvalidation"))
+    done = await wait_job(client, job["workflowId"], status_is("completed", "failed"), timeout=30)
+    assert done["status"] == "completed", done
+    assert len(fake.posted_prompt_ids) == 1
+    assert fake.execution_count == {done["promptId"]: 1}
+    assert done["attempts"] == 1
+
+
+# -- 3. a ComfyUI that mints its own prompt ids ---------------------------------------------
+
+async def test_3_a_server_ignoring_client_prompt_ids_is_followed_then_marked_incompatible(
+        make_client, config, fake):
+    fake.honour_prompt_id = False
+    client = await make_client(config())
+    await wait_backends_up(client)
+    first = await submit(client, marked("own_id"))
+    done = await wait_job(client, first["workflowId"], status_is("completed", "failed"))
+    assert done["status"] == "completed", done
+    assert done["promptId"] == fake.posted_prompt_ids[0]  # ComfyUI's id, followed
+    assert fake.execution_count == {done["promptId"]: 1}
+    [backend] = (await status_of(client))["backends"]
+    assert backend["state"] == "incompatible"
+    assert "ignores the prompt_id comfymgr sends" in backend["lastError"]
+    second = await submit(client, marked("second"))
+    await asyncio.sleep(0.5)
+    assert (await get_job(client, second["workflowId"]))["state"] == "queued"
+    assert len(fake.posted_prompt_ids) == 1
+
+
+# -- 4. timeouts and cancels while the backend hangs or is down -----------------------------
+
+async def test_4_cancel_grace_runs_while_the_backend_is_down(make_client, config, fake, clock):
+    fake.gate("ImageBlur")
+    client = await make_client(config(cancel_grace=30.0, backend_lost_after=3600.0), clock=clock)
+    await wait_backends_up(client)
+    job = await submit(client, slow_workflow())
+    running = await wait_job(client, job["workflowId"], status_is("running"))
+    await fake.wait_for_gated(running["promptId"], "10")
+    await fake.stop()  # gone before the cancel
+    backend = client.app[comfymgr.BRIDGE].backends["local"]
+    await until(lambda: _false(backend.up))
+    resp = await client.delete(f"/v1/comfyui/workflow/{job['workflowId']}", headers=HEADERS)
+    assert resp.status == 202
+    clock.advance(29)
+    await backend.tick()
+    assert (await get_job(client, job["workflowId"]))["status"] == "running"
+    clock.advance(2)
+    await backend.tick()
+    done = await get_job(client, job["workflowId"])
+    assert done["status"] == "cancelled"
+    assert done["error"]["message"] == ("cancelled by request; ComfyUI did not confirm the "
+                                        "interrupt within 30 s")
+    assert running["promptId"] in backend.abandoned
+
+
+async def test_4_timeout_fires_while_the_backend_hangs(make_client, config, fake, clock):
+    fake.gate("ImageBlur")
+    client = await make_client(config(cancel_grace=10.0, backend_timeout=0.3,
+                                      backend_lost_after=3600.0), clock=clock)
+    await wait_backends_up(client)
+    job = await submit(client, slow_workflow(), timeout=5)
+    running = await wait_job(client, job["workflowId"], status_is("running"))
+    await fake.wait_for_gated(running["promptId"], "10")
+    fake.mode = "hang"
+    backend = client.app[comfymgr.BRIDGE].backends["local"]
+    clock.advance(6)
+    await backend.tick()  # asks ComfyUI to interrupt: no answer within the timeout
+    assert (await get_job(client, job["workflowId"]))["status"] == "running"
+    clock.advance(11)
+    await backend.tick()
+    done = await get_job(client, job["workflowId"])
+    assert done["status"] == "failed"
+    assert done["error"] == {"code": "timeout", "message": "ran longer than its 5 s timeout; "
+                             "ComfyUI did not confirm the interrupt within 10 s"}
+    fake.mode = "ok"
+    # A late answer from ComfyUI cannot reopen it.
+    fake.ungate("ImageBlur")
+    await asyncio.sleep(0.5)
+    assert (await get_job(client, job["workflowId"]))["status"] == "failed"
+
+
+async def _false(value):
+    return not value
+
+
+# -- 5. a prompt that finished meanwhile is not reported cancelled --------------------------
+
+async def test_5_cancel_of_a_waiting_prompt_that_finished_meanwhile_completes(make_client, config, fake):
+    gate = fake.gate("ImageBlur")
+    client = await make_client(config())
+    await wait_backends_up(client)
+    first = await submit(client, slow_workflow())
+    running = await wait_job(client, first["workflowId"], status_is("running"))
+    await fake.wait_for_gated(running["promptId"], "10")
+    second = await submit(client, marked("waiting"))
+    backend = client.app[comfymgr.BRIDGE].backends["local"]
+    await until(lambda: _true(backend.waiting_run() is not None))
+    waiting = await get_job(client, second["workflowId"])
+
+    async def runs_first(ids):  # the delete arrives after the prompt ran to its end
+        gate.set()
+        await fake.wait_until(lambda: waiting["promptId"] in fake._queue.history)
+
+    fake.before_queue_delete = runs_first
+    resp = await client.delete(f"/v1/comfyui/workflow/{second['workflowId']}", headers=HEADERS)
+    assert resp.status == 409
+    assert (await resp.json())["error"] == "not_cancellable"
+    done = await get_job(client, second["workflowId"])
+    assert done["status"] == "completed" and done["outputs"], done
+
+
+async def _true(value):
+    return value
+
+
+# -- 6. the jobs-cancel route on a prompt waiting in ComfyUI's queue -------------------------
+
+async def test_6_jobs_cancel_route_on_a_waiting_prompt_says_cancelled_by_request(
+        make_client, make_config, tmp_path):
+    fake = FakeComfyUI(output_dir=tmp_path / "jc" / "output", supports_jobs_cancel=True)
+    await fake.start()
+    try:
+        gate = fake.gate("ImageBlur")
+        client = await make_client(make_config(comfyui_url=fake.url, progress_interval=0.0,
+                                               reconcile_interval=0.1))
+        await wait_backends_up(client)
+        first = await submit(client, slow_workflow())
+        running = await wait_job(client, first["workflowId"], status_is("running"))
+        await fake.wait_for_gated(running["promptId"], "10")
+        second = await submit(client, marked("queued_in_comfyui"))
+        backend = client.app[comfymgr.BRIDGE].backends["local"]
+        await until(lambda: _true(backend.waiting_run() is not None))
+        resp = await client.delete(f"/v1/comfyui/workflow/{second['workflowId']}", headers=HEADERS)
+        assert resp.status == 200
+        assert await resp.json() == {"workflowId": second["workflowId"], "status": "cancelled"}
+        await asyncio.sleep(0.5)  # reconciles meanwhile
+        done = await get_job(client, second["workflowId"])
+        assert done["status"] == "cancelled"
+        assert done["error"]["message"] == "cancelled by request"
+        gate.set()
+        assert (await wait_job(client, first["workflowId"], status_is("completed")))["status"] == "completed"
+        waiting_pid = done["promptId"]
+        assert fake.execution_count.get(waiting_pid, 0) == 0
+    finally:
+        await fake.stop()
+
+
+# -- 7. per-attempt notes, and an end that belongs to another attempt -------------------------
+
+async def test_7_a_timed_out_job_that_comfyui_forgot_fails_timeout(make_client, config, fake, clock):
+    fake.gate("ImageBlur", interruptible=False)  # the interrupt never lands
+    client = await make_client(config(cancel_grace=60.0, backend_retries=1), clock=clock)
+    await wait_backends_up(client)
+    job = await submit(client, slow_workflow(), timeout=5)
+    running = await wait_job(client, job["workflowId"], status_is("running"))
+    await fake.wait_for_gated(running["promptId"], "10")
+    backend = client.app[comfymgr.BRIDGE].backends["local"]
+    clock.advance(6)
+    await backend.tick()
+    connects = len(fake.ws_connects)
+    await fake.restart()  # forgets the prompt
+    await fake.wait_until(lambda: len(fake.ws_connects) > connects)
+    await until(lambda: _true(backend.up))
+    for _ in range(3):  # reconciles by the injected clock: the second look judges it
+        clock.advance(1)
+        await backend.tick()
+    done = await get_job(client, job["workflowId"])
+    assert done["status"] == "failed" and done["error"]["code"] == "timeout", done
+    assert fake.posted_prompt_ids == [running["promptId"]]
+
+
+def test_7_requeue_clears_the_attempt_and_an_end_needs_its_own_attempt(tmp_path):
+    storage = comfymgr.Storage(tmp_path / "db.sqlite")
+    storage.enqueue("j", '{"1": {}}', comfymgr.Priority.NORMAL, "any", 1,
+                    extra={"interrupt": "timeout", "webhook": {"url": "https://x.example"}})
+    job = storage.claim_next("local", "p1", 2)
+    assert job.extra == {"webhook": {"url": "https://x.example"}}  # 0.1.0's note at the top level: gone
+    storage.note_attempt("j", "p1", 3, interrupt="timeout")
+    assert storage.get("j").extra["attempt"] == {"interrupt": "timeout"}
+    assert storage.requeue_run("j", "p1", 4, reason="preempted").state is comfymgr.JobState.QUEUED
+    assert "attempt" not in storage.get("j").extra
+    storage.claim_next("local", "p2", 5)
+    # The first attempt's late end changes nothing.
+    assert storage.end_run("j", "p1", comfymgr.JobState.COMPLETED, 6, backend="local") is None
+    assert storage.requeue_run("j", "p1", 6) is None
+    assert storage.mark_running("j", "p1", 6, "local") is None
+    assert storage.get("j").state is comfymgr.JobState.DISPATCHING
+    ended = storage.end_run("j", "p2", comfymgr.JobState.COMPLETED, 7, backend="local", outputs=[])
+    assert ended.state is comfymgr.JobState.COMPLETED
+    storage.close()
+
+
+# -- 8. the stream never sends an event twice -------------------------------------------------
+
+async def test_8_subscribe_with_since_while_events_flow_sends_each_once(make_client, make_config):
+    client = await make_client(make_config())
+    db = client.app[comfymgr.DB]
+    job, _, _ = await client.app[comfymgr.QUEUE].submit(workflow(), comfymgr.Priority.NORMAL, "any",
+                                                        timeout_s=None)
+    await db.write(lambda s: s.claim_next("local", "p", 1))  # ComfyUI is down: nobody else claims it
+    await db.write(lambda s: s.mark_running(job.id, "p", 1, "local"))
+
+    async def event():  # a stored event of the job, committed then published
+        await db.write(lambda s: s.set_progress(job.id, 1.0, "1", 1, emit=True))
+
+    for _ in range(1200):  # three pages of replay
+        await event()
+    ws = await client.ws_connect("/v1/comfyui/stream?workflowId=nothing-yet", headers=HEADERS)
+    assert (await ws.receive_json())["type"] == "subscribed"
+    await ws.send_json({"type": "subscribe", "workflowId": job.id, "since": 0})
+    writer = asyncio.ensure_future(asyncio.gather(*(event() for _ in range(300))))
+    seqs = []
+    while True:
+        message = await asyncio.wait_for(ws.receive_json(), 15)
+        if message["type"] == "subscribed":
+            break
+        seqs.append(message["seq"])
+    await writer
+    latest = client.app[comfymgr.HUB].latest_seq
+    while not seqs or seqs[-1] < latest:
+        seqs.append((await asyncio.wait_for(ws.receive_json(), 15))["seq"])
+    events = await db.read(lambda s: s.events_since(0, job_ids=[job.id], limit=10_000))
+    assert seqs == [e.seq for e in events]  # every event once, in order
+    await ws.close()
+
+
+# -- 9. a stop never waits for a model hash ---------------------------------------------------
+
+def start(tmp_path, port, **env):
+    environ = dict(os.environ, MANAGEMENT_API_PORT=str(port), MANAGEMENT_API_HOST="127.0.0.1",
+                   MANAGEMENT_API_KEY=API_KEY, COMFYMGR_STATE_DIR=str(tmp_path / "state"),
+                   COMFYUI_URL=f"http://127.0.0.1:{free_port()}", COMFYMGR_RATE_LIMIT="0", **env)
+    return subprocess.Popen([sys.executable, str(ROOT / "comfymgr.py")], env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_answering(port, proc, timeout=20.0):
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("comfymgr did not answer")
+
+
+def test_9_sigterm_while_a_100_gb_checkpoint_is_hashed(tmp_path):
+    import urllib.request
+
+    models = tmp_path / "checkpoints"
+    models.mkdir()
+    with open(models / "huge.safetensors", "wb") as handle:
+        handle.truncate(100 * 2**30)  # sparse: reading it takes minutes, storing it nothing
+    port = free_port()
+    proc = start(tmp_path, port, COMFYUI_MODELS_CHECKPOINTS=str(models))
+    try:
+        wait_answering(port, proc)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/comfyui/models?type=checkpoints",
+                                         headers=HEADERS)
+        listing = json.loads(urllib.request.urlopen(request, timeout=5).read())
+        assert listing["models"][0]["hash"] is None  # hashing in the background
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        log = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "hashing of" in log and "stopped: comfymgr is stopping" in log, log
+    with sqlite3.connect(tmp_path / "state" / "comfymgr.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM model_hashes").fetchone()[0] == 0
+
+
+# -- 10 and 11. one process per state directory; "listening" once bound ------------------------
+
+def test_10_a_second_process_on_the_same_state_directory_refuses_to_start(tmp_path):
+    port = free_port()
+    first = start(tmp_path, port)
+    try:
+        wait_answering(port, first)
+        second = start(tmp_path, free_port())
+        assert second.wait(20) == 2
+        out = second.stdout.read()
+        assert out == (f"comfymgr: error: another comfymgr (PID {first.pid}) is using the state "
+                       f"directory {tmp_path / 'state'}\n")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(20) == 0
+    assert "listening on 127.0.0.1:" + str(port) in first.stdout.read()
+
+
+def test_11_listening_is_said_only_once_bound(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = start(tmp_path, port)
+        assert proc.wait(20) == 1
+        out = proc.stdout.read()
+    assert " listening on " not in out, out
+    assert "cannot start" in out and "address already in use" in out, out
+
+
+# -- 12. one of several backends dies for good ---------------------------------------------------
+
+@pytest.fixture
+async def two_fakes(tmp_path):
+    fakes = [FakeComfyUI(output_dir=tmp_path / f"c{i}" / "output") for i in range(2)]
+    for f in fakes:
+        await f.start()
+    yield fakes
+    for f in fakes:
+        await f.stop()
+
+
+async def test_12_a_dead_backend_gives_back_what_it_had_not_started(make_client, make_config,
+                                                                    two_fakes, clock):
+    a, b = two_fakes
+    gate_a = a.gate("ImageBlur")
+    b.gate("ImageBlur")
+    config = make_config(backends=(comfymgr.BackendSpec("a", a.url), comfymgr.BackendSpec("b", b.url)),
+                         progress_interval=0.0, reconcile_interval=0.1, backend_lost_after=120.0,
+                         backend_timeout=0.5)
+    client = await make_client(config, clock=clock)
+    await wait_backends_up(client)
+    on_a = await submit(client, unique(slow_workflow(), "a"), gpu="a")
+    await wait_job(client, on_a["workflowId"], status_is("running"))
+    prefetched = await submit(client, marked("prefetched"))
+    backends = client.app[comfymgr.BRIDGE].backends
+    await until(lambda: _true(backends["a"].waiting_run() is not None
+                              or backends["b"].runs != {}))
+    gate_a.clear()
+    await a.stop()  # kill -9 of a's ComfyUI, for good
+    # The job waiting in a's queue runs on b; the one running on a waits for a.
+    done = await wait_job(client, prefetched["workflowId"], status_is("completed", "failed"))
+    assert done["status"] == "completed" and done["backend"] == "b", done
+    status = await status_of(client)
+    state_a = next(x for x in status["backends"] if x["name"] == "a")
+    assert state_a["state"] == "down" and state_a["downSince"] is not None
+    assert (await get_job(client, on_a["workflowId"]))["status"] == "running"
+    clock.advance(121)
+    await backends["a"].tick()
+    lost = await get_job(client, on_a["workflowId"])
+    assert lost["status"] == "failed" and lost["error"]["code"] == "backend_lost"
+    assert "unreachable for 121 s" in lost["error"]["message"]
+
+
+async def test_12_with_retries_the_lost_job_runs_on_another_backend(make_client, make_config,
+                                                                     two_fakes, clock):
+    a, b = two_fakes
+    a.gate("ImageBlur")
+    config = make_config(backends=(comfymgr.BackendSpec("a", a.url), comfymgr.BackendSpec("b", b.url)),
+                         progress_interval=0.0, reconcile_interval=0.1, backend_retries=1,
+                         backend_timeout=0.5)
+    client = await make_client(config, clock=clock)
+    await wait_backends_up(client)
+    job = await submit(client, slow_workflow())
+    running = await wait_job(client, job["workflowId"], status_is("running"))
+    on = client.app[comfymgr.BRIDGE].backends[running["backend"]]
+    other = a if on.name == "b" else b
+    await (a if on.name == "a" else b).stop()
+    await until(lambda: _false(on.up))
+    clock.advance(121)
+    await on.tick()
+    done = await wait_job(client, job["workflowId"], status_is("completed", "failed"))
+    assert done["status"] == "completed" and done["backend"] != on.name and done["attempts"] == 2
+    assert other.execution_count == {done["promptId"]: 1}
