@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -467,3 +468,25 @@ async def test_a_headers_file_others_can_read_is_warned_about(tmp_path, make_cli
                 "LoadCredential= (docs/SCALING.md)")
     assert warnings == ([expected] if warned else [])
     assert TOKEN not in caplog.text
+
+
+def test_systemd_analyze_verify_the_backend_headers_drop_in(tmp_path):
+    """comfymgr.service with contrib/systemd/comfymgr-backend-headers.conf
+    as its drop-in: systemd reads both without a complaint, and the
+    variable the drop-in sets is the setting comfymgr reads."""
+    analyze = needs("systemd-analyze")
+    unit = (CONTRIB / "systemd" / "comfymgr.service").read_text()
+    if not os.access("/usr/bin/python3", os.X_OK):
+        unit = unit.replace("/usr/bin/python3", sys.executable)
+    (tmp_path / "comfymgr.service").write_text(unit)
+    (tmp_path / "comfymgr.service.d").mkdir()
+    drop_in = (CONTRIB / "systemd" / "comfymgr-backend-headers.conf").read_text()
+    (tmp_path / "comfymgr.service.d" / "backend-headers.conf").write_text(drop_in)
+    done = subprocess.run([analyze, "verify", str(tmp_path / "comfymgr.service")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
+    assert "\nEnvironment=COMFYMGR_BACKEND_HEADERS_FILE=%d/backend-headers\n" in drop_in
+    assert "\nLoadCredential=backend-headers:/etc/comfymgr/backend-headers.json\n" in drop_in
+    assert "COMFYMGR_BACKEND_HEADERS_FILE" in {s.env for s in comfymgr._SETTINGS}
+    env_file = (CONTRIB / "systemd" / "comfymgr.env").read_text()
+    assert not re.search(r"^COMFYMGR_BACKEND_HEADERS_FILE=", env_file, re.M)  # it would override the drop-in
