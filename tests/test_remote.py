@@ -30,9 +30,10 @@ from aiohttp import web
 import comfymgr
 from conftest import API_KEY, HEADERS, ROOT
 from fake_comfyui import FakeComfyUI
-from nginx_helpers import free_port, needs, start_nginx
+from nginx_helpers import free_port, needs, nginx_main_conf, start_nginx
 
 CONTRIB = ROOT / "contrib"
+SCALING = (ROOT / "docs" / "SCALING.md").read_text()
 TOKEN = "5f1e0c4b9a7d3e2f8c6b1a0d9e8f7c6b5a4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b"  # openssl rand -hex 32
 WRONG = "0000000000000000000000000000000000000000000000000000000000000bad"
 WAIT = 15.0
@@ -42,27 +43,26 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
 
 # -- certificates, token, nginx ---------------------------------------------------
 
+def scaling_block(marker: str) -> str:
+    """The code block between <!-- marker --> and <!-- /marker --> in docs/SCALING.md."""
+    match = re.search(rf"<!-- {marker} -->\n```\w+\n(.*?)```\n<!-- /{marker} -->", SCALING, re.S)
+    assert match, marker
+    return match.group(1)
+
+
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory) -> dict[str, Path]:
     """A private CA and a server certificate it signed for 127.0.0.1 and
-    localhost, made with openssl as docs/SCALING.md says."""
-    openssl = needs("openssl")
+    localhost, made by the openssl commands of docs/SCALING.md as written
+    (only the name changed)."""
+    needs("openssl")
     d = tmp_path_factory.mktemp("tls")
-
-    def run(*argv: str) -> None:
-        subprocess.run([openssl, *argv], check=True, capture_output=True, cwd=d)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run("req", "-x509", *ec, "-days", "2", "-subj", "/CN=comfymgr test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", "ca.key", "-out", "ca.pem")
-    run("req", "-new", *ec, "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr")
-    (d / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.pem")
+    script = scaling_block("tls-commands")
+    name = 'SAN="DNS:gpu-host-1.example.com"\n'
+    assert script.count(name) == 1
+    script = script.replace(name, 'SAN="IP:127.0.0.1,DNS:localhost"\n')
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=d, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
 
 
@@ -490,3 +490,26 @@ def test_systemd_analyze_verify_the_backend_headers_drop_in(tmp_path):
     assert "COMFYMGR_BACKEND_HEADERS_FILE" in {s.env for s in comfymgr._SETTINGS}
     env_file = (CONTRIB / "systemd" / "comfymgr.env").read_text()
     assert not re.search(r"^COMFYMGR_BACKEND_HEADERS_FILE=", env_file, re.M)  # it would override the drop-in
+
+
+def test_the_instances_load_balancer_of_scaling_md_is_valid_nginx(tmp_path):
+    """The load-balancer example of docs/SCALING.md, "Past one comfymgr",
+    passes `nginx -t` (with a test certificate in place of its paths)."""
+    nginx_bin = needs("nginx")
+    openssl = needs("openssl")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    site = scaling_block("instances-nginx")
+    for old, new in [("/etc/ssl/comfy/fullchain.pem", tmp_path / "cert.pem"),
+                     ("/etc/ssl/comfy/privkey.pem", tmp_path / "key.pem"),
+                     ("listen 443 ssl;", f"listen 127.0.0.1:{free_port()} ssl;")]:
+        assert site.count(old) == 1, old
+        site = site.replace(old, str(new))
+    for sub in ("logs", "temp"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "site.conf").write_text(site)
+    (tmp_path / "nginx.conf").write_text(nginx_main_conf(tmp_path, tmp_path / "site.conf"))
+    done = subprocess.run([nginx_bin, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                           "-e", str(tmp_path / "logs" / "error.log")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
