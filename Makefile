@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml requirements.lock 2>/dev/null | sha1sum | cut -c1-12)
 BENCH_STAMP := $(VENV)/.bench-$(shell sha1sum pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help venv run test readme lint pyz deploy-check bench contract crash clean
+.PHONY: help venv system-deps run test readme lint pyz deploy-check bench contract crash clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ $(STAMP):
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,dev]' -c requirements.lock  # test what the .pyz ships
 	rm -f $(VENV)/.installed-* && touch $@
+
+system-deps: ## install the system packages the tests need (nginx, promtool, ...; Debian/Ubuntu, sudo)
+	.ci/system-deps
 
 run: venv ## start comfymgr with the settings in the environment (see README)
 	$(BIN)/python comfymgr.py
@@ -66,16 +69,18 @@ PYZ_PLATFORMS := manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_5_x86_64
 PYZ_BUILD := build/pyz
 SHIV_VERSION := 1.0.8
 WHEELS := .cache/wheels
+PYZ_VENV := .cache/pyz-venv
+PYZ_TOOLS := $(PYZ_VENV)/.shiv-$(SHIV_VERSION)
 LOCK_ID := $(shell { cat requirements.lock; echo $(PYZ_PLATFORMS); } 2>/dev/null | sha1sum | cut -c1-12)
 WHEEL_STAMPS := $(foreach v,$(PYZ_PYTHONS),$(WHEELS)/$(v)/.lock-$(LOCK_ID))
 PIP_TARGET_ARGS = --no-deps --only-binary=:all: --implementation cp --python-version $(1) $(addprefix --platform ,$(PYZ_PLATFORMS))
 
 pyz: $(PYZ) ## build dist/comfymgr.pyz (shiv; CPython 3.10-3.13, Linux x86_64)
 
-$(PYZ): comfymgr.py requirements.lock Makefile $(WHEEL_STAMPS) $(BIN)/shiv
+$(PYZ): comfymgr.py requirements.lock Makefile $(WHEEL_STAMPS) $(PYZ_TOOLS)
 	rm -rf $(PYZ_BUILD) && mkdir -p $(PYZ_BUILD)/site-packages $(dir $@)
 	for v in $(PYZ_PYTHONS); do \
-	  $(BIN)/python -m pip install -q --no-index --find-links $(WHEELS)/$$v --no-compile \
+	  $(PYZ_VENV)/bin/python -m pip install -q --no-index --find-links $(WHEELS)/$$v --no-compile \
 	    $(call PIP_TARGET_ARGS,$$v) --target $(PYZ_BUILD)/$$v -r requirements.lock; \
 	  cp -a $(PYZ_BUILD)/$$v/. $(PYZ_BUILD)/site-packages/; \
 	done
@@ -84,19 +89,31 @@ $(PYZ): comfymgr.py requirements.lock Makefile $(WHEEL_STAMPS) $(BIN)/shiv
 	# debug info in the compiled modules (three quarters of their size).
 	cd $(PYZ_BUILD)/site-packages && rm -rf bin example.py && find swagger_ui_bundle -name '*.map' -delete
 	if command -v strip >/dev/null; then find $(PYZ_BUILD)/site-packages -name '*.so' -exec strip --strip-debug {} +; fi
+	# The RECORD files still list what was just removed, and the console
+	# scripts' hashes depend on their first line, the path of the Python that
+	# built them: keep only the entries of files that are there, so that the
+	# .pyz is the same bytes whichever directory it is built in.
+	cd $(PYZ_BUILD)/site-packages && for record in *.dist-info/RECORD; do \
+	  while IFS= read -r line; do [ ! -e "$${line%%,*}" ] || printf '%s\n' "$$line"; done \
+	    < $$record > $$record.kept && mv $$record.kept $$record; \
+	done
 	cp comfymgr.py $(PYZ_BUILD)/site-packages/
-	$(BIN)/shiv --site-packages $(PYZ_BUILD)/site-packages --entry-point comfymgr:main \
+	$(PYZ_VENV)/bin/shiv --site-packages $(PYZ_BUILD)/site-packages --entry-point comfymgr:main \
 	  --python '/usr/bin/env python3' --reproducible --output-file $@.tmp
 	mv $@.tmp $@
-	@echo "built $@: $$(du -k $@ | cut -f1) KiB, $$(SHIV_ROOT=$(PYZ_BUILD)/shiv $(BIN)/python $@ --version)"
+	@echo "built $@: $$(du -k $@ | cut -f1) KiB, $$(SHIV_ROOT=$(PYZ_BUILD)/shiv $(PYZ_VENV)/bin/python $@ --version)"
 
-$(WHEELS)/%/.lock-$(LOCK_ID): requirements.lock | $(STAMP)
+$(WHEELS)/%/.lock-$(LOCK_ID): requirements.lock | $(PYZ_TOOLS)
 	rm -rf $(@D)
-	$(BIN)/python -m pip download -q $(call PIP_TARGET_ARGS,$*) --dest $(@D) -r requirements.lock
+	$(PYZ_VENV)/bin/python -m pip download -q $(call PIP_TARGET_ARGS,$*) --dest $(@D) -r requirements.lock
 	touch $@
 
-$(BIN)/shiv: | $(STAMP)
-	$(BIN)/python -m pip install -q 'shiv==$(SHIV_VERSION)'
+# The tools that build the .pyz, and nothing else: pip (the venv's own) and shiv.
+$(PYZ_TOOLS):
+	rm -rf $(PYZ_VENV)
+	$(PYTHON) -m venv $(PYZ_VENV)
+	$(PYZ_VENV)/bin/python -m pip install -q 'shiv==$(SHIV_VERSION)'
+	touch $@
 
 deploy-check: venv ## test the .pyz, systemd units, nginx and Prometheus files
 	$(BIN)/python -m pytest tests/test_deploy.py

@@ -32,6 +32,7 @@ import dataclasses
 import email.utils
 import enum
 import errno
+import faulthandler
 import fcntl
 import functools
 import hashlib
@@ -237,6 +238,31 @@ def _parse_hosts_and_networks(value: str) -> tuple[Any, ...]:
     return tuple(entries)
 
 
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _parse_client_keys(value: str) -> tuple[tuple[str, str], ...]:
+    """`NAME:KEY,...`: keys of applications that see only their own jobs."""
+    keys: list[tuple[str, str]] = []
+    for item in _parse_list(value):
+        name, sep, key = item.partition(":")
+        if not sep or not key.strip():
+            raise ValueError("expected NAME:KEY[,NAME:KEY...]")
+        name = name.strip()
+        if not _KEY_NAME.match(name) or name == ADMIN:
+            raise ValueError(f"client key name {name!r} must be 1-64 letters, digits, '_', '.', "
+                             f"'-' and not {ADMIN!r}")
+        if any(n == name for n, _ in keys):
+            raise ValueError(f"client key name {name!r} appears twice")
+        if any(k == key.strip() for _, k in keys):
+            raise ValueError(f"client keys {name!r} and another share one key")
+        keys.append((name, key.strip()))
+    return tuple(keys)
+
+
+ADMIN = "admin"  # the name jobs submitted with a MANAGEMENT_API_KEY key record
+
+
 @dataclasses.dataclass(frozen=True)
 class BackendSpec:
     """One ComfyUI server: its name (the submit field `gpu` selects it), base
@@ -400,6 +426,10 @@ def _settings() -> tuple[_Setting, ...]:
         s("api_keys", "MANAGEMENT_API_KEY", "", _parse_list,
           "API key(s) clients send as X-API-Key; comma-separated to rotate. "
           "Empty: one is generated and stored in the state directory.", "service"),
+        s("client_keys", "COMFYMGR_CLIENT_KEYS", "", _parse_client_keys,
+          "Client keys, NAME:KEY,...: each sees, cancels, streams and downloads only the jobs "
+          "submitted with a key of its name (MANAGEMENT_API_KEY keys see everything).",
+          "service"),
         s("state_dir", "COMFYMGR_STATE_DIR", "./comfymgr-state", _parse_required_path,
           "Directory for the database and the generated API key.", "service"),
         s("rate_limit", "COMFYMGR_RATE_LIMIT", "100", _parse_count,
@@ -504,8 +534,9 @@ def _settings() -> tuple[_Setting, ...]:
           "Standard Webhooks signing secret(s), whsec_<base64>, comma-separated to rotate (every "
           "one signs). Empty: one is generated and stored in the state directory.", "webhooks"),
         s("webhook_allow", "COMFYMGR_WEBHOOK_ALLOW", "", _parse_hosts_and_networks,
-          "Hosts and networks webhooks may be sent to (e.g. hooks.example.com,10.0.0.0/8). "
-          "Empty: any, except link-local and cloud metadata addresses.", "webhooks"),
+          "Hosts and networks that webhooks and input URLs may reach although they are not "
+          "public (e.g. receiver.lan,10.1.2.0/24,127.0.0.1). Without them only public addresses "
+          "are reached; a ComfyUI backend's own host and port never are.", "webhooks"),
         s("webhook_max_attempts", "COMFYMGR_WEBHOOK_MAX_ATTEMPTS", "8", _parse_positive,
           "Attempts per delivery before it is marked failed.", "webhooks"),
         s("webhook_max_age", "COMFYMGR_WEBHOOK_MAX_AGE", "24h", _parse_duration,
@@ -534,6 +565,7 @@ class Config:
     host: str
     port: int
     api_keys: tuple[str, ...]
+    client_keys: tuple[tuple[str, str], ...]
     state_dir: Path
     rate_limit: int
     trusted_proxies: tuple[Any, ...]
@@ -995,6 +1027,8 @@ class _Metrics:
             "comfymgr ignored: unknown_type (custom nodes), bad_shape (a known type with "
             "unexpected data), unreadable (not JSON, or a binary frame it cannot read).",
             ["backend", "reason"], registry=registry)
+        for outcome in ("sent", "retried", "failed"):  # at 0 from the start, for increase()
+            self.webhook_deliveries.labels(outcome)
         self.retention_removed = Counter(
             "comfymgr_retention_removed", "Jobs, events and files removed by retention.",
             ["kind"], registry=registry)
@@ -1056,6 +1090,8 @@ _log_tasks = logging.getLogger("comfymgr.tasks")
 
 _RESTART_BASE, _RESTART_MAX = 0.5, 30.0
 _RESTART_RESET = 60.0  # a task that ran this long before failing starts from the base delay
+# Failures reported by their owners, who recover themselves (see report()).
+_REPORTED_TASKS = ("stream:sender", "webhooks:delivery")
 
 
 @dataclasses.dataclass(eq=False)
@@ -1083,6 +1119,8 @@ class _Supervisor:
         self.clock = clock
         self.tasks: dict[str, _TaskState] = {}
         self.restart_base = _RESTART_BASE
+        for name in _REPORTED_TASKS:
+            metrics.task_failures.labels(name)
 
     def start(self, name: str, run: Callable[[], Any], *,
               on_error: Callable[[str], None] | None = None) -> None:
@@ -1090,6 +1128,7 @@ class _Supervisor:
         task `name`; on_error hears the text of each failure."""
         state = self.tasks.setdefault(name, _TaskState(name))
         state.restarted = True
+        self.metrics.task_failures.labels(name)  # the series exists at 0, for increase()
         state.task = asyncio.create_task(self._keep(state, run, on_error), name=name)
 
     def report(self, name: str, exc: BaseException) -> str:
@@ -1226,6 +1265,7 @@ class Job:
     error: Any
     cancel_requested_at: int | None
     extra: dict[str, Any]
+    submitted_by: str = ADMIN     # "admin" or a client key's name
 
     @property
     def status(self) -> str:
@@ -1249,6 +1289,7 @@ class Job:
             error=json.loads(row["error"]) if row["error"] else None,
             cancel_requested_at=row["cancel_requested_at"],
             extra=json.loads(row["extra"]) if row["extra"] else {},
+            submitted_by=row["submitted_by"],
         )
 
 
@@ -1259,6 +1300,8 @@ class Event:
     type: str
     ts: int         # epoch milliseconds
     data: dict[str, Any]
+    # Who submitted the job: routing for the stream, not part of the event.
+    owner: str | None = dataclasses.field(default=None, compare=False)
 
     def message(self) -> dict[str, Any]:
         """The stream message: the seed's fields plus seq."""
@@ -1429,8 +1472,16 @@ INSERT INTO queue_blocks (priority, block, n)
     GROUP BY priority, n / {_QUEUE_BLOCK};
 """
 
+_SCHEMA_V5 = """
+-- Who submitted a job: "admin", or the name of a client key (COMFYMGR_CLIENT_KEYS),
+-- which sees only its own jobs.
+ALTER TABLE jobs ADD COLUMN submitted_by TEXT NOT NULL DEFAULT 'admin';
+CREATE INDEX jobs_owner ON jobs (submitted_by, n);
+CREATE INDEX jobs_owner_state ON jobs (submitted_by, state, priority);
+"""
+
 # Forward migrations; the database's PRAGMA user_version is how many ran.
-_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+_MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
 
 ###############################################################################
 # storage
@@ -1571,11 +1622,11 @@ class Storage:
             return [(False, exc)] * len(ops)
         return outcomes
 
-    def _event(self, job_id: str, type_: str, ts: int, data: dict[str, Any],
+    def _event(self, job_id: str, type_: str, ts: int, data: dict[str, Any], owner: str,
                webhook: Mapping[str, Any] | None = None) -> Event:
         cur = self._conn.execute("INSERT INTO events (job_id, type, ts, data) VALUES (?, ?, ?, ?)",
                                  (job_id, type_, ts, _dumps(data)))
-        event = Event(cur.lastrowid, job_id, type_, ts, data)
+        event = Event(cur.lastrowid, job_id, type_, ts, data, owner)
         self._pending.append(event)
         if webhook and type_.removeprefix("workflow:") in webhook.get("events", ()):
             self._conn.execute(
@@ -1596,14 +1647,15 @@ class Storage:
 
     def enqueue(self, job_id: str, workflow: str, priority: Priority, target: str,
                 now: int, *, timeout_s: float | None = None,
-                extra: dict[str, Any] | None = None) -> tuple[Job, int]:
+                extra: dict[str, Any] | None = None, owner: str = ADMIN) -> tuple[Job, int]:
         """Insert a queued job; returns it and its 1-based queue position."""
         with self.transaction():
             cur = self._conn.execute(
                 "INSERT INTO jobs (id, priority, state, status, target, workflow, timeout_s, "
-                "created_at, updated_at, extra) VALUES (?, ?, 'queued', 'queued', ?, ?, ?, ?, ?, ?)",
+                "created_at, updated_at, extra, submitted_by) "
+                "VALUES (?, ?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, int(priority), target, workflow, timeout_s, now, now,
-                 _dumps(extra) if extra else None))
+                 _dumps(extra) if extra else None, owner))
             position = self._conn.execute(
                 "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state = 'queued' AND priority <= ?",
                 (int(priority),)).fetchone()[0]
@@ -1611,10 +1663,11 @@ class Storage:
                       target=target, backend=None, prompt_id=None, attempts=0,
                       workflow=workflow, timeout_s=timeout_s, created_at=now, started_at=None,
                       completed_at=None, updated_at=now, progress=0.0, current_node=None,
-                      outputs=None, error=None, cancel_requested_at=None, extra=extra or {})
+                      outputs=None, error=None, cancel_requested_at=None, extra=extra or {},
+                      submitted_by=owner)
             self._event(job_id, "workflow:queued", now, {
                 "status": "queued", "priority": priority.label, "queuePosition": position},
-                webhook=job.extra.get("webhook"))
+                owner, webhook=job.extra.get("webhook"))
         return job, position
 
     def enqueue_once(self, key: str, body_hash: str, ttl_ms: int, job_id: str, workflow: str,
@@ -1668,9 +1721,12 @@ class Storage:
         return self._conn.execute(
             "SELECT * FROM deliveries WHERE job_id = ? ORDER BY event_seq", (job_id,)).fetchall()
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str, owner: str | None = None) -> Job | None:
+        """The job; with `owner`, only if that key name submitted it."""
         row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Job.from_row(row) if row else None
+        if row is None or (owner is not None and row["submitted_by"] != owner):
+            return None
+        return Job.from_row(row)
 
     def get_by_prompt(self, prompt_id: str) -> Job | None:
         row = self._conn.execute("SELECT * FROM jobs WHERE prompt_id = ?", (prompt_id,)).fetchone()
@@ -1727,9 +1783,13 @@ class Storage:
                     (int(priority), tail_start, upto)).fetchone()[0])
 
     def list_jobs(self, *, statuses: Sequence[str] = (), priority: Priority | None = None,
-                  before: int | None = None, limit: int = 50) -> list[Job]:
-        """Newest first; `before` is the keyset cursor (a job's n)."""
+                  before: int | None = None, limit: int = 50, owner: str | None = None) -> list[Job]:
+        """Newest first; `before` is the keyset cursor (a job's n); `owner`:
+        only the jobs that key name submitted."""
         where, args = [], []
+        if owner is not None:
+            where.append("submitted_by = ?")
+            args.append(owner)
         if statuses:
             where.append(f"status IN ({','.join('?' * len(statuses))})")
             args.extend(statuses)
@@ -1805,14 +1865,15 @@ class Storage:
                 if to is JobState.QUEUED:
                     data.setdefault("priority", job.priority.label)
                     data.setdefault("queuePosition", self.position(job))
-                self._event(job.id, _EVENT_FOR_STATE[to], now, data, webhook=job.extra.get("webhook"))
+                self._event(job.id, _EVENT_FOR_STATE[to], now, data, job.submitted_by,
+                            webhook=job.extra.get("webhook"))
         return job
 
-    def request_cancel(self, job_id: str, now: int) -> Job:
+    def request_cancel(self, job_id: str, now: int, owner: str | None = None) -> Job:
         """Cancel a queued job at once; mark an in-flight one for the bridge
         to interrupt. A finished job cannot be cancelled (Conflict)."""
         with self.transaction():
-            job = self.get(job_id)
+            job = self.get(job_id, owner)
             if job is None:
                 raise NotFound(f"workflow {job_id} not found", details={"workflowId": job_id})
             if job.terminal:
@@ -1952,8 +2013,10 @@ class Storage:
                 "WHERE id = ? AND state = 'running'", (progress, current_node, now, job_id))
             if not cur.rowcount or not emit:
                 return None
+            owner = self._conn.execute("SELECT submitted_by FROM jobs WHERE id = ?",
+                                       (job_id,)).fetchone()[0]
             return self._event(job_id, EVENT_PROGRESS, now, {
-                "status": "running", "progress": progress, "currentNode": current_node})
+                "status": "running", "progress": progress, "currentNode": current_node}, owner)
 
     def orphaned(self, backends: Sequence[str]) -> list[str]:
         """Ids of unfinished jobs bound to a backend not in `backends`."""
@@ -2038,18 +2101,42 @@ class Storage:
             return None
         return self._conn.execute("SELECT created_at FROM jobs WHERE n = ?", (min(heads),)).fetchone()[0]
 
-    def counts(self) -> dict[tuple[JobState, Priority], int]:
-        return {(JobState(row["state"]), Priority(row["priority"])): row["n"]
-                for row in self._conn.execute("SELECT state, priority, n FROM job_counts")}
+    def counts(self, owner: str | None = None) -> dict[tuple[JobState, Priority], int]:
+        """Jobs per (state, priority): of everyone from the counts table, or
+        of one key name from its index."""
+        if owner is None:
+            rows = self._conn.execute("SELECT state, priority, n FROM job_counts")
+        else:
+            rows = self._conn.execute("SELECT state, priority, COUNT(*) AS n FROM jobs "
+                                      "WHERE submitted_by = ? GROUP BY state, priority", (owner,))
+        return {(JobState(row["state"]), Priority(row["priority"])): row["n"] for row in rows}
+
+    def owned_outputs(self, owner: str, type_: str | None = None,
+                      paths: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+        """(type, path, job id) of the files the jobs of `owner` produced;
+        with `paths`, only those."""
+        sql = ("SELECT o.type, o.path, o.job_id FROM outputs o JOIN jobs j ON j.id = o.job_id "
+               "WHERE j.submitted_by = ?")
+        args: list[Any] = [owner]
+        if type_ is not None:
+            sql += " AND o.type = ?"
+            args.append(type_)
+        if paths is not None:
+            sql += f" AND o.path IN ({','.join('?' * len(paths))})"
+            args.extend(paths)
+        return [tuple(row) for row in self._conn.execute(sql, args)]
 
     # -- events ------------------------------------------------------------------
 
     def events_since(self, seq: int, *, job_ids: Sequence[str] | None = None,
-                     limit: int = 1000) -> list[Event]:
+                     owner: str | None = None, limit: int = 1000) -> list[Event]:
         sql, args = "SELECT * FROM events WHERE seq > ?", [seq]
         if job_ids is not None:
             sql += f" AND job_id IN ({','.join('?' * len(job_ids))})"
             args.extend(job_ids)
+        if owner is not None:
+            sql += " AND job_id IN (SELECT id FROM jobs WHERE submitted_by = ?)"
+            args.append(owner)
         sql += " ORDER BY seq LIMIT ?"
         args.append(limit)
         return [Event(row["seq"], row["job_id"], row["type"], row["ts"], json.loads(row["data"]))
@@ -2323,20 +2410,23 @@ class _Queue:
 
     async def submit(self, workflow: Mapping[str, Any], priority: Priority, target: str, *,
                      timeout_s: float | None, extra: dict[str, Any] | None = None,
-                     idempotency: tuple[str, str] | None = None) -> tuple[Job, int | None, bool]:
-        """Queue a job; with an (idempotency key, body hash), a retry returns
-        the original job instead (replayed=True)."""
+                     idempotency: tuple[str, str] | None = None,
+                     owner: str = ADMIN) -> tuple[Job, int | None, bool]:
+        """Queue a job for `owner` (the submitting key's name); with an
+        (idempotency key, body hash), a retry returns the original job
+        instead (replayed=True)."""
         job_id, text, now = _new_id(), _dumps(workflow), self.now_ms()
         if idempotency is None:
             job, position = await self._db.write(
                 lambda s: s.enqueue(job_id, text, priority, target, now, timeout_s=timeout_s,
-                                    extra=extra))
+                                    extra=extra, owner=owner))
             replayed = False
         else:
             key, digest = idempotency
             job, position, replayed = await self._db.write(
                 lambda s: s.enqueue_once(key, digest, _ms(self.idempotency_ttl), job_id, text,
-                                         priority, target, now, timeout_s=timeout_s, extra=extra))
+                                         priority, target, now, timeout_s=timeout_s, extra=extra,
+                                         owner=owner))
         if replayed:
             _log_queue.info("idempotent retry of %s", job.id, extra={"job": job.id})
             return job, position, True
@@ -2345,17 +2435,19 @@ class _Queue:
         self.notify()
         return job, position, False
 
-    async def get(self, job_id: str) -> tuple[Job, int | None]:
+    async def get(self, job_id: str, owner: str | None = None) -> tuple[Job, int | None]:
+        """The job and its queue position. With `owner` (a client key's
+        name), another key's job is NotFound, exactly as an unknown id."""
         def read(s: Storage) -> tuple[Job, int | None]:
-            job = s.get(job_id)
+            job = s.get(job_id, owner)
             if job is None:
                 raise NotFound(f"workflow {job_id} not found", details={"workflowId": job_id})
             return job, s.position(job)
         return await self._db.read(read)
 
-    async def cancel(self, job_id: str) -> Job:
+    async def cancel(self, job_id: str, owner: str | None = None) -> Job:
         """Queued jobs end at once; in-flight ones are marked for the bridge."""
-        job = await self._db.write(lambda s: s.request_cancel(job_id, self.now_ms()))
+        job = await self._db.write(lambda s: s.request_cancel(job_id, self.now_ms(), owner))
         _log_queue.info("cancel requested for %s (%s)", job.id, job.state.value,
                         extra={"job": job.id})
         if not job.terminal:
@@ -2363,15 +2455,17 @@ class _Queue:
         return job
 
     async def list(self, *, statuses: Sequence[str], priority: Priority | None,
-                   before: int | None, limit: int) -> tuple[list[Job], dict[str, int]]:
+                   before: int | None, limit: int,
+                   owner: str | None = None) -> tuple[list[Job], dict[str, int]]:
         """A page of jobs, newest first, with the queue positions of the queued ones."""
         def read(s: Storage) -> tuple[list[Job], dict[str, int]]:
-            jobs = s.list_jobs(statuses=statuses, priority=priority, before=before, limit=limit)
+            jobs = s.list_jobs(statuses=statuses, priority=priority, before=before, limit=limit,
+                               owner=owner)
             return jobs, s.positions(jobs)
         return await self._db.read(read)
 
-    async def counts(self) -> dict[tuple[JobState, Priority], int]:
-        return await self._db.read(lambda s: s.counts())
+    async def counts(self, owner: str | None = None) -> dict[tuple[JobState, Priority], int]:
+        return await self._db.read(lambda s: s.counts(owner))
 
 
 ###############################################################################
@@ -2615,7 +2709,8 @@ class _ComfyClient:
 
     async def upload_image(self, name: str, data: bytes, subfolder: str,
                            overwrite: bool) -> dict[str, Any]:
-        form = aiohttp.FormData()
+        # Not percent-encoded: ComfyUI would keep "cat%20%281%29.png" as the name.
+        form = aiohttp.FormData(quote_fields=False)
         form.add_field("image", data, filename=name, content_type="application/octet-stream")
         form.add_field("type", "input")
         form.add_field("subfolder", subfolder)
@@ -4104,10 +4199,12 @@ class _Subscriber:
     the sender task writes queued messages. Every write to the socket holds
     `send_lock`, so replays and acks never interleave with queued events."""
 
-    def __init__(self, ws: web.WebSocketResponse, hub: _Hub, client: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse, hub: _Hub, client: str,
+                 owner: str | None = None) -> None:
         self.ws = ws
         self.hub = hub
         self.client = client
+        self.owner = owner  # a client key's name: only its jobs' events; None: all
         self.follow_all = True
         self.workflow_ids: set[str] = set()
         self.queue: collections.deque[_Outgoing] = collections.deque()
@@ -4122,8 +4219,10 @@ class _Subscriber:
         self.sender: asyncio.Task[None] | None = None
         self.closing: asyncio.Future[None] | None = None  # the close under way
 
-    def wants(self, job_id: str) -> bool:
-        return self.follow_all or job_id in self.workflow_ids
+    def wants(self, event: Event) -> bool:
+        if self.owner is not None and event.owner != self.owner:
+            return False
+        return self.follow_all or event.job_id in self.workflow_ids
 
     def offer(self, item: _Outgoing) -> None:
         """Queue a message without ever blocking; a client too far behind is closed."""
@@ -4189,7 +4288,7 @@ class _Hub:
                 continue
             item = None
             for sub in list(self.subscribers):
-                if sub.wants(event.job_id):
+                if sub.wants(event):
                     if item is None:  # serialised once, shared by every client
                         item = _Outgoing(event.seq, event.job_id, _dumps(event.message()),
                                          progress=event.type == EVENT_PROGRESS)
@@ -4257,7 +4356,7 @@ class _Hub:
     async def serve(self, sub: _Subscriber, *, since: int | None, workflow_ids: Sequence[str]) -> None:
         known: set[str] = set()
         if workflow_ids:
-            known = await self._known(workflow_ids)
+            known = await self._known(sub, workflow_ids)
             sub.follow_all = False
             sub.workflow_ids.update(known)
         self.subscribers.add(sub)  # from here on, live events queue up for it
@@ -4283,9 +4382,10 @@ class _Hub:
             if sub.closing is not None:  # let the close frame go out before the handler ends
                 await asyncio.gather(sub.closing, return_exceptions=True)
 
-    async def _known(self, ids: Sequence[str]) -> set[str]:
+    async def _known(self, sub: _Subscriber, ids: Sequence[str]) -> set[str]:
+        """The ids the client may follow: its own jobs' (a client key), or any job's."""
         def read(s: Storage) -> set[str]:
-            return {i for i in ids if s.get(i) is not None}
+            return {i for i in ids if s.get(i, sub.owner) is not None}
         return await self.db.read(read)
 
     async def _send_for(self, sub: _Subscriber) -> None:
@@ -4317,8 +4417,8 @@ class _Hub:
                                f"kept, seq {oldest}", "since": since, "oldestSeq": oldest}))
             cursor = since
             while True:
-                page = await self.db.read(
-                    lambda s, after=cursor: s.events_since(after, job_ids=ids, limit=_REPLAY_PAGE))
+                page = await self.db.read(lambda s, after=cursor: s.events_since(
+                    after, job_ids=ids, owner=sub.owner, limit=_REPLAY_PAGE))
                 for event in page:
                     await sub.ws.send_str(_dumps(event.message()))
                     cursor = event.seq
@@ -4394,7 +4494,7 @@ class _Hub:
             await sub.send({"type": "error", "code": "too_many_subscriptions",
                             "message": f"a socket may follow at most {_MAX_SUBSCRIPTIONS} workflows"})
             return
-        known = await self._known(ids)
+        known = await self._known(sub, ids)
         new = sorted(known - sub.workflow_ids)
         sub.follow_all = False
         sub.workflow_ids.update(known)
@@ -4406,68 +4506,244 @@ class _Hub:
 
 
 ###############################################################################
+# outbound
+###############################################################################
+# Where comfymgr's own outbound requests (webhooks; input URLs of a submit)
+# may go. By default only to public addresses: never to loopback, private
+# networks, CGNAT, link-local (cloud metadata lives there), multicast,
+# unspecified or broadcast addresses, IPv4 hidden in IPv6 (mapped, 6to4,
+# NAT64) included, and never to a configured ComfyUI backend, whose API has
+# no authentication (a webhook to its /interrupt would stop another client's
+# job). COMFYMGR_WEBHOOK_ALLOW names the hosts and networks let through
+# anyway; a backend's own host and port stay refused even then. Checked when
+# a URL is accepted and again after DNS on every connection, so a name cannot
+# be re-pointed inward between the two.
+
+_log_outbound = logging.getLogger("comfymgr.outbound")
+
+_METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
+    "169.254.169.254", "169.254.170.2", "fd00:ec2::254", "100.100.100.200"))
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_LEGACY_IPV4 = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$")
+
+
+class OutboundRefused(ComfymgrError):
+    """A URL or address comfymgr may not send requests to; the message says why."""
+
+
+def _unwrap_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Any:
+    """The IPv4 address an IPv6 address carries (mapped, 6to4, NAT64,
+    IPv4-compatible), else the address itself."""
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+        if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+            return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
+
+
+def _ip_of_host(host: str) -> Any:
+    """The address a URL's host names without DNS: IPv4 and IPv6 literals,
+    and the legacy IPv4 forms resolvers accept (2130706433, 0177.0.0.1,
+    0x7f.1); None for a name."""
+    host = host.strip("[]").lower()
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if _LEGACY_IPV4.match(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def _refusal(ip: Any) -> str | None:
+    """Why an address is not a public one comfymgr may send to, or None."""
+    ip = _unwrap_ip(ip)
+    if ip in _METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_unspecified:
+        return "the unspecified address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip.version == 4 and ip in _CGNAT:
+        return "a shared (CGNAT) address"
+    if ip.version == 6 and ip in _NAT64_LOCAL:
+        return "a local NAT64 address"
+    if ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "the broadcast address"
+    if any(ip in net for net in _PRIVATE_NETWORKS):
+        return "a private-network address"
+    if not ip.is_global:  # documentation, benchmarking, reserved ranges
+        return "not a public address"
+    return None
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+class _TargetPolicy:
+    """The rule above, for one configuration. `resolver` answers DNS (tests
+    pass one of their own)."""
+
+    def __init__(self, allow: Sequence[Any], backends: Sequence[BackendSpec],
+                 resolver: aiohttp.abc.AbstractResolver | None = None) -> None:
+        self._resolver = resolver
+        self.hosts = frozenset(a for a in allow if isinstance(a, str))
+        self.networks = tuple(a for a in allow if not isinstance(a, str))
+        self.backend_urls: set[tuple[str, str, int]] = set()
+        self.backend_addresses: set[tuple[Any, int]] = set()
+        for spec in backends:
+            url = yarl.URL(spec.url)
+            port = url.port or _default_port(url.scheme)
+            self.backend_urls.add((url.scheme, (url.host or "").lower(), port))
+            ip = _ip_of_host(url.host or "")
+            if ip is not None:
+                self.backend_addresses.add((_unwrap_ip(ip), port))
+            elif url.host:
+                with contextlib.suppress(OSError):  # names: what they resolve to now
+                    for info in socket.getaddrinfo(url.host, port, proto=socket.IPPROTO_TCP):
+                        self.backend_addresses.add((_unwrap_ip(ipaddress.ip_address(
+                            info[4][0].split("%")[0])), port))
+
+    @property
+    def resolver(self) -> aiohttp.abc.AbstractResolver:
+        if self._resolver is None:  # made on the event loop, where it runs
+            self._resolver = aiohttp.ThreadedResolver()
+        return self._resolver
+
+    def check_address(self, host: str, address: Any, port: int) -> str | None:
+        """Why host:port at this address is refused, or None."""
+        ip = _unwrap_ip(address)
+        # Every loopback address reaches a backend listening on loopback.
+        if (ip, port) in self.backend_addresses or any(
+                backend_port == port and backend_ip.is_loopback and ip.is_loopback
+                for backend_ip, backend_port in self.backend_addresses):
+            return "a ComfyUI backend"
+        if host.lower().rstrip(".") in self.hosts or any(ip in net for net in self.networks):
+            return None  # the operator named it
+        return _refusal(ip)
+
+    async def check_url(self, url: str, *, field: str, code: str) -> yarl.URL:
+        """The URL parsed, if comfymgr may send to it; BadRequest otherwise.
+        A name is resolved (2 s at most): refused when every address it has
+        is; one that does not resolve now is accepted (checked at send)."""
+        try:
+            parsed = yarl.URL(url)
+        except (ValueError, TypeError):
+            parsed = None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+            raise BadRequest(f"{field}: must be an http:// or https:// URL with a host",
+                             details={"field": field})
+        host, port = parsed.host.lower().rstrip("."), parsed.port or _default_port(parsed.scheme)
+        if (parsed.scheme, host, port) in self.backend_urls:
+            self._refuse(field, code, parsed, "a ComfyUI backend")
+        ip = _ip_of_host(host)
+        if ip is not None:
+            reason = self.check_address(host, ip, port)
+            if reason:
+                self._refuse(field, code, parsed, reason)
+            return parsed
+        try:
+            infos = await asyncio.wait_for(self.resolver.resolve(host, port, socket.AF_UNSPEC), 2.0)
+        except (OSError, asyncio.TimeoutError, UnicodeError):
+            return parsed
+        reasons = [self.check_address(host, ipaddress.ip_address(info["host"].split("%")[0]), port)
+                   for info in infos]
+        if reasons and all(reasons):
+            self._refuse(field, code, parsed, f"{reasons[0]} (what {host} resolves to)")
+        return parsed
+
+    @staticmethod
+    def _refuse(field: str, code: str, url: yarl.URL, reason: str) -> None:
+        raise BadRequest(f"{field}: {_redact_url(str(url))} is {reason}; comfymgr sends requests "
+                         "only to public addresses (see COMFYMGR_WEBHOOK_ALLOW)",
+                         code=code, details={"field": field, "reason": reason})
+
+
+class _CheckedResolver(aiohttp.abc.AbstractResolver):
+    """Resolves like aiohttp, then drops every address the policy refuses."""
+
+    def __init__(self, policy: _TargetPolicy) -> None:
+        self._policy = policy
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict[str, Any]]:
+        infos = await self._policy.resolver.resolve(host, port, family)
+        allowed = [info for info in infos if not self._policy.check_address(
+            host, ipaddress.ip_address(info["host"].split("%")[0]), port)]
+        if not allowed:
+            raise OutboundRefused(f"{host} resolves only to addresses comfymgr may not send to")
+        return allowed
+
+    async def close(self) -> None:
+        pass  # the policy's resolver outlives any one session
+
+
+def _outbound_session(policy: _TargetPolicy, timeout: float, *, limit: int) -> aiohttp.ClientSession:
+    """A client session that reaches only what the policy allows: checked
+    after DNS; IP literals (which skip the resolver) are checked by callers
+    through check_literal."""
+    connector = aiohttp.TCPConnector(resolver=_CheckedResolver(policy), limit=limit, force_close=True)
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
+                                 timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=timeout))
+
+
+def _check_literal(policy: _TargetPolicy, url: yarl.URL) -> None:
+    """aiohttp connects to an IP literal without asking the resolver: check it here."""
+    ip = _ip_of_host(url.host or "")
+    if ip is not None:
+        reason = policy.check_address(url.host or "", ip, url.port or _default_port(url.scheme))
+        if reason:
+            raise OutboundRefused(f"{url.host} is {reason}")
+
+
+def _redact_url(url: str) -> str:
+    """A URL fit for logs and answers: user info and query values masked
+    (they often carry tokens)."""
+    try:
+        parsed = yarl.URL(url)
+    except (ValueError, TypeError):
+        return "(not a URL)"
+    if parsed.user is not None or parsed.password is not None:
+        parsed = parsed.with_user("***").with_password(None)
+    if parsed.query_string:
+        masked = "&".join(f"{k}=***" for k in parsed.query)
+        parsed = parsed.with_query(None)
+        return str(parsed.with_fragment(None)) + "?" + masked
+    return str(parsed.with_fragment(None))
+
+
+###############################################################################
 # webhooks
 ###############################################################################
 # Durable, signed deliveries of job events to applications. A delivery row
 # is written in the transaction of its event (storage), so nothing between
 # commit and send can lose it; this section sends what is due, signs it the
-# Standard Webhooks way, retries with backoff and jitter, and never follows
-# a redirect or talks to an address it may not reach (checked again on every
-# connection, after DNS, so a name cannot be re-pointed at the metadata
-# service between submit and send).
+# Standard Webhooks way, retries with backoff and jitter, never follows a
+# redirect, and sends only where the outbound policy allows. One delivery's
+# failure, however odd, is recorded on that delivery and never stops another.
 
 _log_webhooks = logging.getLogger("comfymgr.webhooks")
 
 WEBHOOK_EVENTS = ("queued", "started", "completed", "error", "cancelled")
 _DEFAULT_WEBHOOK_EVENTS = ("completed", "error", "cancelled")
-# Refused unless an allowlist names them: link-local (where cloud metadata
-# services live), the metadata addresses themselves, and nonsense targets.
-_BLOCKED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
-    "169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32",
-    "0.0.0.0/8", "::/128", "224.0.0.0/4", "ff00::/8", "255.255.255.255/32"))
 _WEBHOOK_RESPONSE_LIMIT = 64 * 1024
 _WEBHOOK_CONCURRENCY = 16
 WEBHOOK_SECRET_FILE = "webhook-secret"
-
-
-def _address_allowed(address: str, host: str, allow: Sequence[Any]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    networks = [a for a in allow if not isinstance(a, str)]
-    if any(ip in net for net in networks):
-        return True  # the operator named this network: their call
-    if allow and host.lower().rstrip(".") not in allow:
-        return False
-    return not any(ip in net for net in _BLOCKED_NETWORKS)
-
-
-class _CheckedResolver(aiohttp.abc.AbstractResolver):
-    """Resolves like aiohttp, then drops every address webhooks may not reach."""
-
-    def __init__(self, allow: Sequence[Any]) -> None:
-        self._inner = aiohttp.ThreadedResolver()
-        self._allow = allow
-
-    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[dict[str, Any]]:
-        infos = await self._inner.resolve(host, port, family)
-        allowed = [info for info in infos if _address_allowed(info["host"], host, self._allow)]
-        if not allowed:
-            raise OSError(errno.EACCES, f"{host} resolves only to addresses webhooks may not be sent to")
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-def _is_ip(host: str) -> bool:
-    # aiohttp connects to an IP literal without asking the resolver.
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _sign_webhook(secrets_: Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
@@ -4479,64 +4755,55 @@ def _sign_webhook(secrets_: Sequence[bytes], msg_id: str, timestamp: int, body: 
 
 
 def _retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from a Retry-After header: ASCII digits, or an HTTP date;
+    None for anything else."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    if value.isascii() and value.isdigit():
+        return float(min(int(value[:12]), 10**9))
+    if not _http_date_ok(value):
         return None
-    return max(0.0, when.timestamp() - now) if when is not None else None
+    when = email.utils.parsedate_to_datetime(value)
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _http_date_ok(value: str) -> bool:
+    try:
+        return email.utils.parsedate_to_datetime(value) is not None
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return False
 
 
 class _Webhooks:
-    def __init__(self, config: Config, db: _Database, metrics: _Metrics, clock: Clock) -> None:
+    def __init__(self, config: Config, db: _Database, metrics: _Metrics, clock: Clock,
+                 policy: _TargetPolicy, supervisor: _Supervisor) -> None:
         self.config = config
         self.db = db
         self.metrics = metrics
         self.clock = clock
+        self.policy = policy
+        self.supervisor = supervisor
         self.secrets: tuple[bytes, ...] = config.webhook_secrets
         self.session: aiohttp.ClientSession | None = None
         self.wake = asyncio.Event()
         self._in_flight: set[str] = set()
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(resolver=_CheckedResolver(self.config.webhook_allow),
-                                         limit=_WEBHOOK_CONCURRENCY, force_close=True)
-        timeout = aiohttp.ClientTimeout(total=self.config.webhook_timeout,
-                                        sock_connect=self.config.webhook_timeout)
-        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                             auto_decompress=False, trust_env=False)
+        self.session = _outbound_session(self.policy, self.config.webhook_timeout,
+                                         limit=_WEBHOOK_CONCURRENCY)
 
     async def stop(self) -> None:
         if self.session is not None:
             await self.session.close()
 
-    def check(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+    async def check(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """The submit's webhook, normalised; BadRequest naming what is wrong."""
-        url = yarl_url = None
-        try:
-            yarl_url = yarl.URL(spec["url"])
-            url = str(yarl_url)
-        except (ValueError, TypeError):
-            pass
-        if yarl_url is None or yarl_url.scheme not in ("http", "https") or not yarl_url.host:
-            raise BadRequest("webhook.url: must be an http:// or https:// URL with a host",
-                             details={"field": "webhook.url"})
-        host = yarl_url.host
-        literal = _is_ip(host)
-        allow = self.config.webhook_allow
-        if literal and not _address_allowed(host, host, allow):
-            raise BadRequest(f"webhook.url: {host} is not an address webhooks may be sent to",
-                             code="webhook_forbidden", details={"field": "webhook.url"})
-        if not literal and allow and host.lower() not in allow and not any(
-                not isinstance(a, str) for a in allow):
-            raise BadRequest(f"webhook.url: {host} is not in COMFYMGR_WEBHOOK_ALLOW",
-                             code="webhook_forbidden", details={"field": "webhook.url"})
+        url = await self.policy.check_url(spec["url"], field="webhook.url", code="webhook_forbidden")
         events = list(dict.fromkeys(spec.get("events") or _DEFAULT_WEBHOOK_EVENTS))
-        return {"url": url, "events": events}
+        return {"url": str(url), "events": events}
 
     # -- sending -----------------------------------------------------------------
 
@@ -4566,29 +4833,51 @@ class _Webhooks:
         return len(rows)
 
     async def _attempt(self, row: sqlite3.Row) -> None:
+        """One try of one delivery. Whatever happens is recorded on it."""
+        try:
+            status, error, retryable, retry_after = await self._post(row)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one delivery never stops the others
+            self.supervisor.report("webhooks:delivery", exc)
+            status, error, retryable, retry_after = None, "internal error", True, None
+        try:
+            await self._record(row, status, error, retryable, retry_after)
+        except ApiError as exc:
+            _log_webhooks.warning("cannot record webhook %s: %s", row["id"], exc.message)
+
+    async def _post(self, row: sqlite3.Row) -> tuple[int | None, str | None, bool, float | None]:
+        """(HTTP status, error category, retry?, Retry-After seconds)."""
         assert self.session is not None
         msg_id, body = row["id"], row["payload"].encode()
         timestamp = int(self.clock())
         headers = {"Content-Type": "application/json", "User-Agent": f"comfymgr/{__version__}",
                    "webhook-id": msg_id, "webhook-timestamp": str(timestamp),
                    "webhook-signature": _sign_webhook(self.secrets, msg_id, timestamp, body)}
-        status: int | None = None
-        retry_after: float | None = None
+        url = yarl.URL(row["url"])
         try:
-            host = yarl.URL(row["url"]).host or ""
-            if _is_ip(host) and not _address_allowed(host, host, self.config.webhook_allow):
-                raise OSError(f"{host} is not an address webhooks may be sent to")
-            async with self.session.post(row["url"], data=body, headers=headers,
+            _check_literal(self.policy, url)
+            async with self.session.post(url, data=body, headers=headers,
                                          allow_redirects=False) as resp:
                 status = resp.status
                 retry_after = _retry_after(resp.headers.get("Retry-After"), self.clock())
                 await resp.content.read(_WEBHOOK_RESPONSE_LIMIT)  # never more than that
-            error = None if 200 <= status < 300 else f"HTTP {status}"
-            retryable = status == 429 or status >= 500
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-            retryable = True
-        await self._record(row, status, error, retryable, retry_after)
+        except OutboundRefused as exc:
+            self._log_failure(row, f"refused: {exc}")
+            return None, "refused: not an address comfymgr may send to", False, None
+        except asyncio.TimeoutError:
+            self._log_failure(row, "timed out")
+            return None, "timed out", True, None
+        except (aiohttp.ClientError, OSError) as exc:
+            self._log_failure(row, f"{type(exc).__name__}: {exc}")
+            return None, "unreachable", True, None
+        if 200 <= status < 300:
+            return status, None, False, None
+        return status, f"HTTP {status}", status == 429 or status >= 500, retry_after
+
+    def _log_failure(self, row: sqlite3.Row, detail: str) -> None:
+        _log_webhooks.info("webhook %s to %s: %s", row["id"], _redact_url(row["url"]), detail,
+                           extra={"job": row["job_id"]})
 
     async def _record(self, row: sqlite3.Row, status: int | None, error: str | None,
                       retryable: bool, retry_after: float | None) -> None:
@@ -4611,8 +4900,9 @@ class _Webhooks:
                                                        error=error, next_at=next_at))
         self.metrics.webhook_deliveries.labels(outcome).inc()
         log = _log_webhooks.info if outcome == "sent" else _log_webhooks.warning
-        log("webhook %s (%s) to %s: %s after attempt %d%s", row["id"], row["event_type"], row["url"],
-            state, attempt, f" ({error})" if error else "", extra={"job": row["job_id"]})
+        log("webhook %s (%s) to %s: %s after attempt %d%s", row["id"], row["event_type"],
+            _redact_url(row["url"]), state, attempt, f" ({error})" if error else "",
+            extra={"job": row["job_id"]})
 
 
 ###############################################################################
@@ -4644,6 +4934,7 @@ _IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"),
                      (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
 _IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _CHUNK = 256 * 1024
+_UPLOAD_NAME_TRIES = 20
 _DISK_USAGE_INTERVAL = 60.0
 
 
@@ -4756,22 +5047,82 @@ def _safe_name(name: str, *, what: str) -> str:
     return name
 
 
+def _numbered(name: str, n: int) -> str:
+    """ComfyUI's rule for a taken name: 'stem (1).ext', 'stem (2).ext', ..."""
+    stem, ext = os.path.splitext(name)
+    return name if n == 0 else f"{stem} ({n}){ext}"
+
+
 def _write_unique(folder: Path, name: str, data: bytes, overwrite: bool) -> str:
     """Write data as folder/name, or as 'stem (1).ext' ... when it exists and
-    overwrite is off (ComfyUI's own rule). Atomic: a temp file renamed."""
+    overwrite is off. The whole file is written under a temporary name, then
+    given its name atomically: replacing (overwrite), or with a hard link
+    that fails when the name is taken, so two uploads of one name at once
+    never replace each other."""
     folder.mkdir(parents=True, exist_ok=True)
-    stem, ext = os.path.splitext(name)
-    candidate, n = name, 0
-    while not overwrite and (folder / candidate).exists():
-        n += 1
-        candidate = f"{stem} ({n}){ext}"
-    tmp = folder / f".{candidate}.{secrets.token_hex(4)}.part"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / candidate)
-    return candidate
+    tmp = folder / f".{name[:100]}.{secrets.token_hex(8)}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp, folder / name)
+            return name
+        for n in range(10_000):
+            candidate = _numbered(name, n)
+            try:
+                os.link(tmp, folder / candidate)
+            except FileExistsError:
+                continue
+            except OSError as exc:  # no hard links here (some network filesystems)
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                    raise
+                return _create_unique(folder, name, data)
+            return candidate
+        raise BadRequest(f"image: too many files named like {name}", details={"field": "image"})
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _create_unique(folder: Path, name: str, data: bytes) -> str:
+    """_write_unique where hard links are not possible: the name is claimed
+    with O_EXCL, then written."""
+    for n in range(10_000):
+        candidate = _numbered(name, n)
+        try:
+            fd = os.open(folder / candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return candidate
+    raise BadRequest(f"image: too many files named like {name}", details={"field": "image"})
+
+
+_CLIENT_FOLDER = re.compile(r"c-[0-9a-f]{16}")
+
+
+def _client_input_folder(salt: bytes, name: str) -> str:
+    """The input subfolder of a client key's uploads, named by a keyed hash
+    of its name: stable across key rotations, unguessable by other keys."""
+    return "c-" + hmac.new(salt, b"inputs:" + name.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def _check_input_references(salt: bytes, owner: str, workflow: Mapping[str, Any]) -> None:
+    """A client key's workflow may name its own uploads, never another key's."""
+    own = _client_input_folder(salt, owner)
+    for node_id, node in workflow.items():
+        for name, value in node["inputs"].items():
+            if isinstance(value, str) and any(m != own for m in _CLIENT_FOLDER.findall(value)):
+                raise BadRequest(f"workflow.{node_id}.inputs.{name}: refers to an input uploaded "
+                                 "with another key", code="foreign_input",
+                                 details={"field": f"workflow.{node_id}.inputs.{name}",
+                                          "nodeId": node_id})
 
 
 class _Files:
@@ -4895,12 +5246,18 @@ class _Files:
                            code="not_configured", details={"type": type_})
         return root
 
-    async def list_outputs(self, type_: str, *, limit: int, after: tuple[int, str] | None
+    async def list_outputs(self, type_: str, *, limit: int, after: tuple[int, str] | None,
+                           owner: str | None = None
                            ) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
-        """Newest first; keyset cursor (mtime_ns, path)."""
+        """Newest first; keyset cursor (mtime_ns, path). With `owner` (a
+        client key's name), only the files its jobs produced."""
         root = self.root(type_)
-        files, _ = await self.run(
-            lambda: _walk_files(root, follow_links=False) if root.is_dir() else ([], []))
+        if owner is None:
+            files, _ = await self.run(
+                lambda: _walk_files(root, follow_links=False) if root.is_dir() else ([], []))
+        else:
+            owned = await self.db.read(lambda s: s.owned_outputs(owner, type_))
+            files = await self.run(self._stat_existing, root, [path for _, path, _ in owned])
         files.sort(key=lambda f: (-f.mtime_ns, f.rel))
         start = 0
         if after is not None:
@@ -4911,6 +5268,18 @@ class _Files:
         items = [self._output_item(type_, f, owners.get(f.rel)) for f in page]
         more = start + limit < len(files)
         return items, ((page[-1].mtime_ns, page[-1].rel) if more and page else None)
+
+    @staticmethod
+    def _stat_existing(root: Path, rels: Sequence[str]) -> list[_FileInfo]:
+        found = []
+        for rel in rels:
+            try:
+                fd, st, _ = _open_inside(root, rel)
+            except ApiError:
+                continue
+            os.close(fd)
+            found.append(_FileInfo(rel, st.st_size, st.st_mtime_ns))
+        return found
 
     async def job_outputs(self, job: Job) -> list[dict[str, Any]]:
         """A job's recorded outputs that still exist, with size and time."""
@@ -4944,7 +5313,37 @@ class _Files:
 
     # -- inputs ----------------------------------------------------------------------
 
-    async def save_input(self, subfolder: str, name: str, data: bytes, overwrite: bool) -> str:
+    async def store_input(self, name: str, data: bytes, subfolder: str, overwrite: bool,
+                          backends: Sequence[_Backend]) -> dict[str, Any]:
+        """Store an input image where LoadImage finds it: in COMFYUI_INPUTS
+        when set, else on each of `backends` through its /upload/image, under
+        one name free on all of them. Another file is replaced only when
+        `overwrite` asks for it. Returns {name, subfolder, type, backends}."""
+        if self.config.inputs_dir is not None:
+            saved = await self._save_input(subfolder, name, data, overwrite)
+            return {"name": saved, "subfolder": subfolder, "type": "input", "backends": []}
+        # ComfyUI keeps a name that is free (or holds the same bytes) and
+        # renames the upload otherwise. Each server is asked for the same
+        # name; when one renames, the name it chose is asked of all, until
+        # every server holds these bytes under one name.
+        candidate = name
+        for _ in range(_UPLOAD_NAME_TRIES):
+            try:
+                stored = [str((await b.client.upload_image(candidate, data, subfolder, overwrite))["name"])
+                          for b in backends]
+            except BackendError as exc:
+                _log_files.warning("upload of %s to ComfyUI failed: %s", candidate, exc)
+                raise ServiceUnavailable("a ComfyUI server did not take the upload; try again",
+                                         code="backend_unavailable") from None
+            renamed = [n for n in stored if n != candidate]
+            if not renamed:
+                return {"name": candidate, "subfolder": subfolder, "type": "input",
+                        "backends": [b.name for b in backends]}
+            candidate = renamed[0]
+        raise ServiceUnavailable(f"no name like {name} is free on every ComfyUI server",
+                                 code="backend_unavailable")
+
+    async def _save_input(self, subfolder: str, name: str, data: bytes, overwrite: bool) -> str:
         root = self.config.inputs_dir
         assert root is not None
 
@@ -5094,10 +5493,34 @@ HUB = web.AppKey("hub", _Hub)
 GPUS = web.AppKey("gpus", _GpuMonitor)
 FILES = web.AppKey("files", _Files)
 WEBHOOKS = web.AppKey("webhooks", _Webhooks)
+POLICY = web.AppKey("policy", _TargetPolicy)
 RETENTION = web.AppKey("retention", _Retention)
+INPUT_SALT = web.AppKey("input_salt", bytes)
 
-# request[AUTH_KEY]: SHA-256 of the API key that authenticated the request.
-AUTH_KEY: Any = web.RequestKey("auth_key", bytes) if hasattr(web, "RequestKey") else "comfymgr.auth_key"
+@dataclasses.dataclass(frozen=True)
+class _Key:
+    secret: bytes
+    name: str       # "admin" for MANAGEMENT_API_KEY keys, else the client key's name
+    admin: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Principal:
+    """Who sent a request: an admin key (sees everything) or a client key
+    (sees only the jobs submitted with a key of its name)."""
+
+    name: str
+    admin: bool
+    key_id: bytes   # SHA-256 of the key itself: scopes Idempotency-Key
+
+    @property
+    def owner(self) -> str | None:
+        """The owner filter for job reads: None (everything) for admins."""
+        return None if self.admin else self.name
+
+
+# request[PRINCIPAL]: who the API key that authenticated the request belongs to.
+PRINCIPAL: Any = web.RequestKey("principal", _Principal) if hasattr(web, "RequestKey") else "comfymgr.principal"
 _OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "docs_assets"})
 # Open for monitoring, so never rate limited either (Prometheus, load balancers).
 _UNLIMITED_ROUTES = frozenset({"health", "metrics"})
@@ -5210,8 +5633,9 @@ def _query(request: web.Request, schema: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _job_view(job: Job, position: int | None = None) -> dict[str, Any]:
-    """A job as the API shows it: the seed's fields, then what comfymgr adds."""
+def _job_view(job: Job, position: int | None = None, *, admin: bool = True) -> dict[str, Any]:
+    """A job as the API shows it: the seed's fields, then what comfymgr adds
+    (who submitted it only to admin keys)."""
     if job.state in (JobState.DISPATCHING, JobState.SUBMITTED):
         position = 0  # handed to ComfyUI, about to start
     return {
@@ -5233,7 +5657,7 @@ def _job_view(job: Job, position: int | None = None) -> dict[str, Any]:
         "attempts": job.attempts,
         "timeout": job.timeout_s,
         "cancelRequested": job.cancel_requested_at is not None,
-    }
+    } | ({"submittedBy": job.submitted_by} if admin else {})
 
 
 ###############################################################################
@@ -5419,14 +5843,17 @@ async def _rate_limit_middleware(request: web.Request, handler: Callable) -> web
     return await handler(request)
 
 
-def _key_matches(given: str | None, keys: Sequence[bytes]) -> bool:
+def _authenticate(given: str | None, keys: Sequence[_Key]) -> _Principal | None:
     if not given:
-        return False
+        return None
     candidate = given.encode("utf-8", "surrogateescape")
-    matched = False
+    found = None
     for key in keys:  # every key compared, in constant time each
-        matched |= hmac.compare_digest(candidate, key)
-    return matched
+        if hmac.compare_digest(candidate, key.secret):
+            found = key
+    if found is None:
+        return None
+    return _Principal(found.name, found.admin, hashlib.sha256(candidate).digest())
 
 
 @web.middleware
@@ -5435,10 +5862,11 @@ async def _auth_middleware(request: web.Request, handler: Callable) -> web.Strea
         given = request.headers.get("X-API-Key")
         if given is None and _route_name(request) in _QUERY_KEY_ROUTES:
             given = request.query.get("api_key")
-        if not _key_matches(given, request.app[API_KEYS]):
+        principal = _authenticate(given, request.app[API_KEYS])
+        if principal is None:
             raise Unauthorized("a valid X-API-Key header is required" if given is None
                                else "the API key is not valid")
-        request[AUTH_KEY] = hashlib.sha256(given.encode("utf-8", "surrogateescape")).digest()
+        request[PRINCIPAL] = principal
     return await handler(request)
 
 
@@ -5462,7 +5890,7 @@ async def _handle_submit(request: web.Request) -> web.Response:
     app[BRIDGE].check_workflow(body["workflow"], target)
     priority = Priority[body.get("priority", "normal").upper()]
     timeout = body.get("timeout") or app[CONFIG].job_timeout or None
-    extra = {"webhook": app[WEBHOOKS].check(body["webhook"])} if "webhook" in body else None
+    extra = {"webhook": await app[WEBHOOKS].check(body["webhook"])} if "webhook" in body else None
     idempotency = None
     key = request.headers.get("Idempotency-Key")
     if key is not None:
@@ -5470,26 +5898,32 @@ async def _handle_submit(request: web.Request) -> web.Response:
             raise BadRequest("Idempotency-Key: 1 to 255 printable ASCII characters",
                              details={"field": "Idempotency-Key"})
         # Scoped by the API key that sent it; the body compared as parsed JSON.
-        scope = hashlib.sha256(request[AUTH_KEY] + b"\0" + key.encode()).hexdigest()
+        scope = hashlib.sha256(request[PRINCIPAL].key_id + b"\0" + key.encode()).hexdigest()
         digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
                                            ensure_ascii=False).encode()).hexdigest()
         idempotency = (scope, digest)
+    principal = request[PRINCIPAL]
+    if not principal.admin:
+        _check_input_references(app[INPUT_SALT], principal.name, body["workflow"])
     job, position, replayed = await queue_.submit(body["workflow"], priority, target,
                                                   timeout_s=timeout, extra=extra,
-                                                  idempotency=idempotency)
+                                                  idempotency=idempotency, owner=principal.name)
     headers = {"Location": f"/v1/comfyui/workflow/{job.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    view = await _full_view(app, job, position)
+    view = await _full_view(request, job, position)
     return _json(view, status=200 if replayed else 202, headers=headers)
 
 
-async def _full_view(app: web.Application, job: Job, position: int | None) -> dict[str, Any]:
-    view = _job_view(job, position)
+async def _full_view(request: web.Request, job: Job, position: int | None) -> dict[str, Any]:
+    """The job view of GET, with its webhook deliveries and, for admins,
+    who submitted it."""
+    app = request.app
+    view = _job_view(job, position, admin=request[PRINCIPAL].admin)
     webhook = job.extra.get("webhook")
     if webhook:
         rows = await app[DB].read(lambda s: s.deliveries_for(job.id))
-        view["webhook"] = {**webhook, "deliveries": [
+        view["webhook"] = {**webhook, "url": _redact_url(webhook["url"]), "deliveries": [
             {"id": r["id"], "event": r["event_type"], "state": r["state"], "attempts": r["attempts"],
              "lastStatus": r["last_status"], "lastError": r["last_error"],
              "nextAttemptAt": r["next_at"] if r["state"] == "pending" else None,
@@ -5498,12 +5932,12 @@ async def _full_view(app: web.Application, job: Job, position: int | None) -> di
 
 
 async def _handle_get(request: web.Request) -> web.Response:
-    job, position = await request.app[QUEUE].get(request.match_info["id"])
-    return _json(await _full_view(request.app, job, position))
+    job, position = await request.app[QUEUE].get(request.match_info["id"], request[PRINCIPAL].owner)
+    return _json(await _full_view(request, job, position))
 
 
 async def _handle_cancel(request: web.Request) -> web.Response:
-    job = await request.app[QUEUE].cancel(request.match_info["id"])
+    job = await request.app[QUEUE].cancel(request.match_info["id"], request[PRINCIPAL].owner)
     if not job.terminal:
         await request.app[BRIDGE].request_cancel(job)
         # A job still waiting in ComfyUI's queue is removed from it at once.
@@ -5533,9 +5967,10 @@ async def _handle_list(request: web.Request) -> web.Response:
     jobs, positions = await request.app[QUEUE].list(
         statuses=[q["status"]] if "status" in q else [],
         priority=Priority[q["priority"].upper()] if "priority" in q else None,
-        before=before, limit=q["limit"])
+        before=before, limit=q["limit"], owner=request[PRINCIPAL].owner)
     next_cursor = _b64url(str(jobs[-1].n).encode()) if len(jobs) == q["limit"] else None
-    return _json({"workflows": [_job_view(j, positions.get(j.id)) for j in jobs],
+    admin = request[PRINCIPAL].admin
+    return _json({"workflows": [_job_view(j, positions.get(j.id), admin=admin) for j in jobs],
                   "next": next_cursor, "limit": q["limit"]})
 
 
@@ -5571,7 +6006,7 @@ async def _handle_stream(request: web.Request) -> web.StreamResponse:
         raise ServiceUnavailable(f"already {config.ws_max_clients} stream clients; try later",
                                  code="too_many_clients", headers={"Retry-After": "5"})
     await ws.prepare(request)
-    sub = _Subscriber(ws, hub, _client_address(request))
+    sub = _Subscriber(ws, hub, _client_address(request), request[PRINCIPAL].owner)
     await hub.serve(sub, since=q.get("since"), workflow_ids=ids)
     return ws
 
@@ -5587,12 +6022,16 @@ async def _handle_health(request: web.Request) -> web.Response:
 
 async def _handle_status(request: web.Request) -> web.Response:
     app = request.app
-    counts = await app[QUEUE].counts()
+    principal = request[PRINCIPAL]
+    counts = await app[QUEUE].counts(principal.owner)
     by_status = dict.fromkeys(PUBLIC_STATUSES, 0)
     by_priority = {p.label: dict.fromkeys(PUBLIC_STATUSES, 0) for p in Priority}
     for (state, priority), n in counts.items():
         by_status[_PUBLIC_STATUS[state]] += n
         by_priority[priority.label][_PUBLIC_STATUS[state]] += n
+    if not principal.admin:  # a client sees its own queue, nothing of the box
+        return _json({"version": __version__, "key": principal.name,
+                      "queue": {"byStatus": by_status, "byPriority": by_priority}})
     size, version = await app[DB].read(lambda s: (s.size_bytes(), s.schema_version))
     now = app[CLOCK]()
     return _json({
@@ -5707,8 +6146,9 @@ def _uncursor(text: str, shape: tuple[type, ...]) -> tuple[Any, ...]:
 async def _handle_outputs(request: web.Request) -> web.Response:
     q = _query(request, OUTPUTS_QUERY_SCHEMA)
     files = request.app[FILES]
+    owner = request[PRINCIPAL].owner
     if "workflowId" in q:
-        job, _ = await request.app[QUEUE].get(q["workflowId"])
+        job, _ = await request.app[QUEUE].get(q["workflowId"], owner)
         items = await files.job_outputs(job)
         if "type" in request.query:
             items = [i for i in items if i["type"] == q["type"]]
@@ -5719,13 +6159,18 @@ async def _handle_outputs(request: web.Request) -> web.Response:
         more = start + q["limit"] < len(items)
         return _json({"outputs": page, "next": _cursor((start + q["limit"],)) if more else None})
     after = _uncursor(q["cursor"], (int, str)) if "cursor" in q else None
-    items, last = await files.list_outputs(q["type"], limit=q["limit"], after=after)
+    items, last = await files.list_outputs(q["type"], limit=q["limit"], after=after, owner=owner)
     return _json({"outputs": items, "next": _cursor(last)})
 
 
 async def _handle_output(request: web.Request) -> web.StreamResponse:
     q = _query(request, OUTPUT_QUERY_SCHEMA)
     rel = request.match_info["path"]
+    owner = request[PRINCIPAL].owner
+    if owner is not None:  # a client key downloads only what its own jobs made
+        _check_rel_path(rel)
+        if not await request.app[DB].read(lambda s: s.owned_outputs(owner, q["type"], [rel])):
+            raise NotFound("no such file", details={"path": rel})
     fd, st, real = await request.app[FILES].open(q["type"], rel)
     try:
         return await _serve_file(request, fd, st, os.path.basename(real))
@@ -5808,11 +6253,6 @@ async def _serve_file(request: web.Request, fd: int, st: os.stat_result, name: s
     return response
 
 
-def _http_date_ok(value: str) -> bool:
-    try:
-        return email.utils.parsedate_to_datetime(value) is not None
-    except (TypeError, ValueError):
-        return False
 
 
 def _quote(name: str) -> str:
@@ -5872,42 +6312,19 @@ async def _handle_upload(request: web.Request) -> web.Response:
     if not _sniff_image(image[1]):
         raise BadRequest("image: the file is not a PNG, JPEG, WebP, GIF, BMP or TIFF image",
                          code="invalid_image", details={"field": "image"})
-    subfolder = "/".join(_safe_name(p, what="subfolder")
-                         for p in fields.get("subfolder", "").replace("\\", "/").split("/") if p.strip())
+    parts = [_safe_name(p, what="subfolder")
+             for p in fields.get("subfolder", "").replace("\\", "/").split("/") if p.strip()]
+    principal = request[PRINCIPAL]
+    if not principal.admin:  # a client key's uploads live in its own folder
+        parts.insert(0, _client_input_folder(request.app[INPUT_SALT], principal.name))
+    subfolder = "/".join(parts)
     overwrite = fields.get("overwrite", "false") == "true"
-    if config.inputs_dir is not None:
-        saved = await request.app[FILES].save_input(subfolder, name, image[1], overwrite)
-        stored = {"name": saved, "subfolder": subfolder, "type": "input", "backends": []}
-    else:
-        stored = await _upload_to_backends(request, name, image[1], subfolder, overwrite,
-                                           fields.get("gpu", "local"))
-    value = f"{stored['subfolder']}/{stored['name']}" if stored["subfolder"] else stored["name"]
-    return _json({**stored, "workflowValue": value}, status=201)
-
-
-async def _upload_to_backends(request: web.Request, name: str, data: bytes, subfolder: str,
-                              overwrite: bool, gpu: str) -> dict[str, Any]:
-    """No input folder of our own: upload through ComfyUI's /upload/image, to
-    every backend a job may run on, under one name (the first server picks
-    it; the others are told to use it)."""
-    target = request.app[QUEUE].resolve_target(gpu)
+    target = request.app[QUEUE].resolve_target(fields.get("gpu", "local"))
     bridge = request.app[BRIDGE]
     backends = list(bridge.backends.values()) if target == TARGET_ANY else [bridge.backends[target]]
-    stored: dict[str, Any] | None = None
-    done: list[str] = []
-    for backend in backends:
-        try:
-            answer = await backend.client.upload_image(
-                stored["name"] if stored else name, data, subfolder, overwrite or stored is not None)
-        except BackendError as exc:
-            raise ServiceUnavailable(
-                f"ComfyUI {backend.name} did not take the upload: {exc}", code="backend_unavailable",
-                details={"backend": backend.name, "uploaded": done}) from None
-        stored = stored or {"name": str(answer["name"]), "subfolder": str(answer.get("subfolder") or ""),
-                            "type": "input"}
-        done.append(backend.name)
-    assert stored is not None
-    return {**stored, "backends": done}
+    stored = await request.app[FILES].store_input(name, image[1], subfolder, overwrite, backends)
+    value = f"{stored['subfolder']}/{stored['name']}" if stored["subfolder"] else stored["name"]
+    return _json({**stored, "workflowValue": value}, status=201)
 
 
 ###############################################################################
@@ -6039,6 +6456,8 @@ _JOB_SCHEMA = {
         "attempts": {"type": "integer"},
         "timeout": {"type": ["number", "null"]},
         "cancelRequested": {"type": "boolean"},
+        "submittedBy": {"type": "string", "description": "The key that submitted it: admin, or "
+                        "a client key's name (shown to admin keys only)."},
     },
 }
 _COMPONENT_SCHEMAS: dict[str, Any] = {
@@ -6231,11 +6650,33 @@ _log_app = logging.getLogger("comfymgr.app")
 API_KEY_FILE = "api-key"
 
 
-def _resolve_api_keys(config: Config) -> tuple[bytes, ...]:
-    """The configured keys, or the generated one kept (mode 0600) in the
-    state directory. The key itself is never logged; its file's path is."""
+def _resolve_api_keys(config: Config) -> tuple[_Key, ...]:
+    """The admin keys (configured, or the generated one kept with mode 0600
+    in the state directory) and the client keys. A key is never logged; the
+    generated key's file path is, and so is the name of a key that is weak."""
+    clients = tuple(_Key(key.encode("utf-8", "surrogateescape"), name, False)
+                    for name, key in config.client_keys)
+    for number, key in enumerate(config.api_keys, 1):
+        if len(key) < _WEAK_KEY:
+            _log_app.warning("MANAGEMENT_API_KEY key %d of %d is shorter than %d characters: "
+                             "use a long random key (e.g. openssl rand -base64 32)", number,
+                             len(config.api_keys), _WEAK_KEY)
+    for name, key in config.client_keys:
+        if len(key) < _WEAK_KEY:
+            _log_app.warning("COMFYMGR_CLIENT_KEYS key %r is shorter than %d characters: use a "
+                             "long random key (e.g. openssl rand -base64 32)", name, _WEAK_KEY)
+    admins = _admin_keys(config)
+    if {k.secret for k in admins} & {k.secret for k in clients}:
+        raise ConfigError("COMFYMGR_CLIENT_KEYS: a client key is also a MANAGEMENT_API_KEY key")
+    return admins + clients
+
+
+_WEAK_KEY = 16
+
+
+def _admin_keys(config: Config) -> tuple[_Key, ...]:
     if config.api_keys:
-        return tuple(k.encode("utf-8", "surrogateescape") for k in config.api_keys)
+        return tuple(_Key(k.encode("utf-8", "surrogateescape"), ADMIN, True) for k in config.api_keys)
     path = config.state_dir / API_KEY_FILE
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -6250,7 +6691,28 @@ def _resolve_api_keys(config: Config) -> tuple[bytes, ...]:
             handle.write(key + "\n")
         _log_app.warning("MANAGEMENT_API_KEY is not set: generated a key and stored it in %s "
                          "(mode 0600); clients send it as X-API-Key", path)
-    return (key.encode(),)
+    return (_Key(key.encode(), ADMIN, True),)
+
+
+INPUT_SALT_FILE = "input-salt"
+
+
+def _state_secret(path: Path) -> bytes:
+    """32 random bytes kept (mode 0600) in the state directory, made once."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        try:
+            secret = bytes.fromhex(path.read_text().strip())
+        except ValueError:
+            secret = b""
+        if len(secret) < 16:
+            raise ConfigError(f"{path} is damaged; delete it to make a new one") from None
+        return secret
+    secret = secrets.token_bytes(32)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret.hex() + "\n")
+    return secret
 
 
 def _resolve_webhook_secrets(config: Config) -> tuple[bytes, ...]:
@@ -6276,6 +6738,7 @@ async def _storage_ctx(app: web.Application) -> Any:
     config = app[CONFIG]
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     app[API_KEYS] = _resolve_api_keys(config)
+    app[INPUT_SALT] = _state_secret(config.state_dir / INPUT_SALT_FILE)
     app[WEBHOOKS].secrets = _resolve_webhook_secrets(config)
     db = app[DB]
     await db.start()
@@ -6434,9 +6897,11 @@ async def _gpu_ctx(app: web.Application) -> Any:
     await gpus.stop()
 
 
-def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) -> web.Application:
+def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
+               resolver: aiohttp.abc.AbstractResolver | None = None) -> web.Application:
     """The whole service as an aiohttp Application (tests run it on port 0).
-    `nvml` replaces the pynvml module (tests pass a stand-in)."""
+    `nvml` replaces the pynvml module, `resolver` the DNS of outbound
+    requests (tests pass stand-ins)."""
     app = web.Application(
         middlewares=[_metrics_middleware, _cors_middleware, _error_middleware,
                      _rate_limit_middleware, _auth_middleware],
@@ -6458,7 +6923,8 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None) ->
     app[GPUS] = _GpuMonitor(config.gpu_poll_interval, clock, nvml)
     app[FILES] = _Files(config, app[DB], clock)
     app[RETENTION] = _Retention(config, app[DB], app[FILES], app[METRICS], clock)
-    app[WEBHOOKS] = _Webhooks(config, app[DB], app[METRICS], clock)
+    app[POLICY] = _TargetPolicy(config.webhook_allow, config.backend_specs, resolver)
+    app[WEBHOOKS] = _Webhooks(config, app[DB], app[METRICS], clock, app[POLICY], app[SUPERVISOR])
     app[METRICS].live_state = lambda: _live_metrics(app)
     if config.rate_limit:
         app[RATE_LIMITER] = _RateLimiter(config.rate_limit, clock)
@@ -6511,6 +6977,9 @@ def _serve_main(argv: list[str]) -> int:
         print(_config_table())
         return 0
     _setup_logging(config.log_format, config.log_level)
+    # A hung event loop killed by systemd's watchdog (SIGABRT) leaves its
+    # Python stack in the journal.
+    faulthandler.enable()
     try:
         with _StateLock(config.state_dir):
             asyncio.run(_serve(config, _Notifier(os.environ)))

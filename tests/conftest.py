@@ -1,7 +1,11 @@
-"""Shared fixtures: a comfymgr app on a real socket, a fake clock, keys."""
+"""Shared fixtures: a comfymgr app on a real socket, a fake clock, keys; the
+one way a test skips for a system tool that is not installed."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,3 +79,41 @@ def workflow(name: str = "simple") -> dict:
     import json
 
     return json.loads((DATA / "workflows" / f"{name}.json").read_text())
+
+
+# -- system tools ----------------------------------------------------------------
+# nginx, promtool, systemd-nspawn, ... come from the system's packages, listed
+# once in .ci/apt-packages. A test that needs one asks need_tool(), which
+# skips it with one recognisable reason, so the run can end by saying how many
+# tests that cost and how to get them back.
+
+SYSTEM_DEPS = "make system-deps"
+_MISSING_TOOL = re.compile(r"(\S+) is not installed \(" + re.escape(SYSTEM_DEPS) + r" installs it\)")
+
+
+def need_tool(tool: str) -> str:
+    """The path of `tool` (on PATH, or in /usr/sbin or /sbin, which a
+    non-root PATH may lack); skips the calling test when it is missing."""
+    path = shutil.which(tool) or next(
+        (p for p in (f"/usr/sbin/{tool}", f"/sbin/{tool}") if os.access(p, os.X_OK)), None)
+    if path is None:
+        pytest.skip(f"{tool} is not installed ({SYSTEM_DEPS} installs it)")
+    return path
+
+
+def pytest_unconfigure(config) -> None:
+    # After the run's last line ("... passed, ... skipped in ...s"), so it is the last.
+    terminalreporter = config.pluginmanager.get_plugin("terminalreporter")
+    if terminalreporter is None:
+        return
+    tools: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        match = _MISSING_TOOL.search(reason)
+        if match:
+            tools[match.group(1)] = tools.get(match.group(1), 0) + 1
+    if tools:
+        count = sum(tools.values())
+        terminalreporter.write_line(
+            f"{count} test{'s' if count > 1 else ''} skipped for missing tools "
+            f"({', '.join(sorted(tools))}): `{SYSTEM_DEPS}` installs them", yellow=True, bold=True)

@@ -10,7 +10,7 @@ small real PNG files; every other node only carries a description of the image
 it would have made.
 
 Data (node schemas, system stats, model folders) comes from tests/data/comfyui,
-recorded from a real server (see shared/comfyui/PROTOCOL.md). Where this file
+recorded from a real server (see docs/PROTOCOL.md). Where this file
 models something newer than the recordings, it says so.
 
 In tests::

@@ -1,12 +1,11 @@
 """Real processes for the deployment tests (tests/test_deploy.py,
 tests/test_remote.py, tests/test_litestream.py): a free loopback port, a
-tool that may be missing, a logged subprocess, and nginx run from tmp_path
-with a site file from contrib/nginx."""
+logged subprocess, and nginx run from tmp_path with a site file from
+contrib/nginx."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,19 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import need_tool
+
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def needs(tool: str) -> str:
-    path = shutil.which(tool) or next(
-        (p for p in (f"/usr/sbin/{tool}", f"/sbin/{tool}") if os.access(p, os.X_OK)), None)
-    if path is None:
-        pytest.skip(f"{tool} is not installed (.ci/run installs it)")
-    return path
 
 
 class Proc:
@@ -104,7 +97,7 @@ def start_nginx(prefix: Path, site_text: str, port: int) -> Proc:
     """nginx with `site_text` as its only site, from `prefix` (logs/, temp/
     made here), checked with `nginx -t` first; running once it listens on
     127.0.0.1:`port`. Stop it with stop(signal.SIGQUIT)."""
-    nginx_bin = needs("nginx")
+    nginx_bin = need_tool("nginx")
     for sub in ("logs", "temp"):
         (prefix / sub).mkdir(exist_ok=True)
     site = prefix / "site.conf"

@@ -36,7 +36,7 @@ def queued_view(job_id, **changes):
         "progress": 0, "currentNode": None, "createdAt": T0_MS, "startTime": None,
         "completionTime": None, "outputs": [], "error": None, "state": "queued", "gpu": "any",
         "backend": None, "promptId": None, "attempts": 0, "timeout": 3600,
-        "cancelRequested": False,
+        "cancelRequested": False, "submittedBy": "admin",
     }
     view.update(changes)
     return view

@@ -43,7 +43,7 @@ import aiohttp
 import pytest
 
 import comfymgr
-from conftest import ROOT, workflow
+from conftest import ROOT, need_tool, workflow
 from nginx_helpers import Proc, free_port, wait_until
 
 KEY = "litestream-test-key-0123456789"
@@ -398,9 +398,7 @@ def test_the_unit_fits_comfymgr_and_the_config():
 def test_systemd_analyze_verify_litestream_unit(tmp_path):
     """`systemd-analyze verify` on the unit as shipped, beside comfymgr's,
     with litestream pointed at the one this machine has."""
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed (.ci/run installs it)")
+    analyze = need_tool("systemd-analyze")
     litestream = litestream_binary()
     text = (ROOT / "contrib" / "litestream" / "litestream.service").read_text()
     (tmp_path / "litestream.service").write_text(text.replace("/usr/local/bin/litestream", litestream))

@@ -70,3 +70,25 @@ async def test_curl_walkthrough_runs_as_written(make_client, make_config, tmp_pa
         assert '"completed"' in text and '"up"' in text
     finally:
         await fake.stop()
+
+
+def test_make_help_list_is_the_makefile_targets():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = re.findall(r"^([a-z-]+):.*## ", makefile, re.M)
+    listed = re.search(r"`make help` lists every target: (.*?)\.\n\n", README, re.S).group(1)
+    assert re.findall(r"`([a-z-]+)`", listed) == [t for t in targets if t != "help"]
+
+
+def test_files_the_code_and_docs_name_are_in_the_repository():
+    """Paths like docs/PROTOCOL.md or contrib/systemd/comfymgr.env in the
+    code, the tests, contrib/ and the docs name files that exist (bench/results
+    is made by `make bench` and `make crash`)."""
+    texts = [ROOT / "comfymgr.py", ROOT / "README.md", *(ROOT / "tests").glob("*.py"),
+             *(ROOT / "contrib").rglob("*.*"), *(ROOT / "docs").glob("*.md")]
+    # A folder's name starts with a letter or digit: "-/etc/x.env" (systemd's
+    # "optional" mark) is the absolute /etc/x.env.
+    path = r"(?<![\w/:.~-])((?:\w[\w-]*/)+[\w.@-]+\.(?:md|yml|json|conf|service|env))\b"
+    named = {name for text in texts for name in re.findall(path, text.read_text())}
+    assert {"docs/PROTOCOL.md", "contrib/systemd/comfymgr.env"} <= named
+    missing = {name for name in named if not (ROOT / name).is_file() and not name.startswith("bench/results/")}
+    assert missing == set()

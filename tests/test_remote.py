@@ -28,9 +28,9 @@ import pytest
 from aiohttp import web
 
 import comfymgr
-from conftest import API_KEY, HEADERS, ROOT
+from conftest import API_KEY, HEADERS, ROOT, need_tool
 from fake_comfyui import FakeComfyUI
-from nginx_helpers import free_port, needs, nginx_main_conf, start_nginx
+from nginx_helpers import free_port, nginx_main_conf, start_nginx
 
 CONTRIB = ROOT / "contrib"
 SCALING = (ROOT / "docs" / "SCALING.md").read_text()
@@ -55,7 +55,7 @@ def tls(tmp_path_factory) -> dict[str, Path]:
     """A private CA and a server certificate it signed for 127.0.0.1 and
     localhost, made by the openssl commands of docs/SCALING.md as written
     (only the name changed)."""
-    needs("openssl")
+    need_tool("openssl")
     d = tmp_path_factory.mktemp("tls")
     script = scaling_block("tls-commands")
     name = 'SAN="DNS:gpu-host-1.example.com"\n'
@@ -474,7 +474,7 @@ def test_systemd_analyze_verify_the_backend_headers_drop_in(tmp_path):
     """comfymgr.service with contrib/systemd/comfymgr-backend-headers.conf
     as its drop-in: systemd reads both without a complaint, and the
     variable the drop-in sets is the setting comfymgr reads."""
-    analyze = needs("systemd-analyze")
+    analyze = need_tool("systemd-analyze")
     unit = (CONTRIB / "systemd" / "comfymgr.service").read_text()
     if not os.access("/usr/bin/python3", os.X_OK):
         unit = unit.replace("/usr/bin/python3", sys.executable)
@@ -495,8 +495,8 @@ def test_systemd_analyze_verify_the_backend_headers_drop_in(tmp_path):
 def test_the_instances_load_balancer_of_scaling_md_is_valid_nginx(tmp_path):
     """The load-balancer example of docs/SCALING.md, "Past one comfymgr",
     passes `nginx -t` (with a test certificate in place of its paths)."""
-    nginx_bin = needs("nginx")
-    openssl = needs("openssl")
+    nginx_bin = need_tool("nginx")
+    openssl = need_tool("openssl")
     subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout", str(tmp_path / "key.pem"),
                     "-out", str(tmp_path / "cert.pem")], check=True, capture_output=True)

@@ -142,10 +142,12 @@ def test_a_database_of_every_older_version_migrates_to_the_latest(tmp_path, monk
     for version in range(1, len(everything)):
         path = tmp_path / f"v{version}.db"
         monkeypatch.setattr(comfymgr, "_MIGRATIONS", everything[:version])
-        s = comfymgr.Storage(path)
-        enqueue(s, "old", HIGH)
-        enqueue(s, "older-but-low", LOW)
-        s.close()
+        comfymgr.Storage(path).close()
+        with sqlite3.connect(path) as conn:  # rows as that version wrote them: its columns only
+            for n, (job_id, priority) in enumerate((("old", HIGH), ("older-but-low", LOW)), 1):
+                conn.execute("INSERT INTO jobs (id, priority, state, status, target, workflow, "
+                             "created_at, updated_at) VALUES (?, ?, 'queued', 'queued', 'any', '{}', "
+                             "?, ?)", (job_id, int(priority), n, n))
         monkeypatch.setattr(comfymgr, "_MIGRATIONS", everything)
         s = comfymgr.Storage(path)
         try:
@@ -153,6 +155,7 @@ def test_a_database_of_every_older_version_migrates_to_the_latest(tmp_path, monk
             assert s.position(s.get("old")) == 1
             assert s.claim_next("local", "p", 2).id == "old"
             assert [j.id for j in s.list_jobs()] == ["older-but-low", "old"]
+            assert {j.submitted_by for j in s.list_jobs()} == {"admin"}
             assert s.integrity_check() == "ok"
         finally:
             s.close()
@@ -397,11 +400,13 @@ def test_positions_across_many_queue_blocks_match_the_brute_force(storage):
 
 def test_the_queue_blocks_migration_counts_the_jobs_already_queued(db_path, monkeypatch):
     monkeypatch.setattr(comfymgr, "_MIGRATIONS", comfymgr._MIGRATIONS[:3])
-    old = comfymgr.Storage(db_path)
-    for i in range(50):
-        old.enqueue(f"j{i}", WORKFLOW, [HIGH, NORMAL, LOW][i % 3], "any", 1000)
-    old.request_cancel("j4", 2000)
-    old.close()
+    comfymgr.Storage(db_path).close()
+    with sqlite3.connect(db_path) as conn:  # rows as schema 3 wrote them
+        for i in range(50):
+            conn.execute("INSERT INTO jobs (id, priority, state, status, target, workflow, created_at, "
+                         "updated_at) VALUES (?, ?, ?, ?, 'any', ?, 1000, 1000)",
+                         (f"j{i}", int([HIGH, NORMAL, LOW][i % 3]), *(("cancelled",) * 2 if i == 4
+                                                                     else ("queued",) * 2), WORKFLOW))
     monkeypatch.undo()
     new = comfymgr.Storage(db_path)
     assert new.schema_version == len(comfymgr._MIGRATIONS)

@@ -91,7 +91,9 @@ def hook_config(make_config):
     def make(**overrides):
         values = dict(webhook_secrets=comfymgr._parse_webhook_secrets(f"{SECRET},{OLD_SECRET}"),
                       webhook_backoff=5.0, webhook_timeout=0.5, progress_interval=0.0,
-                      comfyui_url="http://127.0.0.1:9")
+                      comfyui_url="http://127.0.0.1:9",
+                      # The receiver is on loopback, which only an allowlist opens.
+                      webhook_allow=comfymgr._parse_hosts_and_networks("127.0.0.1"))
         values.update(overrides)
         return make_config(**values)
     return make
@@ -182,7 +184,7 @@ async def test_hanging_receiver_times_out_and_is_retried(make_client, hook_confi
     state = await wait_job(client, job["workflowId"],
                            lambda j: j["webhook"]["deliveries"] and j["webhook"]["deliveries"][0]["attempts"])
     [delivery] = state["webhook"]["deliveries"]
-    assert delivery["state"] == "pending" and "Timeout" in delivery["lastError"]
+    assert delivery["state"] == "pending" and delivery["lastError"] == "timed out"
     clock.advance(10)
     assert await client.app[comfymgr.WEBHOOKS].deliver_due() == 1
     assert delivered_states(await get(client, job["workflowId"])) == [("workflow:cancelled", "delivered", 2)]
@@ -233,43 +235,27 @@ async def test_huge_response_bodies_are_not_read(make_client, hook_config, recei
     assert delivered_states(state) == [("workflow:cancelled", "delivered", 1)]
 
 
-async def test_refused_targets(make_client, hook_config, receiver, clock):
+async def test_bad_webhook_fields(make_client, hook_config, receiver):
     client = await make_client(hook_config())
-    for url, code in [("ftp://example.com/x", "invalid_request"),
-                      ("http://169.254.169.254/latest/meta-data", "webhook_forbidden"),
-                      ("http://[fd00:ec2::254]/latest", "webhook_forbidden"),
-                      ("http://[fe80::1]/x", "webhook_forbidden"),
-                      ("http:///nohost", "invalid_request")]:
+    for url, message in [
+            ("ftp://example.com/x", "webhook.url: must be an http:// or https:// URL with a host"),
+            ("http:///nohost", "webhook.url: must be an http:// or https:// URL with a host")]:
         resp = await client.post("/v1/comfyui/workflow", headers=HEADERS,
                                  json={"workflow": workflow(), "webhook": {"url": url}})
-        body = await resp.json()
-        assert (resp.status, body["error"]) == (400, code), (url, body)
+        assert resp.status == 400
+        assert await resp.json() == {"error": "invalid_request", "message": message, "statusCode": 400,
+                                     "details": {"field": "webhook.url"}}
     resp = await client.post("/v1/comfyui/workflow", headers=HEADERS,
                              json={"workflow": workflow(), "webhook": {"url": receiver.url,
                                                                        "events": ["progress"]}})
     assert resp.status == 400 and (await resp.json())["details"] == {"field": "webhook.events.0"}
-    # An allowlist of hosts refuses every other host at submit.
-    listed = await make_client(hook_config(
-        webhook_allow=comfymgr._parse_hosts_and_networks("hooks.example.com")))
-    resp = await listed.post("/v1/comfyui/workflow", headers=HEADERS,
-                             json={"workflow": workflow(), "webhook": {"url": receiver.url}})
-    assert resp.status == 400 and (await resp.json())["error"] == "webhook_forbidden"
-    # An allowlist of networks is enforced after DNS, on every connection.
-    nets = await make_client(hook_config(
-        webhook_allow=comfymgr._parse_hosts_and_networks("10.0.0.0/8")), clock=clock)
-    url = receiver.url.replace("127.0.0.1", "localhost")
-    job = await submit(nets, workflow(), webhook={"url": url, "events": ["cancelled"]})
-    await nets.delete(f"/v1/comfyui/workflow/{job['workflowId']}", headers=HEADERS)
-    state = await wait_job(nets, job["workflowId"],
-                           lambda j: j["webhook"]["deliveries"] and j["webhook"]["deliveries"][0]["attempts"])
-    assert "may not be sent to" in state["webhook"]["deliveries"][0]["lastError"]
-    assert receiver.received == []
 
 
 async def test_delivery_survives_kill_9(tmp_path, fake, receiver):
     receiver.plan = [503] * 1000
     port = free_port()
-    env_extra = {"COMFYMGR_WEBHOOK_SECRET": SECRET, "COMFYMGR_WEBHOOK_BACKOFF": "100ms"}
+    env_extra = {"COMFYMGR_WEBHOOK_SECRET": SECRET, "COMFYMGR_WEBHOOK_BACKOFF": "100ms",
+                 "COMFYMGR_WEBHOOK_ALLOW": "127.0.0.1"}
     os.environ.update(env_extra)
     try:
         proc = start_comfymgr(tmp_path, port, fake.url)
