@@ -290,6 +290,9 @@ async def test_jobs_run_end_to_end_over_tls_with_the_token(gpu_host, tmp_path, m
     assert done["status"] == "completed" and done["backend"] == "rack1"
     assert [o["filename"] for o in done["outputs"]] == ["remote_00001_.png"]
     assert (fake._dirs.output / "remote_00001_.png").exists()
+    # The download of that output through comfymgr (COMFYUI_OUTPUTS unset:
+    # ComfyUI's GET /view, through nginx, with the token) belongs here once
+    # comfymgr fetches outputs that way.
     await ws.close()
 
     # Nothing secret in what comfymgr shows; then stop it, which ends its
