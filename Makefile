@@ -77,7 +77,7 @@ PIP_TARGET_ARGS = --no-deps --only-binary=:all: --implementation cp --python-ver
 
 pyz: $(PYZ) ## build dist/comfymgr.pyz (shiv; CPython 3.10-3.13, Linux x86_64)
 
-$(PYZ): comfymgr.py requirements.lock Makefile $(WHEEL_STAMPS) $(PYZ_TOOLS)
+$(PYZ): comfymgr.py $(wildcard ui/*) requirements.lock Makefile $(WHEEL_STAMPS) $(PYZ_TOOLS)
 	rm -rf $(PYZ_BUILD) && mkdir -p $(PYZ_BUILD)/site-packages $(dir $@)
 	for v in $(PYZ_PYTHONS); do \
 	  $(PYZ_VENV)/bin/python -m pip install -q --no-index --find-links $(WHEELS)/$$v --no-compile \
@@ -97,7 +97,9 @@ $(PYZ): comfymgr.py requirements.lock Makefile $(WHEEL_STAMPS) $(PYZ_TOOLS)
 	  while IFS= read -r line; do [ ! -e "$${line%%,*}" ] || printf '%s\n' "$$line"; done \
 	    < $$record > $$record.kept && mv $$record.kept $$record; \
 	done
+	# The dashboard's files (GET /ui) go beside comfymgr.py, where it looks for them.
 	cp comfymgr.py $(PYZ_BUILD)/site-packages/
+	cp -R ui $(PYZ_BUILD)/site-packages/ui
 	$(PYZ_VENV)/bin/shiv --site-packages $(PYZ_BUILD)/site-packages --entry-point comfymgr:main \
 	  --python '/usr/bin/env python3' --reproducible --output-file $@.tmp
 	mv $@.tmp $@

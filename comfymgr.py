@@ -54,6 +54,7 @@ import sqlite3
 import ssl
 import stat
 import sys
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -450,6 +451,9 @@ def _settings() -> tuple[_Setting, ...]:
           "service"),
         s("shutdown_timeout", "COMFYMGR_SHUTDOWN_TIMEOUT", "10s", _parse_duration,
           "How long a graceful stop waits for in-flight requests.", "service"),
+        s("max_wait", "COMFYMGR_MAX_WAIT", "300s", _parse_duration,
+          "Longest ?wait= a submit or a job GET may hold its answer for the job's end.",
+          "service"),
         # -- comfyui --------------------------------------------------------
         s("comfyui_url", "COMFYUI_URL", "http://127.0.0.1:8188", _parse_url,
           "The ComfyUI server, when COMFYUI_BACKENDS is empty (backend name: local).", "comfyui"),
@@ -521,6 +525,17 @@ def _settings() -> tuple[_Setting, ...]:
           "Upscale models folder.", "files"),
         s("max_upload_bytes", "COMFYMGR_MAX_UPLOAD_BYTES", "52428800", _parse_positive,
           "Largest input image accepted by POST /v1/comfyui/inputs, in bytes.", "files"),
+        s("max_input_bytes", "COMFYMGR_MAX_INPUT_BYTES", "52428800", _parse_positive,
+          "Largest inline input of a submit (`inputs`: base64 or a URL), in bytes decoded. "
+          "Base64 in the body also counts against COMFYMGR_MAX_BODY_BYTES.", "files"),
+        s("keep_inputs", "COMFYMGR_KEEP_INPUTS", "false", _parse_bool,
+          "Keep a job's inline inputs after it ended (else they are removed from the state "
+          "directory and COMFYUI_INPUTS).", "files"),
+        s("fetch_timeout", "COMFYMGR_FETCH_TIMEOUT", "30s", _parse_duration,
+          "Connect-and-read timeout of fetching an inline input given as a URL.", "files"),
+        s("inline_max_bytes", "COMFYMGR_INLINE_MAX_BYTES", "8388608", _parse_positive,
+          "Largest output file put inline (base64) into an answer or a webhook with "
+          "include=data; larger ones keep only their url.", "files"),
         s("retention_days", "COMFYMGR_RETENTION_DAYS", "0", _parse_count,
           "Delete finished jobs and their events after this many days; 0 keeps them.", "files"),
         s("retention_delete_outputs", "COMFYMGR_RETENTION_DELETE_OUTPUTS", "false", _parse_bool,
@@ -602,6 +617,11 @@ class Config:
     models_controlnet: Path | None
     models_upscale: Path | None
     max_upload_bytes: int
+    max_input_bytes: int
+    keep_inputs: bool
+    fetch_timeout: float
+    inline_max_bytes: int
+    max_wait: float
     retention_days: int
     retention_delete_outputs: bool
     public_url: str | None
@@ -886,6 +906,9 @@ class _Schema:
         "boolean": lambda v: isinstance(v, bool),
         "null": lambda v: v is None,
     }
+    _WORDS = {"object": "an object", "array": "an array", "string": "a string",
+              "integer": "an integer", "number": "a number", "boolean": "true or false",
+              "null": "null"}
 
     @classmethod
     def validate(cls, schema: Mapping[str, Any], value: Any, path: tuple[str, ...] = ()) -> None:
@@ -907,9 +930,9 @@ class _Schema:
             # One type is the common case: no generator for it (a submit checks every node).
             if isinstance(kind, str):
                 if not cls._TYPES[kind](value):
-                    return path, f"must be {kind}"
+                    return path, f"must be {cls._WORDS[kind]}"
             elif not any(cls._TYPES[k](value) for k in kind):
-                return path, f"must be {' or '.join(kind)}"
+                return path, f"must be {' or '.join(cls._WORDS[k] for k in kind)}"
         if "enum" in schema and value not in schema["enum"]:
             return path, f"must be one of {', '.join(map(str, schema['enum']))}"
         if isinstance(value, str):
@@ -1091,7 +1114,7 @@ _log_tasks = logging.getLogger("comfymgr.tasks")
 _RESTART_BASE, _RESTART_MAX = 0.5, 30.0
 _RESTART_RESET = 60.0  # a task that ran this long before failing starts from the base delay
 # Failures reported by their owners, who recover themselves (see report()).
-_REPORTED_TASKS = ("stream:sender", "webhooks:delivery")
+_REPORTED_TASKS = ("stream:sender", "webhooks:delivery", "background")
 
 
 @dataclasses.dataclass(eq=False)
@@ -1234,6 +1257,7 @@ _EVENT_FOR_STATE = {S.QUEUED: "workflow:queued", S.RUNNING: "workflow:started",
                     S.COMPLETED: "workflow:completed", S.FAILED: "workflow:error",
                     S.CANCELLED: "workflow:cancelled"}
 EVENT_PROGRESS = "workflow:progress"
+EVENT_PREVIEW = "workflow:preview"  # ephemeral: not stored, no seq
 EVENT_TYPES = ("workflow:queued", "workflow:started", EVENT_PROGRESS, "workflow:completed",
                "workflow:cancelled", "workflow:error")
 del S
@@ -2111,6 +2135,12 @@ class Storage:
                                       "WHERE submitted_by = ? GROUP BY state, priority", (owner,))
         return {(JobState(row["state"]), Priority(row["priority"])): row["n"] for row in rows}
 
+    def output_job(self, type_: str, path: str) -> Job | None:
+        """The job that produced a file, by the outputs it recorded."""
+        row = self._conn.execute("SELECT job_id FROM outputs WHERE type = ? AND path = ?",
+                                 (type_, path)).fetchone()
+        return self.get(row[0]) if row else None
+
     def owned_outputs(self, owner: str, type_: str | None = None,
                       paths: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
         """(type, path, job id) of the files the jobs of `owner` produced;
@@ -2410,12 +2440,12 @@ class _Queue:
 
     async def submit(self, workflow: Mapping[str, Any], priority: Priority, target: str, *,
                      timeout_s: float | None, extra: dict[str, Any] | None = None,
-                     idempotency: tuple[str, str] | None = None,
-                     owner: str = ADMIN) -> tuple[Job, int | None, bool]:
+                     idempotency: tuple[str, str] | None = None, owner: str = ADMIN,
+                     job_id: str | None = None) -> tuple[Job, int | None, bool]:
         """Queue a job for `owner` (the submitting key's name); with an
         (idempotency key, body hash), a retry returns the original job
         instead (replayed=True)."""
-        job_id, text, now = _new_id(), _dumps(workflow), self.now_ms()
+        job_id, text, now = job_id or _new_id(), _dumps(workflow), self.now_ms()
         if idempotency is None:
             job, position = await self._db.write(
                 lambda s: s.enqueue(job_id, text, priority, target, now, timeout_s=timeout_s,
@@ -2466,6 +2496,76 @@ class _Queue:
 
     async def counts(self, owner: str | None = None) -> dict[tuple[JobState, Priority], int]:
         return await self._db.read(lambda s: s.counts(owner))
+
+
+INLINE_INPUTS_FOLDER = "comfymgr-jobs"  # ComfyUI input subfolder of inline inputs, one per job
+
+
+class _InputStore:
+    """The inline inputs of jobs (a submit's `inputs`), kept until the job
+    ends. With COMFYUI_INPUTS they are written straight into ComfyUI's input
+    folder, at comfymgr-jobs/<job id>/<file>; without it they wait in the state
+    directory (inputs/<job id>/) and the dispatcher uploads them through
+    /upload/image to the backend that takes the job, under the same name.
+    Files are written and removed in worker threads, never on the loop."""
+
+    def __init__(self, config: Config) -> None:
+        self.inputs_dir = config.inputs_dir
+        self.local = config.state_dir / "inputs"
+        self.keep = config.keep_inputs
+        self.pending: set[str] = set()   # job ids whose inputs are stored
+
+    @staticmethod
+    def subfolder(job_id: str) -> str:
+        return f"{INLINE_INPUTS_FOLDER}/{job_id}"
+
+    @property
+    def uploads(self) -> bool:
+        """Whether the dispatcher must upload them (no shared input folder)."""
+        return self.inputs_dir is None
+
+    def _folder(self, job_id: str) -> Path:
+        if self.inputs_dir is not None:
+            return self.inputs_dir / INLINE_INPUTS_FOLDER / job_id
+        return self.local / job_id
+
+    async def save(self, job_id: str, files: Sequence[tuple[str, bytes]]) -> None:
+        def write() -> None:
+            folder = self._folder(job_id)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in files:
+                _write_file(folder / name, data)
+        await asyncio.to_thread(write)
+        self.pending.add(job_id)
+
+    async def read(self, job_id: str, name: str) -> bytes:
+        return await asyncio.to_thread((self._folder(job_id) / name).read_bytes)
+
+    async def remove(self, job_id: str) -> None:
+        """Remove a job's inputs (its end came, or its submit failed)."""
+        self.pending.discard(job_id)
+        await asyncio.to_thread(shutil.rmtree, self._folder(job_id), True)
+
+    async def sweep(self, db: _Database) -> None:
+        """At start: remember the jobs whose inputs wait; remove the inputs of
+        jobs that ended (or never got queued) while comfymgr was down."""
+        base = self.inputs_dir / INLINE_INPUTS_FOLDER if self.inputs_dir is not None else self.local
+        names = await asyncio.to_thread(lambda: [p.name for p in base.iterdir() if p.is_dir()]
+                                        if base.is_dir() else [])
+        jobs = await db.read(lambda s: {n: s.get(n) for n in names})
+        for name, job in jobs.items():
+            if job is not None and not job.terminal:
+                self.pending.add(name)
+            elif not self.keep:
+                await self.remove(name)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write a whole file durably (flushed to disk before it is used)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 ###############################################################################
@@ -2723,6 +2823,27 @@ class _ComfyClient:
         if not isinstance(body, dict) or not isinstance(body.get("name"), str) or not body["name"]:
             raise _ProtocolError(f"POST /upload/image: HTTP {status}", _excerpt(raw))
         return body
+
+    @contextlib.asynccontextmanager
+    async def view(self, filename: str, subfolder: str, type_: str, *, method: str = "GET",
+                   headers: Mapping[str, str] | None = None) -> Any:
+        """ComfyUI's GET /view of one file, as a response to stream from. The
+        backend timeout bounds connecting and each read, not the whole body."""
+        assert self.session is not None
+        query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type_})
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout.total,
+                                        sock_read=self._timeout.total)
+        try:
+            resp = await self.session.request(method, f"{self.base_url}/view?{query}",
+                                              headers=headers, timeout=timeout)
+        except _CONNECT_ERRORS as exc:
+            raise BackendError(f"cannot connect to {self.base_url}: {exc}", sent=False) from None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise BackendError(f"{method} /view: {type(exc).__name__} {exc}".strip()) from None
+        try:
+            yield resp
+        finally:
+            resp.release()
 
     async def system_stats(self) -> Any:
         return await self._json("GET", "/system_stats")
@@ -3085,6 +3206,53 @@ _UNKNOWN_POST_GRACE = 3  # backend timeouts before an unanswered POST is judged 
 _ABANDONED_MAX, _ABANDONED_TTL = 1000, 3600.0
 
 
+_PREVIEW_MAX_BYTES = 4 * 1024 * 1024  # a 512 px preview is tens of KB; more is not a preview
+_PREVIEW_INTERVAL = 0.5  # at most 2 workflow:preview messages per second per job
+_PREVIEW_TYPES = {1: "image/jpeg", 2: "image/png"}
+_PREVIEW_SIGNATURES = {"image/jpeg": b"\xff\xd8\xff", "image/png": b"\x89PNG\r\n\x1a\n"}
+_BINARY_PREVIEW, _BINARY_TEXT, _BINARY_PREVIEW_WITH_METADATA = 1, 3, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preview:
+    image: bytes
+    content_type: str
+    node_id: str | None
+    counter: int
+
+
+def _read_binary_frame(frame: bytes) -> tuple[int, str, bytes, dict[str, Any]] | None:
+    """(event type, content type, image, metadata) of a preview frame; None
+    for a frame that is not a readable preview. ComfyUI (server.py): a
+    big-endian u32 event type, then for 1 a u32 image type (1 JPEG, 2 PNG)
+    and the image, for 4 a u32 metadata length, that JSON and the image."""
+    if len(frame) < 8:
+        return None
+    event = int.from_bytes(frame[:4], "big")
+    if event == _BINARY_PREVIEW:
+        content_type = _PREVIEW_TYPES.get(int.from_bytes(frame[4:8], "big"))
+        image, metadata = frame[8:], {}
+    elif event == _BINARY_PREVIEW_WITH_METADATA:
+        length = int.from_bytes(frame[4:8], "big")
+        if length > len(frame) - 8 or length > 64 * 1024:
+            return None
+        try:
+            metadata = json.loads(frame[8:8 + length].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        if not isinstance(metadata, dict):
+            return None
+        content_type = metadata.get("image_type") if metadata.get("image_type") in _PREVIEW_SIGNATURES \
+            else None
+        image = frame[8 + length:]
+    else:
+        return (event, "", b"", {})
+    if content_type is None or not image.startswith(_PREVIEW_SIGNATURES[content_type]) \
+            or len(image) > _PREVIEW_MAX_BYTES:
+        return None
+    return event, content_type, image, metadata
+
+
 @dataclasses.dataclass(eq=False)
 class _Run:
     """What comfymgr knows of one in-flight prompt, beside the job's row."""
@@ -3095,6 +3263,7 @@ class _Run:
     nodes: frozenset[str]            # what ComfyUI will execute (reachable from outputs)
     timeout_s: float | None
     pinned: bool = False             # submitted for this backend only
+    owner: str = ADMIN               # the key name that submitted the job
     started: float | None = None     # clock() at execution_start
     posting: bool = False            # POST /prompt under way: nobody judges it meanwhile
     post_unknown_since: float | None = None  # POST unanswered (timeout, 5xx) since
@@ -3109,6 +3278,9 @@ class _Run:
     interrupt: str | None = None     # "cancel" or "timeout" once decided
     interrupt_sent: bool = False     # ComfyUI has been asked to stop it
     give_up_at: float | None = None  # clock(): recorded ended by comfymgr if not confirmed by then
+    preview: _Preview | None = None  # the latest preview image; dropped with the run
+    preview_announced: float = float("-inf")  # loop time of the last workflow:preview
+    preview_pending: bool = False    # a workflow:preview is scheduled
     # The nodes' finished fractions summed (a cached node counts 1), kept up
     # to date by set_node/add_cached: summing all nodes on every message made
     # a 10,000-node run cost 10,000 x 20,000 steps of the event loop.
@@ -3180,8 +3352,9 @@ class _Backend:
     """
 
     def __init__(self, spec: BackendSpec, *, config: Config, db: _Database, queue_: _Queue,
-                 clock: Clock, metrics: _Metrics) -> None:
+                 clock: Clock, metrics: _Metrics, inputs: _InputStore) -> None:
         self.spec = spec
+        self.inputs = inputs
         self.name = spec.name
         self.config = config
         self.db = db
@@ -3208,6 +3381,8 @@ class _Backend:
         self._dispatch_failures = 0
         self._dispatch_not_before = 0.0        # loop time; dispatch backs off after failures
         self._warned: set[str] = set()
+        # Called with a run whose preview changed, at most every _PREVIEW_INTERVAL.
+        self.on_preview: Callable[[_Run], None] = lambda run: None
 
     # -- status --------------------------------------------------------------
 
@@ -3259,6 +3434,10 @@ class _Backend:
                     async with self.client.websocket(
                             client_id, heartbeat=max(5.0, self.config.backend_timeout),
                             max_msg_size=_WS_MAX_MESSAGE) as ws:
+                        # ComfyUI reads feature flags from the first message only:
+                        # previews then come with their prompt and node.
+                        await ws.send_str('{"type":"feature_flags","data":'
+                                          '{"supports_preview_metadata":true}}')
                         await self._connected(client_id)
                         connected, failures = True, 0
                         async for message in ws:
@@ -3336,8 +3515,47 @@ class _Backend:
         else:
             _log_bridge.debug("backend %s: ignored a message (%s) %r", self.name, reason, kind[:100])
 
-    def _on_binary(self, data: bytes) -> None:
-        self._ignored("unreadable", "binary")
+    def _on_binary(self, frame: bytes) -> None:
+        """Preview images of a running prompt; anything else is ignored."""
+        read = _read_binary_frame(frame)
+        if read is None:
+            self._ignored("unreadable", "binary")
+            return
+        event, content_type, image, metadata = read
+        if event not in (_BINARY_PREVIEW, _BINARY_PREVIEW_WITH_METADATA):
+            if event != _BINARY_TEXT:  # progress text of some nodes: known, not used
+                self._ignored("unknown_type", f"binary {event}")
+            return
+        if metadata:
+            run = self._run_for_prompt(metadata.get("prompt_id"))
+            node = metadata.get("node_id")
+        else:  # the legacy frame names no prompt: it is the running one's
+            running = [r for r in self.runs.values() if r.started is not None]
+            run, node = (running[0] if len(running) == 1 else None), None
+        if run is None:
+            return
+        counter = run.preview.counter + 1 if run.preview else 1
+        run.preview = _Preview(image, content_type, str(node) if _is_node_id(node) else None, counter)
+        self._announce_preview(run)
+
+    def _announce_preview(self, run: _Run) -> None:
+        """workflow:preview at most every _PREVIEW_INTERVAL; a later one is
+        sent when the interval is over, so the last preview is announced."""
+        if run.preview_pending:
+            return
+        loop = asyncio.get_running_loop()
+        wait = run.preview_announced + _PREVIEW_INTERVAL - loop.time()
+        if wait <= 0:
+            run.preview_announced = loop.time()
+            self.on_preview(run)
+            return
+        run.preview_pending = True
+
+        def later() -> None:
+            run.preview_pending = False
+            if self.runs.get(run.job_id) is run:
+                self._announce_preview(run)
+        loop.call_later(wait, later)
 
     async def _on_text(self, text: str) -> None:
         kind, data, problem = _read_message(text)
@@ -3467,6 +3685,19 @@ class _Backend:
                              self.name, prompt_id, job.attempts, extra={"job": job.id})
             run.posting = True
             try:
+                if job.extra.get("inputs") and self.inputs.uploads:
+                    try:
+                        if not await self._upload_inputs_locked(run, job):
+                            return True
+                    except BackendError as exc:  # nothing was posted: back to the queue
+                        self._dispatch_failed(f"uploading the job's inputs: {exc}")
+                        await self._requeue_locked(run, **({} if not exc.sent else dict(
+                            reason="dispatch_failed", count="dispatchFailures",
+                            allowed=self.config.dispatch_attempts - 1, error={
+                                "code": "dispatch_failed",
+                                "message": f"ComfyUI {self.name} did not take the job's inputs "
+                                           f"in {self.config.dispatch_attempts} attempts"})))
+                        return True
                 answer = await self.client.post_prompt(job.workflow, prompt_id, self.client_id or "")
             except BackendError as exc:
                 self._dispatch_failed(str(exc))
@@ -3479,6 +3710,25 @@ class _Backend:
             finally:
                 run.posting = False
             await self._posted_locked(run, job, answer)
+        return True
+
+    async def _upload_inputs_locked(self, run: _Run, job: Job) -> bool:
+        """The job's inline inputs, from the state directory to this backend
+        (/upload/image, the name comfymgr chose; job-unique, so overwrite).
+        False when the job cannot run (its inputs are gone): it has ended."""
+        folder = _InputStore.subfolder(job.id)
+        for name in job.extra["inputs"]:
+            try:
+                data = await self.inputs.read(job.id, name)
+            except OSError as exc:
+                await self._end_locked(run, JobState.FAILED, error={
+                    "code": "inputs_missing", "message": f"the job's input {name} is no longer "
+                    f"stored ({exc.strerror or exc}); submit it again"})
+                return False
+            answer = await self.client.upload_image(name, data, folder, True)
+            if answer["name"] != name or str(answer.get("subfolder") or "") != folder:
+                raise _ProtocolError(f"POST /upload/image stored {answer['name']!r} in "
+                                     f"{answer.get('subfolder')!r}, not {name!r} in {folder!r}")
         return True
 
     async def _posted_locked(self, run: _Run, job: Job, answer: _PromptAnswer) -> None:
@@ -3782,7 +4032,7 @@ class _Backend:
                 nodes = _reachable(workflow, outputs)
         run = _Run(job_id=job.id, prompt_id=job.prompt_id or "", priority=int(job.priority),
                    nodes=frozenset(map(str, nodes)), timeout_s=job.timeout_s,
-                   pinned=job.target != TARGET_ANY, progress=job.progress)
+                   pinned=job.target != TARGET_ANY, owner=job.submitted_by, progress=job.progress)
         if job.started_at is not None:
             run.started = job.started_at / 1000
         attempt = job.extra.get("attempt", {})
@@ -3982,14 +4232,14 @@ class _Bridge:
     cancels routed to the backend that holds the job."""
 
     def __init__(self, config: Config, db: _Database, queue_: _Queue, clock: Clock,
-                 metrics: _Metrics, supervisor: _Supervisor) -> None:
+                 metrics: _Metrics, supervisor: _Supervisor, inputs: _InputStore) -> None:
         self.config = config
         self.db = db
         self.queue = queue_
         self.clock = clock
         self.supervisor = supervisor
         self.backends = {spec.name: _Backend(spec, config=config, db=db, queue_=queue_, clock=clock,
-                                             metrics=metrics)
+                                             metrics=metrics, inputs=inputs)
                          for spec in config.backend_specs}
 
     async def start(self) -> None:
@@ -4032,6 +4282,12 @@ class _Bridge:
         backend = self.backends.get(job.backend or "")
         if backend is not None:
             await backend.request_cancel(job)
+
+    def preview(self, job: Job) -> _Preview | None:
+        """The latest preview of a running job (kept in memory only)."""
+        backend = self.backends.get(job.backend or "")
+        run = backend.runs.get(job.id) if backend is not None else None
+        return run.preview if run is not None and run.prompt_id == job.prompt_id else None
 
 
 ###############################################################################
@@ -4185,13 +4441,18 @@ _CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455 registry: "Try Again Later"
 
 
 class _Outgoing:
-    """One queued message; a newer progress of the same job supersedes it."""
+    """One queued message. With `coalesce` ("progress", "preview"), a newer
+    message of that kind for the same job supersedes it while it waits."""
 
-    __slots__ = ("seq", "job_id", "text", "progress", "dropped")
+    __slots__ = ("seq", "job_id", "text", "coalesce", "dropped")
 
-    def __init__(self, seq: int, job_id: str | None, text: str, progress: bool = False) -> None:
+    def __init__(self, seq: int, job_id: str | None, text: str, coalesce: str | None = None) -> None:
         self.seq, self.job_id, self.text = seq, job_id, text
-        self.progress, self.dropped = progress, False
+        self.coalesce, self.dropped = coalesce, False
+
+    @property
+    def key(self) -> str:
+        return f"{self.coalesce}:{self.job_id}"
 
 
 class _Subscriber:
@@ -4209,7 +4470,8 @@ class _Subscriber:
         self.workflow_ids: set[str] = set()
         self.queue: collections.deque[_Outgoing] = collections.deque()
         self.live = 0                                  # queued messages not superseded
-        self.pending_progress: dict[str, _Outgoing] = {}
+        self.pending: dict[str, _Outgoing] = {}       # coalescing messages waiting, by key
+        self.previews = True                           # workflow:preview wanted
         self.ready = asyncio.Event()
         self.send_lock = asyncio.Lock()
         self.sent_upto = 0                 # replay at connect: everything <= this was sent
@@ -4228,12 +4490,12 @@ class _Subscriber:
         """Queue a message without ever blocking; a client too far behind is closed."""
         if self.closing:
             return
-        if item.progress and item.job_id is not None:
-            older = self.pending_progress.get(item.job_id)
+        if item.coalesce and item.job_id is not None:
+            older = self.pending.get(item.key)
             if older is not None and not older.dropped:
                 older.dropped = True
                 self.live -= 1
-            self.pending_progress[item.job_id] = item
+            self.pending[item.key] = item
         if self.live >= self.hub.config.ws_send_queue:
             self.hub.kill(self, _CLOSE_TRY_AGAIN_LATER,
                           f"more than {self.hub.config.ws_send_queue} messages behind; reconnect with since")
@@ -4256,8 +4518,8 @@ class _Subscriber:
                 if item.dropped:
                     continue
                 self.live -= 1
-                if item.progress and self.pending_progress.get(item.job_id or "") is item:
-                    del self.pending_progress[item.job_id or ""]
+                if item.coalesce and self.pending.get(item.key) is item:
+                    del self.pending[item.key]
                 async with self.send_lock:
                     # Checked under the lock a replay holds while it sends, so
                     # what the replay sent is skipped here, never sent twice.
@@ -4291,8 +4553,22 @@ class _Hub:
                 if sub.wants(event):
                     if item is None:  # serialised once, shared by every client
                         item = _Outgoing(event.seq, event.job_id, _dumps(event.message()),
-                                         progress=event.type == EVENT_PROGRESS)
+                                         "progress" if event.type == EVENT_PROGRESS else None)
                     sub.offer(item)
+
+    def publish_preview(self, job_id: str, owner: str, node_id: str | None, counter: int) -> None:
+        """workflow:preview: ephemeral (no seq, not stored, never replayed),
+        to the clients that follow the job and want previews."""
+        item = None
+        probe = Event(0, job_id, EVENT_PREVIEW, 0, {}, owner)
+        for sub in list(self.subscribers):
+            if sub.previews and sub.wants(probe):
+                if item is None:
+                    item = _Outgoing(0, job_id, _dumps({
+                        "type": EVENT_PREVIEW, "workflowId": job_id, "nodeId": node_id,
+                        "url": f"/v1/comfyui/workflow/{job_id}/preview", "counter": counter,
+                        "timestamp": _ms(self.clock())}), "preview")
+                sub.offer(item)
 
     def kill(self, sub: _Subscriber, code: int, reason: str) -> None:
         if sub.closing:
@@ -4407,8 +4683,10 @@ class _Hub:
         client follows), oldest first, holding the client's send lock; the
         sender then skips what this sent. The one replay: at connect and on
         a subscribe with since."""
-        oldest, _ = await self.db.read(lambda s: s.event_bounds())
         async with sub.send_lock:
+            # Every await under the lock: a live event offered meanwhile (its
+            # workflow is already followed) waits, then is skipped as replayed.
+            oldest, _ = await self.db.read(lambda s: s.event_bounds())
             if oldest and since < oldest - 1:
                 await sub.ws.send_str(_dumps({
                     "type": "error", "code": "since_expired",
@@ -4475,10 +4753,14 @@ class _Hub:
         since = message.get("since")
         if (not isinstance(ids, list) or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids)
                 or (since is not None and (not isinstance(since, int) or isinstance(since, bool)
-                                           or not 0 <= since <= _MAX_SEQ))):
+                                           or not 0 <= since <= _MAX_SEQ))
+                or not isinstance(message.get("previews", True), bool)):
             await self._invalid(sub, f'use {{"type": "{kind}", "workflowId": "<id>"}} or '
-                                     f'"workflowIds": [...]; "since" must be a seq >= 0')
+                                     f'"workflowIds": [...]; "since" must be a seq >= 0; '
+                                     f'"previews" true or false')
             return
+        if kind == "subscribe" and "previews" in message:
+            sub.previews = message["previews"]
         if kind == "unsubscribe":
             if message.get("all") is True:
                 sub.follow_all = False
@@ -4790,6 +5072,9 @@ class _Webhooks:
         self.session: aiohttp.ClientSession | None = None
         self.wake = asyncio.Event()
         self._in_flight: set[str] = set()
+        # include=data: (job, outputs) -> the outputs with their bytes (the
+        # files section's, wired by create_app).
+        self.with_data: Callable[[Job, list[dict[str, Any]]], Any] | None = None
 
     async def start(self) -> None:
         self.session = _outbound_session(self.policy, self.config.webhook_timeout,
@@ -4803,7 +5088,8 @@ class _Webhooks:
         """The submit's webhook, normalised; BadRequest naming what is wrong."""
         url = await self.policy.check_url(spec["url"], field="webhook.url", code="webhook_forbidden")
         events = list(dict.fromkeys(spec.get("events") or _DEFAULT_WEBHOOK_EVENTS))
-        return {"url": str(url), "events": events}
+        return {"url": str(url), "events": events,
+                **({"include": list(spec["include"])} if spec.get("include") else {})}
 
     # -- sending -----------------------------------------------------------------
 
@@ -4849,7 +5135,7 @@ class _Webhooks:
     async def _post(self, row: sqlite3.Row) -> tuple[int | None, str | None, bool, float | None]:
         """(HTTP status, error category, retry?, Retry-After seconds)."""
         assert self.session is not None
-        msg_id, body = row["id"], row["payload"].encode()
+        msg_id, body = row["id"], await self._body(row)
         timestamp = int(self.clock())
         headers = {"Content-Type": "application/json", "User-Agent": f"comfymgr/{__version__}",
                    "webhook-id": msg_id, "webhook-timestamp": str(timestamp),
@@ -4874,6 +5160,18 @@ class _Webhooks:
         if 200 <= status < 300:
             return status, None, False, None
         return status, f"HTTP {status}", status == 429 or status >= 500, retry_after
+
+    async def _body(self, row: sqlite3.Row) -> bytes:
+        """The payload; with include=data, a completion's outputs carry their
+        bytes (read now, at send: never in the transaction of the event)."""
+        if row["event_type"] != "workflow:completed" or self.with_data is None:
+            return row["payload"].encode()
+        job = await self.db.read(lambda s: s.get(row["job_id"]))
+        if job is None or "data" not in (job.extra.get("webhook") or {}).get("include", ()):
+            return row["payload"].encode()
+        payload = json.loads(row["payload"])
+        payload["outputs"] = await self.with_data(job, payload.get("outputs") or [])
+        return _dumps(payload).encode()
 
     def _log_failure(self, row: sqlite3.Row, detail: str) -> None:
         _log_webhooks.info("webhook %s to %s: %s", row["id"], _redact_url(row["url"]), detail,
@@ -4935,6 +5233,10 @@ _IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"),
 _IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _CHUNK = 256 * 1024
 _UPLOAD_NAME_TRIES = 20
+
+
+class _TooLarge(Exception):
+    """An output over the inline limit (include=data)."""
 _DISK_USAGE_INTERVAL = 60.0
 
 
@@ -5282,13 +5584,17 @@ class _Files:
         return found
 
     async def job_outputs(self, job: Job) -> list[dict[str, Any]]:
-        """A job's recorded outputs that still exist, with size and time."""
+        """A job's recorded outputs that still exist, with size and time (when
+        its folder is configured; else as recorded, served through ComfyUI)."""
         def stat_all() -> list[dict[str, Any]]:
             items = []
             for out in job.outputs or []:
                 root = self.roots.get(out["type"])
                 rel = "/".join(p for p in (out.get("subfolder"), out["filename"]) if p)
                 if root is None:
+                    items.append({"filename": out["filename"], "subfolder": out.get("subfolder", ""),
+                                  "workflowId": job.id, "type": out["type"], "size": None,
+                                  "createdAt": None, "url": out["url"]})
                     continue
                 try:
                     fd, st, _ = _open_inside(root, rel)
@@ -5306,6 +5612,65 @@ class _Files:
         record = _output_record("", {"filename": filename, "subfolder": subfolder, "type": type_})
         return {"filename": filename, "subfolder": subfolder, "workflowId": job_id, "type": type_,
                 "size": info.size, "createdAt": info.mtime_ns // 1_000_000, "url": record["url"]}
+
+    async def with_data(self, job: Job, outputs: Sequence[dict[str, Any]],
+                        backends: Mapping[str, _Backend]) -> list[dict[str, Any]]:
+        """The outputs with their bytes inline (include=data): "data"
+        (base64) and "contentType", or "dataOmitted" (too_large, missing,
+        unavailable) with only the url."""
+        limit = self.config.inline_max_bytes
+        out = []
+        for item in outputs:
+            rel = "/".join(p for p in (item.get("subfolder"), item["filename"]) if p)
+            try:
+                data = await self.read_output(job, item["type"], rel, limit, backends)
+            except _TooLarge:
+                out.append({**item, "dataOmitted": "too_large"})
+                continue
+            except (ApiError, BackendError) as exc:
+                _log_files.info("%s: no data for %s: %s", job.id, rel, exc)
+                out.append({**item, "dataOmitted": "missing" if isinstance(exc, NotFound)
+                            else "unavailable"})
+                continue
+            out.append({**item, "contentType": mimetypes.guess_type(item["filename"])[0]
+                        or "application/octet-stream", "data": base64.b64encode(data).decode()})
+        return out
+
+    async def read_output(self, job: Job, type_: str, rel: str, limit: int,
+                          backends: Mapping[str, _Backend]) -> bytes:
+        """A job's output file, from its folder when configured, else from
+        the backend that made it (ComfyUI's /view); _TooLarge past `limit`."""
+        root = self.roots.get(type_)
+        if root is not None:
+            def read() -> bytes:
+                fd, st, _ = _open_inside(root, rel)
+                try:
+                    if st.st_size > limit:
+                        raise _TooLarge()
+                    return os.pread(fd, st.st_size, 0)
+                finally:
+                    os.close(fd)
+            return await self.run(read)
+        backend = backends.get(job.backend or "")
+        if backend is None:
+            raise NotFound("no such file", details={"path": rel})
+        subfolder, _, filename = rel.rpartition("/")
+        async with backend.client.view(filename, subfolder, type_) as resp:
+            if resp.status == 404:
+                raise NotFound("no such file", details={"path": rel})
+            if resp.status != 200:
+                raise BackendError(f"GET /view: HTTP {resp.status}")
+            if (resp.content_length or 0) > limit:
+                raise _TooLarge()
+            data = bytearray()
+            try:
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    data.extend(chunk)
+                    if len(data) > limit:
+                        raise _TooLarge()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise BackendError(f"GET /view: {type(exc).__name__} {exc}") from None
+            return bytes(data)
 
     async def open(self, type_: str, rel: str) -> tuple[int, os.stat_result, str]:
         root = self.root(type_)
@@ -5489,6 +5854,8 @@ API_KEYS = web.AppKey("api_keys", tuple)
 STARTED_AT = web.AppKey("started_at", float)
 BRIDGE = web.AppKey("bridge", _Bridge)
 SUPERVISOR = web.AppKey("supervisor", _Supervisor)
+INPUTS = web.AppKey("inputs", _InputStore)
+FETCHER = web.AppKey("fetcher", aiohttp.ClientSession)
 HUB = web.AppKey("hub", _Hub)
 GPUS = web.AppKey("gpus", _GpuMonitor)
 FILES = web.AppKey("files", _Files)
@@ -5521,11 +5888,15 @@ class _Principal:
 
 # request[PRINCIPAL]: who the API key that authenticated the request belongs to.
 PRINCIPAL: Any = web.RequestKey("principal", _Principal) if hasattr(web, "RequestKey") else "comfymgr.principal"
-_OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "docs_assets"})
+# The dashboard's page and files (ui, ui_files) hold no data; what they show
+# comes from the keyed API.
+_OPEN_ROUTES = frozenset({"health", "metrics", "openapi", "docs", "docs_init", "docs_assets",
+                          "ui", "ui_files"})
 # Open for monitoring, so never rate limited either (Prometheus, load balancers).
 _UNLIMITED_ROUTES = frozenset({"health", "metrics"})
 
 _MAX_PAGE = 500
+_MAX_INLINE_INPUTS = 16
 _MAX_BODY_NESTING = 64  # objects and arrays inside each other, in a JSON request body
 _DEFAULT_PAGE = 50
 
@@ -5560,8 +5931,31 @@ SUBMIT_SCHEMA: dict[str, Any] = {
                 "events": {"type": "array", "minItems": 1, "maxItems": len(WEBHOOK_EVENTS),
                            "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
                            "default": list(_DEFAULT_WEBHOOK_EVENTS)},
+                "include": {"type": "array", "maxItems": 1, "items": {"type": "string", "enum": ["data"]},
+                            "description": "[\"data\"]: the completed event carries each output "
+                                           "file inline (base64), up to COMFYMGR_INLINE_MAX_BYTES."},
             },
         },
+        "inputs": {
+            "type": "object", "maxProperties": _MAX_INLINE_INPUTS,
+            "additionalProperties": {"type": "string", "minLength": 1},
+            "description": "Input images sent with the workflow: name -> a data: URI "
+                           "(data:image/png;base64,...), bare base64, or an http(s) URL comfymgr "
+                           "fetches. Every string input of the workflow equal to a name is "
+                           "replaced by the stored image's name (e.g. LoadImage's image: "
+                           "\"photo\" with inputs {\"photo\": ...}).",
+        },
+    },
+}
+WAIT_QUERY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "wait": {"type": "number", "minimum": 0, "maximum": 86400,
+                 "description": "Hold the answer until the job ended, at most this many seconds "
+                                "(capped by COMFYMGR_MAX_WAIT)."},
+        "include": {"type": "string", "enum": ["data"],
+                    "description": "data: each output file inline (base64, with contentType), up "
+                                   "to COMFYMGR_INLINE_MAX_BYTES (else dataOmitted)."},
     },
 }
 LIST_QUERY_SCHEMA: dict[str, Any] = {
@@ -5622,11 +6016,12 @@ def _query(request: web.Request, schema: Mapping[str, Any]) -> dict[str, Any]:
             if "default" in prop:
                 values[name] = prop["default"]
             continue
-        if prop.get("type") == "integer":
+        if prop.get("type") in ("integer", "number"):
             try:
-                values[name] = int(raw)
+                values[name] = int(raw) if prop["type"] == "integer" else _finite_float(raw)
             except ValueError:
-                raise BadRequest(f"{name}: must be integer", details={"field": name}) from None
+                raise BadRequest(f"{name}: must be {'an integer' if prop['type'] == 'integer' else 'a number'}",
+                                 details={"field": name}) from None
         else:
             values[name] = raw
     _Schema.validate(schema, values)
@@ -5882,6 +6277,7 @@ _QUERY_KEY_ROUTES: frozenset[str] = frozenset({"stream"})
 # metrics.
 
 async def _handle_submit(request: web.Request) -> web.Response:
+    q = _query(request, WAIT_QUERY_SCHEMA)
     body = await _json_body(request)
     _Schema.validate(SUBMIT_SCHEMA, body)
     app = request.app
@@ -5890,7 +6286,7 @@ async def _handle_submit(request: web.Request) -> web.Response:
     app[BRIDGE].check_workflow(body["workflow"], target)
     priority = Priority[body.get("priority", "normal").upper()]
     timeout = body.get("timeout") or app[CONFIG].job_timeout or None
-    extra = {"webhook": await app[WEBHOOKS].check(body["webhook"])} if "webhook" in body else None
+    extra = {"webhook": await app[WEBHOOKS].check(body["webhook"])} if "webhook" in body else {}
     idempotency = None
     key = request.headers.get("Idempotency-Key")
     if key is not None:
@@ -5905,21 +6301,247 @@ async def _handle_submit(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     if not principal.admin:
         _check_input_references(app[INPUT_SALT], principal.name, body["workflow"])
-    job, position, replayed = await queue_.submit(body["workflow"], priority, target,
-                                                  timeout_s=timeout, extra=extra,
-                                                  idempotency=idempotency, owner=principal.name)
+    job_id, workflow = _new_id(), body["workflow"]
+    if body.get("inputs"):
+        # In hand before the 202: fetched or decoded, checked, stored.
+        prepared = await _prepare_inputs(app, body["inputs"], workflow)
+        files = _input_files(prepared)
+        folder = _InputStore.subfolder(job_id)
+        workflow = _rewrite_inputs(workflow, {name: f"{folder}/{file}" for name, file, _ in files})
+        await app[INPUTS].save(job_id, [(file, data) for _, file, data in files])
+        extra["inputs"] = [file for _, file, _ in files]
+    try:
+        job, position, replayed = await queue_.submit(
+            workflow, priority, target, timeout_s=timeout, extra=extra or None,
+            idempotency=idempotency, owner=principal.name, job_id=job_id)
+    except BaseException:
+        if "inputs" in extra:
+            await app[INPUTS].remove(job_id)
+        raise
+    if replayed and "inputs" in extra:
+        await app[INPUTS].remove(job_id)  # the original job has its own
     headers = {"Location": f"/v1/comfyui/workflow/{job.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    view = await _full_view(request, job, position)
-    return _json(view, status=200 if replayed else 202, headers=headers)
+    if q.get("wait") and not job.terminal:
+        job, position = await _wait_for_end(request, job, q["wait"])
+    view = await _full_view(request, job, position, include=q.get("include"))
+    return _json(view, status=200 if replayed or job.terminal else 202, headers=headers)
 
 
-async def _full_view(request: web.Request, job: Job, position: int | None) -> dict[str, Any]:
-    """The job view of GET, with its webhook deliveries and, for admins,
-    who submitted it."""
+async def _wait_for_end(request: web.Request, job: Job, seconds: float) -> tuple[Job, int | None]:
+    """The job once it ended, or as it is when the wait is over (capped by
+    COMFYMGR_MAX_WAIT), the client went away, or comfymgr is stopping."""
+    app = request.app
+    waiters = app[WAITERS]
+    future = waiters.watch(job.id)
+    try:
+        job, position = await app[QUEUE].get(job.id)  # it may have ended meanwhile
+        if not job.terminal:
+            await waiters.wait(future, min(seconds, app[CONFIG].max_wait), request)
+            job, position = await app[QUEUE].get(job.id)
+    finally:
+        waiters.forget(job.id, future)
+    return job, position
+
+
+class _Waiters:
+    """Requests holding their answer (?wait=) until a job ends. Woken by the
+    committed end events, not by polling; each costs one future."""
+
+    _CHECK = 5.0  # how often a waiting request looks whether its client is gone
+
+    def __init__(self) -> None:
+        self._futures: dict[str, set[asyncio.Future[None]]] = {}
+        self.closed = False
+
+    def __len__(self) -> int:
+        return sum(len(f) for f in self._futures.values())
+
+    def watch(self, job_id: str) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        if self.closed:
+            future.set_result(None)
+        self._futures.setdefault(job_id, set()).add(future)
+        return future
+
+    def forget(self, job_id: str, future: asyncio.Future[None]) -> None:
+        found = self._futures.get(job_id)
+        if found is not None:
+            found.discard(future)
+            if not found:
+                del self._futures[job_id]
+
+    def notify(self, events: Sequence[Event]) -> None:
+        for event in events:
+            if event.type in _END_EVENTS:
+                for future in self._futures.get(event.job_id, ()):
+                    if not future.done():
+                        future.set_result(None)
+
+    def close(self) -> None:
+        """Shutdown: every waiting request answers at once, with the job as it is."""
+        self.closed = True
+        for futures in self._futures.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+
+    async def wait(self, future: asyncio.Future[None], seconds: float, request: web.Request) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not future.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.wait({future}, timeout=min(remaining, self._CHECK))
+            if request.transport is None or request.transport.is_closing():
+                return  # the client went away: nothing to answer
+
+
+_END_EVENTS = frozenset({"workflow:completed", "workflow:error", "workflow:cancelled"})
+WAITERS = web.AppKey("waiters", _Waiters)
+
+
+_DATA_URI = re.compile(r"^data:([A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+)?((?:;[A-Za-z0-9=.+-]+)*),")
+
+
+async def _prepare_inputs(app: web.Application, spec: Mapping[str, str],
+                          workflow: Mapping[str, Any]) -> list[tuple[str, bytes, str]]:
+    """(name, bytes, file extension) of each inline input, decoded or fetched
+    and checked to be an image. An ApiError names the input it is about."""
+    mentioned = {value for node in workflow.values() for value in node["inputs"].values()
+                 if isinstance(value, str)}
+    prepared = []
+    for name, value in spec.items():
+        field = f"inputs.{name}"
+        if name not in mentioned:
+            raise BadRequest(f"{field}: no input of the workflow is {name!r}; put that name where "
+                             "the image goes (e.g. LoadImage's image)", code="input_not_used",
+                             details={"field": field})
+        if value[:8].lower().startswith(("http://", "https://")):
+            data = await _fetch_input(app, field, value)
+        else:
+            data = await _decode_input(app, field, value)
+        extension = _image_extension(data)
+        if extension is None:
+            raise BadRequest(f"{field}: not a PNG, JPEG, WebP, GIF, BMP or TIFF image",
+                             code="invalid_image", details={"field": field})
+        prepared.append((name, data, extension))
+    return prepared
+
+
+async def _decode_input(app: web.Application, field: str, value: str) -> bytes:
+    limit = app[CONFIG].max_input_bytes
+    payload = value
+    if value.startswith("data:"):
+        match = _DATA_URI.match(value)
+        if match is None or ";base64" not in match.group(2).lower():
+            raise BadRequest(f"{field}: a data: URI must be data:<type>;base64,<data>",
+                             code="invalid_input", details={"field": field})
+        payload = value[match.end():]
+    if len(payload) * 3 // 4 > limit + 3:
+        raise PayloadTooLarge(f"{field}: over the limit of {limit} bytes (COMFYMGR_MAX_INPUT_BYTES)",
+                              details={"field": field, "limit": limit})
+
+    def decode() -> bytes:
+        text = "".join(payload.split())  # base64 tools wrap lines
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+    try:
+        data = await asyncio.to_thread(decode)
+    except (ValueError, TypeError):
+        raise BadRequest(f"{field}: neither base64, a data: URI with base64, nor an http(s) URL",
+                         code="invalid_input", details={"field": field}) from None
+    if len(data) > limit:
+        raise PayloadTooLarge(f"{field}: over the limit of {limit} bytes (COMFYMGR_MAX_INPUT_BYTES)",
+                              details={"field": field, "limit": limit})
+    return data
+
+
+_FETCH_REDIRECTS = 5
+
+
+async def _fetch_input(app: web.Application, field: str, value: str) -> bytes:
+    """GET an input URL through the outbound policy: every hop of a redirect
+    checked, the size bounded while reading, the event loop never held."""
+    policy, session, limit = app[POLICY], app[FETCHER], app[CONFIG].max_input_bytes
+    url = await policy.check_url(value, field=field, code="input_forbidden")
+    try:
+        for _ in range(_FETCH_REDIRECTS + 1):
+            _check_literal(policy, url)
+            async with session.get(url, allow_redirects=False) as resp:
+                if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                    url = await policy.check_url(str(url.join(yarl.URL(resp.headers["Location"]))),
+                                                 field=field, code="input_forbidden")
+                    continue
+                if resp.status != 200:
+                    raise UnprocessableEntity(f"{field}: {_redact_url(str(url))} answered HTTP "
+                                              f"{resp.status}", code="input_unavailable",
+                                              details={"field": field, "status": resp.status})
+                if (resp.content_length or 0) > limit:
+                    raise PayloadTooLarge(f"{field}: over the limit of {limit} bytes "
+                                          "(COMFYMGR_MAX_INPUT_BYTES)",
+                                          details={"field": field, "limit": limit})
+                data = bytearray()
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    data.extend(chunk)
+                    if len(data) > limit:
+                        raise PayloadTooLarge(f"{field}: over the limit of {limit} bytes "
+                                              "(COMFYMGR_MAX_INPUT_BYTES)",
+                                              details={"field": field, "limit": limit})
+                return bytes(data)
+    except OutboundRefused as exc:
+        _log_http.info("input %s refused at connect: %s", field, exc)
+        raise BadRequest(f"{field}: {_redact_url(str(url))} is not an address comfymgr may fetch "
+                         "from", code="input_forbidden", details={"field": field}) from None
+    except asyncio.TimeoutError:
+        raise UnprocessableEntity(f"{field}: fetching {_redact_url(str(url))} timed out",
+                                  code="input_unavailable", details={"field": field}) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        _log_http.info("input %s: fetching %s failed: %s", field, _redact_url(str(url)), exc)
+        raise UnprocessableEntity(f"{field}: {_redact_url(str(url))} could not be fetched",
+                                  code="input_unavailable", details={"field": field}) from None
+    raise UnprocessableEntity(f"{field}: more than {_FETCH_REDIRECTS} redirects",
+                              code="input_unavailable", details={"field": field})
+
+
+def _image_extension(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return next((ext for signature, ext in _IMAGE_SIGNATURES if data.startswith(signature)), None)
+
+
+def _input_files(prepared: Sequence[tuple[str, bytes, str]]) -> list[tuple[str, str, bytes]]:
+    """(input name, file name, bytes): file names from the input names, made
+    safe and distinct."""
+    files: list[tuple[str, str, bytes]] = []
+    for name, data, extension in prepared:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:60] or "input"
+        file, n = stem + extension, 1
+        while any(file == f for _, f, _ in files):
+            n += 1
+            file = f"{stem}-{n}{extension}"
+        files.append((name, file, data))
+    return files
+
+
+def _rewrite_inputs(workflow: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """The workflow with every string input equal to an input's name
+    replaced by where that input is stored."""
+    return {node_id: {**node, "inputs": {k: names.get(v, v) if isinstance(v, str) else v
+                                         for k, v in node["inputs"].items()}}
+            for node_id, node in workflow.items()}
+
+
+async def _full_view(request: web.Request, job: Job, position: int | None, *,
+                     include: str | None = None) -> dict[str, Any]:
+    """The job view of GET, with its webhook deliveries, for admins who
+    submitted it, and with include=data its outputs' bytes."""
     app = request.app
     view = _job_view(job, position, admin=request[PRINCIPAL].admin)
+    if include == "data" and view["outputs"]:
+        view["outputs"] = await app[FILES].with_data(job, view["outputs"], app[BRIDGE].backends)
     webhook = job.extra.get("webhook")
     if webhook:
         rows = await app[DB].read(lambda s: s.deliveries_for(job.id))
@@ -5932,8 +6554,11 @@ async def _full_view(request: web.Request, job: Job, position: int | None) -> di
 
 
 async def _handle_get(request: web.Request) -> web.Response:
+    q = _query(request, WAIT_QUERY_SCHEMA)
     job, position = await request.app[QUEUE].get(request.match_info["id"], request[PRINCIPAL].owner)
-    return _json(await _full_view(request, job, position))
+    if q.get("wait") and not job.terminal:
+        job, position = await _wait_for_end(request, job, q["wait"])
+    return _json(await _full_view(request, job, position, include=q.get("include")))
 
 
 async def _handle_cancel(request: web.Request) -> web.Response:
@@ -5951,6 +6576,24 @@ async def _handle_cancel(request: web.Request) -> web.Response:
         return _json({"workflowId": job.id, "status": job.status})
     return _json({"workflowId": job.id, "status": job.status, "cancelRequested": True,
                   "message": "the job is with ComfyUI; it is being interrupted"}, status=202)
+
+
+async def _handle_preview(request: web.Request) -> web.Response:
+    """The latest preview image of a running job, from memory."""
+    job, _ = await request.app[QUEUE].get(request.match_info["id"], request[PRINCIPAL].owner)
+    preview = request.app[BRIDGE].preview(job)
+    if preview is None:
+        raise NotFound(f"workflow {job.id} has no preview now (previews exist while a job runs a "
+                       "node that sends them, such as a sampler)", code="no_preview",
+                       details={"workflowId": job.id, "status": job.status})
+    etag = f'"{job.prompt_id}-{preview.counter}"'
+    headers = {"ETag": etag, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+               "X-Preview-Counter": str(preview.counter)}
+    if preview.node_id is not None:
+        headers["X-Preview-Node"] = preview.node_id
+    if etag in [t.strip().removeprefix("W/") for t in request.headers.get("If-None-Match", "").split(",")]:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=preview.image, content_type=preview.content_type, headers=headers)
 
 
 async def _handle_list(request: web.Request) -> web.Response:
@@ -5985,6 +6628,8 @@ STREAM_QUERY_SCHEMA: dict[str, Any] = {
                   "description": "Replay stored events after this seq first."},
         "api_key": {"type": "string", "maxLength": 1024, "pattern": "^[ -~]*$",
                     "description": "For clients that cannot set X-API-Key."},
+        "previews": {"type": "string", "enum": ["true", "false"], "default": "true",
+                     "description": "false: no workflow:preview messages on this socket."},
     },
 }
 
@@ -6007,6 +6652,7 @@ async def _handle_stream(request: web.Request) -> web.StreamResponse:
                                  code="too_many_clients", headers={"Retry-After": "5"})
     await ws.prepare(request)
     sub = _Subscriber(ws, hub, _client_address(request), request[PRINCIPAL].owner)
+    sub.previews = q["previews"] == "true"
     await hub.serve(sub, since=q.get("since"), workflow_ids=ids)
     return ws
 
@@ -6171,11 +6817,78 @@ async def _handle_output(request: web.Request) -> web.StreamResponse:
         _check_rel_path(rel)
         if not await request.app[DB].read(lambda s: s.owned_outputs(owner, q["type"], [rel])):
             raise NotFound("no such file", details={"path": rel})
+    if request.app[FILES].roots.get(q["type"]) is None:
+        return await _proxy_output(request, q["type"], rel)
     fd, st, real = await request.app[FILES].open(q["type"], rel)
     try:
         return await _serve_file(request, fd, st, os.path.basename(real))
     finally:
         os.close(fd)
+
+
+_PROXIED_REQUEST_HEADERS = ("Range", "If-Range", "If-None-Match", "If-Modified-Since")
+_PROXIED_ANSWER_HEADERS = ("ETag", "Last-Modified", "Content-Range", "Accept-Ranges")
+
+
+async def _proxy_output(request: web.Request, type_: str, rel: str) -> web.StreamResponse:
+    """No output folder of comfymgr's own: the file comes from the backend
+    that produced it (ComfyUI's /view), streamed, with Range and
+    conditional requests passed through and comfymgr's own headers."""
+    _check_rel_path(rel)
+    app = request.app
+    job = await app[DB].read(lambda s: s.output_job(type_, rel))
+    backend = app[BRIDGE].backends.get(job.backend or "") if job is not None else None
+    if backend is None:
+        raise NotFound("no such file", details={"path": rel})
+    subfolder, _, filename = rel.rpartition("/")
+    forward = {h: request.headers[h] for h in _PROXIED_REQUEST_HEADERS if h in request.headers}
+    try:
+        async with backend.client.view(filename, subfolder, type_, method=request.method,
+                                       headers=forward) as upstream:
+            if upstream.status == 404:
+                raise NotFound("no such file", details={"path": rel})
+            if upstream.status == 416:
+                size = upstream.headers.get("Content-Range", "").rpartition("/")[2]
+                raise ApiError(f"the range {request.headers.get('Range')} is outside the file",
+                               code="range_not_satisfiable", headers={"Content-Range": f"bytes */{size}"},
+                               details={"size": int(size) if size.isdigit() else None}).with_status(416)
+            if upstream.status not in (200, 206, 304):
+                raise BackendError(f"GET /view: HTTP {upstream.status}")
+            headers = _file_headers(filename)
+            headers.update((h, upstream.headers[h]) for h in _PROXIED_ANSWER_HEADERS
+                           if h in upstream.headers)
+            if upstream.status == 304:
+                return web.Response(status=304, headers=headers)
+            response = web.StreamResponse(status=upstream.status, headers=headers)
+            response.content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            if request.method != "HEAD":
+                try:
+                    async for chunk in upstream.content.iter_chunked(_CHUNK):
+                        await response.write(chunk)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    _log_http.warning("output %s from %s cut short: %s", rel, backend.name, exc)
+                    return response  # the client sees a short body against Content-Length
+            await response.write_eof()
+            return response
+    except BackendError as exc:
+        _log_http.warning("output %s from backend %s: %s", rel, backend.name, exc)
+        raise ServiceUnavailable(f"ComfyUI {backend.name}, which holds this file, did not serve it; "
+                                 "try again", code="backend_unavailable",
+                                 details={"backend": backend.name}) from None
+
+
+def _file_headers(name: str) -> dict[str, str]:
+    """What every file download answers with, whatever serves it."""
+    return {
+        "Cache-Control": "private, no-cache",
+        "X-Content-Type-Options": "nosniff",
+        # An SVG or HTML output must never run script in comfymgr's origin.
+        "Content-Security-Policy": "default-src 'none'; img-src 'self'; media-src 'self'; sandbox",
+        "Content-Disposition": f"inline; filename*=UTF-8''{_quote(name)}",
+    }
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -6204,16 +6917,8 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 async def _serve_file(request: web.Request, fd: int, st: os.stat_result, name: str) -> web.StreamResponse:
     etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
-    headers = {
-        "ETag": etag,
-        "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
-        "Accept-Ranges": "bytes",
-        "Cache-Control": "private, no-cache",
-        "X-Content-Type-Options": "nosniff",
-        # An SVG or HTML output must never run script in comfymgr's origin.
-        "Content-Security-Policy": "default-src 'none'; img-src 'self'; media-src 'self'; sandbox",
-        "Content-Disposition": f"inline; filename*=UTF-8''{_quote(name)}",
-    }
+    headers = {"ETag": etag, "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
+               "Accept-Ranges": "bytes", **_file_headers(name)}
     match = request.headers.get("If-None-Match")
     if match is not None:
         if match.strip() == "*" or etag in [t.strip().removeprefix("W/") for t in match.split(",")]:
@@ -6354,15 +7059,23 @@ def _routes() -> list[_Route]:
     r = _Route
     return [
         r("POST", "/v1/comfyui/workflow", _handle_submit, "submit", "Submit a workflow", "jobs",
-          body=SUBMIT_SCHEMA, response_schema="Job",
-          responses={202: "Queued; the job as GET shows it", 400: "Invalid JSON or request",
-                     413: "Body over the limit"}),
+          body=SUBMIT_SCHEMA, query=WAIT_QUERY_SCHEMA, response_schema="Job",
+          responses={200: "With wait: the job, ended; or an Idempotency-Key replay",
+                     202: "Queued; the job as GET shows it", 400: "Invalid JSON or request",
+                     413: "Body (or an inline input) over the limit",
+                     422: "An input URL could not be fetched"}),
         r("GET", "/v1/comfyui/workflow/{id}", _handle_get, "job", "Get a job's status", "jobs",
-          response_schema="Job", responses={200: "The job", 404: "No such job"}),
+          query=WAIT_QUERY_SCHEMA, response_schema="Job",
+          responses={200: "The job (with wait: once it ended, or when the wait is over)",
+                     404: "No such job"}),
         r("DELETE", "/v1/comfyui/workflow/{id}", _handle_cancel, "cancel", "Cancel a job", "jobs",
           response_schema="CancelResult",
           responses={200: "Cancelled (it was queued)", 202: "Being interrupted on ComfyUI",
                      404: "No such job", 409: "Already finished"}),
+        r("GET", "/v1/comfyui/workflow/{id}/preview", _handle_preview, "preview",
+          "The latest preview image of a running job", "jobs",
+          responses={200: "The image (image/jpeg or image/png)", 304: "Not modified",
+                     404: "No such job, or no preview now (no_preview)"}),
         r("GET", "/v1/comfyui/workflows", _handle_list, "jobs", "List jobs, newest first", "jobs",
           query=LIST_QUERY_SCHEMA, response_schema="JobList",
           responses={200: "A page of jobs", 400: "Bad query parameter"}),
@@ -6429,7 +7142,14 @@ _OUTPUT_SCHEMA = {
         "filename": {"type": "string"}, "subfolder": {"type": "string"},
         "type": {"type": "string", "enum": ["output", "temp", "input"]},
         "nodeId": {"type": "string"}, "workflowId": {"type": "string"},
+        "kind": {"type": "string", "description": "What ComfyUI listed it under: images, gifs, audio, ..."},
         "url": {"type": "string"},
+        "data": {"type": "string", "contentEncoding": "base64",
+                 "description": "With include=data: the file's bytes."},
+        "contentType": {"type": "string", "description": "With include=data: the file's type."},
+        "dataOmitted": {"type": "string", "enum": ["too_large", "missing", "unavailable"],
+                        "description": "With include=data: why data is absent (over "
+                                       "COMFYMGR_INLINE_MAX_BYTES, gone, ComfyUI unreachable)."},
     },
 }
 _JOB_SCHEMA = {
@@ -6542,6 +7262,9 @@ def _openapi_document(routes: Sequence[_Route]) -> dict[str, Any]:
                     "schema": {"$ref": f"#/components/schemas/{route.response_schema}"}}}
             elif route.name == "metrics":
                 entry["content"] = {"text/plain": {"schema": {"type": "string"}}}
+            elif route.name == "preview" and status == 200:
+                entry["content"] = {t: {"schema": {"type": "string", "format": "binary"}}
+                                    for t in ("image/jpeg", "image/png")}
             elif route.name == "output" and status in (200, 206):
                 entry["content"] = {"application/octet-stream": {
                     "schema": {"type": "string", "format": "binary"}}}
@@ -6636,6 +7359,92 @@ async def _handle_docs_asset(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"no docs asset {request.match_info['name']!r}",
                        details={"path": request.path})
     return web.FileResponse(path, headers={"Cache-Control": "public, max-age=86400"})
+
+
+###############################################################################
+# dashboard
+###############################################################################
+# GET /ui: one page that shows the service live (ui/index.html, app.js and
+# app.css beside this file, beside it in the .pyz too). The page and its
+# files hold no data, so they need no key; everything they show comes from
+# the keyed API. They are read once at startup and served from memory under
+# a strict Content-Security-Policy: script and style from this origin only
+# (no inline code, no eval), images from here or blob: (outputs and
+# previews are fetched with the key, then shown from memory), no framing.
+
+_UI_DIR = Path(__file__).resolve().parent / "ui"
+_UI_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+             ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+# A Host header fit to appear in the policy: a name or an IP, and a port.
+_UI_HOST = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class _UiFile:
+    body: bytes
+    content_type: str
+    etag: str
+
+
+def _ui_files(folder: Path | None = None) -> dict[str, _UiFile]:
+    """The page's files by name. Only these names are ever served, so no
+    request path can reach another file."""
+    folder = folder or _UI_DIR
+    files = {}
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            content_type = _UI_TYPES.get(path.suffix)
+            if content_type and path.is_file():
+                body = path.read_bytes()
+                files[path.name] = _UiFile(body, content_type, f'"{hashlib.sha256(body).hexdigest()[:20]}"')
+    return files
+
+
+def _ui_headers(request: web.Request) -> dict[str, str]:
+    # 'self' covers ws: and wss: to this host in current browsers (CSP 3);
+    # the explicit sources are for older ones. Behind a proxy that drops the
+    # port from Host they do not match, and 'self' still does.
+    host = request.headers.get("Host", "")
+    sockets = f" ws://{host} wss://{host}" if _UI_HOST.match(host) else ""
+    return {
+        "Content-Security-Policy": (
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+            f"connect-src 'self'{sockets}; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'"),
+        "X-Frame-Options": "DENY",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cross-Origin-Opener-Policy": "same-origin",
+        "Cache-Control": "no-cache",  # revalidated (ETag): an upgrade shows at once
+    }
+
+
+UI_FILES = web.AppKey("ui_files", dict)
+
+
+def _ui_response(request: web.Request, name: str) -> web.Response:
+    file = request.app[UI_FILES].get(name)
+    if file is None:
+        if not request.app[UI_FILES]:
+            raise NotFound("the dashboard is not installed: its ui/ folder is not beside comfymgr.py",
+                           details={"path": request.path})
+        raise NotFound(f"no dashboard file {name!r}", details={"path": request.path})
+    headers = {**_ui_headers(request), "ETag": file.etag}
+    given = request.headers.get("If-None-Match", "")
+    if given.strip() == "*" or file.etag in (t.strip().removeprefix("W/") for t in given.split(",")):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=file.body, headers={**headers, "Content-Type": file.content_type})
+
+
+async def _handle_ui(request: web.Request) -> web.Response:
+    return _ui_response(request, "index.html")
+
+
+async def _handle_ui_file(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not name:
+        raise web.HTTPMovedPermanently("/ui")  # one address for the page: /ui
+    return _ui_response(request, name)
 
 
 ###############################################################################
@@ -6754,7 +7563,11 @@ async def _bridge_ctx(app: web.Application) -> Any:
         _log_app.warning("COMFYMGR_BACKEND_HEADERS_FILE %s holds backend secrets and is readable "
                          "by its group or others (mode %04o): chmod 0600 it, or hand it over with "
                          "systemd's LoadCredential= (docs/SCALING.md)", headers.path, headers.mode)
-    bridge = app[BRIDGE]
+    bridge, hub = app[BRIDGE], app[HUB]
+    for backend in bridge.backends.values():
+        backend.on_preview = lambda run: hub.publish_preview(
+            run.job_id, run.owner, run.preview.node_id if run.preview else None,
+            run.preview.counter if run.preview else 0)
     await bridge.start()
     yield
     await bridge.stop()
@@ -6770,12 +7583,30 @@ async def _hub_ctx(app: web.Application) -> Any:
 
 
 async def _close_streams(app: web.Application) -> None:
+    app[WAITERS].close()
     await app[HUB].close_all()
+
+
+def _background(app: web.Application, coroutine: Any, what: str) -> None:
+    """A short job of its own (removing files): its failure is logged and
+    reported, never lost."""
+    task = asyncio.ensure_future(coroutine)
+
+    def done(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            app[SUPERVISOR].report("background", task.exception())
+            _log_app.warning("%s failed: %s", what, task.exception())
+    task.add_done_callback(done)
 
 
 def _publish_events(app: web.Application, events: list[Event]) -> None:
     """Every committed event passes here, in seq order, on the event loop."""
     app[HUB].publish(events)
+    app[WAITERS].notify(events)
+    inputs = app[INPUTS]
+    for event in events:
+        if event.type in _END_EVENTS and event.job_id in inputs.pending and not inputs.keep:
+            _background(app, inputs.remove(event.job_id), f"removing the inputs of {event.job_id}")
     if any(e.type != EVENT_PROGRESS for e in events):
         app[WEBHOOKS].wake.set()  # a delivery may have been written with them
     metrics = app[METRICS]
@@ -6878,6 +7709,14 @@ async def _files_ctx(app: web.Application) -> Any:
     await supervisor.stop("files:")
 
 
+async def _fetcher_ctx(app: web.Application) -> Any:
+    """The session that fetches inline inputs given as URLs."""
+    app[FETCHER] = _outbound_session(app[POLICY], app[CONFIG].fetch_timeout, limit=16)
+    await app[INPUTS].sweep(app[DB])
+    yield
+    await app[FETCHER].close()
+
+
 async def _webhooks_ctx(app: web.Application) -> Any:
     webhooks = app[WEBHOOKS]
     await webhooks.start()
@@ -6918,7 +7757,10 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
     app[QUEUE] = _Queue(app[DB], clock, [b.name for b in config.backend_specs],
                         config.idempotency_ttl)
     app[SUPERVISOR] = _Supervisor(app[METRICS], clock)
-    app[BRIDGE] = _Bridge(config, app[DB], app[QUEUE], clock, app[METRICS], app[SUPERVISOR])
+    app[INPUTS] = _InputStore(config)
+    app[WAITERS] = _Waiters()
+    app[BRIDGE] = _Bridge(config, app[DB], app[QUEUE], clock, app[METRICS], app[SUPERVISOR],
+                          app[INPUTS])
     app[HUB] = _Hub(app[DB], config, clock, app[SUPERVISOR])
     app[GPUS] = _GpuMonitor(config.gpu_poll_interval, clock, nvml)
     app[FILES] = _Files(config, app[DB], clock)
@@ -6926,6 +7768,8 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
     app[POLICY] = _TargetPolicy(config.webhook_allow, config.backend_specs, resolver)
     app[WEBHOOKS] = _Webhooks(config, app[DB], app[METRICS], clock, app[POLICY], app[SUPERVISOR])
     app[METRICS].live_state = lambda: _live_metrics(app)
+    app[WEBHOOKS].with_data = lambda job, outputs: app[FILES].with_data(job, outputs,
+                                                                       app[BRIDGE].backends)
     if config.rate_limit:
         app[RATE_LIMITER] = _RateLimiter(config.rate_limit, clock)
     routes = _routes()
@@ -6939,15 +7783,1039 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
     app.router.add_get("/docs/init.js", _handle_docs_init, name="docs_init")
     app.router.add_get("/docs/assets/{name}", _handle_docs_asset, name="docs_assets")
     app[DOCS_FILES] = _swagger_ui_files()
+    app.router.add_get("/ui", _handle_ui, name="ui")
+    app.router.add_get("/ui/{name:[^/]*}", _handle_ui_file, name="ui_files")
+    app[UI_FILES] = _ui_files()
     app[OPENAPI] = _openapi_document(routes)
     app.cleanup_ctx.append(_storage_ctx)
     app.cleanup_ctx.append(_hub_ctx)
     app.cleanup_ctx.append(_gpu_ctx)
     app.cleanup_ctx.append(_files_ctx)
     app.cleanup_ctx.append(_webhooks_ctx)
+    app.cleanup_ctx.append(_fetcher_ctx)
     app.cleanup_ctx.append(_bridge_ctx)
     app.on_shutdown.append(_close_streams)
     return app
+
+
+###############################################################################
+# client
+###############################################################################
+# comfymgr as its own client, for a person at a shell: `comfymgr submit
+# workflow.json --wait --out ./pictures`. It speaks only the public HTTP API
+# and the event stream, like any other client (backup alone reads the state
+# database, on the box). It prints; it does not log.
+#
+# Exit codes, for scripts: 0 every job completed (or the command did what it
+# said), 1 a job failed, was cancelled or timed out (or the server could not
+# do it now: 409, 429, 5xx), 2 usage or configuration error (a 4xx that says
+# the request was wrong), 3 comfymgr unreachable or the key refused, 130
+# interrupted with Ctrl-C.
+#
+# Following jobs without a gap: the stream socket first unsubscribes from
+# everything and asks for the latest seq (ping -> pong); jobs submitted (or
+# read) after that are subscribed with `since` set to it, so the server
+# replays whatever of theirs happened in between and then goes on live. A
+# dropped socket resumes the same way from the last seq seen.
+
+_EXIT_OK, _EXIT_JOB, _EXIT_USAGE, _EXIT_UNREACHABLE, _EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+_ENDED = ("completed", "failed", "cancelled")
+_SUBSCRIBE_CHUNK = 200        # ids per subscribe message (the stream's 64 KiB message limit)
+_RECONNECT_FOR = 30.0         # seconds a dropped stream is retried before giving up
+_BAR_WIDTH = 20
+_WS_ENDS = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED,
+            aiohttp.WSMsgType.ERROR)
+_CLIENT_COMMANDS = ("submit", "status", "list", "cancel", "watch", "outputs", "backends", "backup")
+
+_PROGRAM_HELP = f"""\
+usage: comfymgr COMMAND [options]
+
+comfymgr {__version__}: the management API in front of ComfyUI, and its client.
+
+commands:
+  submit FILE...   submit API-format workflows; --wait shows progress, --out saves the outputs
+  status ID        one job
+  list             the newest jobs
+  cancel ID...     cancel jobs
+  watch [ID...]    live job events
+  outputs ID       list or download a job's outputs
+  backends         the ComfyUI servers and GPUs
+  backup DEST      copy the state database while the service runs (on the box)
+  serve            run the service (the default; `comfymgr serve --help` lists every setting)
+
+example:
+  comfymgr submit workflow.json --wait --out ./pictures
+
+Where: --url or COMFYMGR_URL (default http://127.0.0.1:9090); the key: --key,
+MANAGEMENT_API_KEY, or the key file in COMFYMGR_STATE_DIR. `comfymgr COMMAND
+--help` shows a command's options. Exit codes: 0 ok, 1 a job did not complete,
+2 usage, 3 comfymgr unreachable or the key refused, 130 interrupted.
+"""
+
+
+class _ClientError(Exception):
+    """One line for stderr (`error: <code>: <message>`) and the exit code it means."""
+
+    def __init__(self, code: str, message: str, exit_code: int) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.exit_code = code, message, exit_code
+
+
+def _exit_code_for_status(status: int) -> int:
+    if status == 401:
+        return _EXIT_UNREACHABLE
+    if status in (409, 429) or status >= 500:
+        return _EXIT_JOB
+    return _EXIT_USAGE
+
+
+def _env_setting(environ: Mapping[str, str], name: str) -> Any:
+    """A service setting from the environment, parsed as the service parses it."""
+    st = next(s for s in _SETTINGS if s.name == name)
+    raw = environ.get(st.env, st.default)
+    try:
+        return st.parse(raw)
+    except ValueError as exc:
+        raise _ClientError("invalid_setting", f"{st.env}={raw!r}: {exc}", _EXIT_USAGE) from None
+
+
+def _client_url(given: str | None, environ: Mapping[str, str]) -> str:
+    """--url, COMFYMGR_URL, else the local service's own host and port."""
+    for source, raw in (("--url", given), ("COMFYMGR_URL", environ.get("COMFYMGR_URL"))):
+        if raw:
+            try:
+                return _parse_url(raw)
+            except ValueError as exc:
+                raise _ClientError("invalid_url", f"{source}={raw!r}: {exc}", _EXIT_USAGE) from None
+    host, port = _env_setting(environ, "host"), _env_setting(environ, "port")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _client_key(given: str | None, environ: Mapping[str, str]) -> str | None:
+    """--key, the first of MANAGEMENT_API_KEY, else the generated key file when
+    readable: on the box itself no key has to be typed."""
+    if given:
+        return given
+    keys = _env_setting(environ, "api_keys")
+    if keys:
+        return keys[0]
+    try:
+        return (_env_setting(environ, "state_dir") / API_KEY_FILE).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+class _Api:
+    """comfymgr's HTTP API and stream; every failure becomes a _ClientError."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, key: str | None) -> None:
+        self.session, self.url, self.key = session, url, key
+        self.headers = {"X-API-Key": key} if key else {}
+
+    async def call(self, method: str, path: str, body: Any = None,
+                   params: Mapping[str, str] | None = None) -> tuple[int, Any]:
+        try:
+            async with self.session.request(method, self.url + path, json=body, params=params,
+                                            headers=self.headers) as resp:
+                raw = await resp.read()
+                status, reason = resp.status, resp.reason
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise self._unreachable(exc) from None
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = None
+        if status >= 400:
+            raise self._refused(status, data, reason or "")
+        return status, data
+
+    async def stream(self, params: Mapping[str, str] | None = None) -> aiohttp.ClientWebSocketResponse:
+        try:
+            return await self.session.ws_connect(self.url + "/v1/comfyui/stream", params=params,
+                                                 headers=self.headers,
+                                                 heartbeat=30.0, max_msg_size=16 * 1024 * 1024)
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 401:  # the server's own words: a plain GET is refused the same way
+                await self.call("GET", "/v1/comfyui/stream")
+            raise _ClientError(f"http_{exc.status}", f"the event stream refused the connection: "
+                               f"{exc.message}", _exit_code_for_status(exc.status)) from None
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            raise self._unreachable(exc) from None
+
+    async def download(self, url: str, folder: Path, name: str) -> Path:
+        """Save one output as folder/name, or 'name (1).ext', ... when that exists."""
+        # The output's path, always from this comfymgr: an absolute URL (with
+        # COMFYMGR_PUBLIC_URL) may name a host the key must not be sent to.
+        parts = urllib.parse.urlsplit(url)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        part = folder / f".{name}.{secrets.token_hex(4)}.part"
+        try:
+            async with self.session.get(self.url + path, headers=self.headers) as resp:
+                if resp.status != 200:
+                    raw = await resp.read()
+                    try:
+                        data = json.loads(raw)
+                    except ValueError:
+                        data = None
+                    raise self._refused(resp.status, data, resp.reason or "")
+                # Blocking file calls on the loop: a command line has nothing
+                # else to serve meanwhile but its own display.
+                _make_folder(folder, "cannot_save", _EXIT_JOB)
+                with open(part, "wb") as handle:  # noqa: ASYNC230
+                    async for chunk in resp.content.iter_chunked(1 << 16):
+                        handle.write(chunk)
+            return _claim_name(part, folder, name)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._unreachable(exc) from None
+        except OSError as exc:  # the folder: not writable, full, ...
+            raise _ClientError("cannot_save", f"{folder / name}: {exc.strerror or exc}", _EXIT_JOB) from None
+        finally:
+            with contextlib.suppress(OSError):  # renamed already, or never made
+                part.unlink()
+
+    def _unreachable(self, exc: BaseException) -> _ClientError:
+        reason = getattr(exc, "os_error", None) or exc
+        text = getattr(reason, "strerror", None) or str(reason) or type(exc).__name__
+        return _ClientError("unreachable", f"cannot reach comfymgr at {self.url} ({text})",
+                            _EXIT_UNREACHABLE)
+
+    def _refused(self, status: int, data: Any, reason: str) -> _ClientError:
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            code, message = data["error"], str(data.get("message") or reason)
+        else:
+            code, message = f"http_{status}", reason or "no answer"
+        if status == 401 and not self.key:
+            message += " (no key found: pass --key or set MANAGEMENT_API_KEY)"
+        return _ClientError(code, message, _exit_code_for_status(status))
+
+
+def _make_folder(folder: Path, code: str, exit_code: int) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise _ClientError(code, f"{folder}: not a folder", exit_code) from None
+    except OSError as exc:
+        raise _ClientError(code, f"{folder}: {exc.strerror or exc}", exit_code) from None
+
+
+def _claim_name(part: Path, folder: Path, name: str) -> Path:
+    """Give a finished file its name without ever replacing another file: the
+    name is claimed by creating it exclusively (taken: 'stem (1).ext', ...),
+    then the file is renamed over its own claim."""
+    stem, ext = os.path.splitext(name)
+    for n in range(10_000):
+        target = folder / (name if n == 0 else f"{stem} ({n}){ext}")
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
+        os.replace(part, target)
+        return target
+    raise _ClientError("file_exists", f"{folder / name} and 10,000 numbered copies exist", _EXIT_JOB)
+
+
+def _output_name(output: Mapping[str, Any]) -> str:
+    name = str(output.get("filename") or "").replace("\\", "/").rsplit("/", 1)[-1]
+    return name.lstrip(".").strip() or "output"
+
+
+def _load_workflow(path: str, stdin: Any) -> tuple[str, dict[str, Any]]:
+    """(label, API-format graph) of a workflow file, `-` for stdin; a UI-format
+    file is refused here, with the way to get the API format."""
+    label = "stdin" if path == "-" else Path(path).name
+    try:
+        text = stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _ClientError("invalid_file", f"{path}: {getattr(exc, 'strerror', None) or exc}",
+                           _EXIT_USAGE) from None
+    try:
+        graph = json.loads(text)
+    except ValueError as exc:
+        raise _ClientError("invalid_file", f"{label}: not JSON ({exc})", _EXIT_USAGE) from None
+    if isinstance(graph, dict) and isinstance(graph.get("nodes"), list) and isinstance(graph.get("links"), list):
+        raise _ClientError("ui_format", f'{label} is a UI-format workflow (it has "nodes" and "links"); '
+                           f'in ComfyUI use Workflow > Export (API) and submit that file', _EXIT_USAGE)
+    if not isinstance(graph, dict) or not graph:
+        raise _ClientError("invalid_file", f"{label}: an API-format workflow is a JSON object of nodes "
+                           f'{{"1": {{"class_type": ..., "inputs": {{...}}}}, ...}}', _EXIT_USAGE)
+    return label, graph
+
+
+def _inline_input(spec: str) -> tuple[str, str]:
+    """--input NAME=PATH: the file as a data: URI with its type."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise _ClientError("invalid_input", f"--input {spec!r}: expected NAME=PATH", _EXIT_USAGE)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise _ClientError("invalid_input", f"--input {name}: {path}: {exc.strerror or exc}",
+                           _EXIT_USAGE) from None
+    mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    return name, f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+# -- showing jobs ------------------------------------------------------------
+
+
+def _clock_text(ms: Any) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ms / 1000)) if isinstance(ms, (int, float)) else "-"
+
+
+def _date_text(ms: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _duration_text(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return f"{error.get('code', 'error')}: {error.get('message', '')}"
+    return str(error)
+
+
+def _table(rows: Sequence[Sequence[str]], right: Iterable[int] = ()) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = set(right)
+    return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in rows)
+
+
+class _Tracked:
+    """One job being followed, as far as the events told."""
+
+    def __init__(self, job_id: str, label: str, graph: Mapping[str, Any] | None = None) -> None:
+        self.id, self.label = job_id, label
+        self.node_types = {k: v.get("class_type") for k, v in (graph or {}).items() if isinstance(v, dict)}
+        self.status, self.progress, self.node, self.position = "queued", 0.0, None, None
+        self.outputs: list[dict[str, Any]] = []
+        self.error: Any = None
+        self.seq = 0
+        self.began = time.monotonic()
+        self.ended: float | None = None
+        self.saved: list[str] = []
+
+    @property
+    def done(self) -> bool:
+        return self.status in _ENDED
+
+    def apply(self, message: Mapping[str, Any]) -> bool:
+        """A stream event or a job view; False for one already seen."""
+        seq = message.get("seq") or 0
+        if seq and seq <= self.seq:
+            return False
+        self.seq = max(self.seq, seq)
+        if self.done:
+            return False
+        self.status = message.get("status") or self.status
+        if isinstance(message.get("progress"), (int, float)):
+            self.progress = float(message["progress"])
+        if "currentNode" in message:
+            self.node = message["currentNode"]
+        if "queuePosition" in message:
+            self.position = message["queuePosition"]
+        if message.get("outputs"):
+            self.outputs = list(message["outputs"])
+        if message.get("error"):
+            self.error = message["error"]
+        if self.status == "completed":
+            self.progress = 100.0
+        if self.done:
+            self.ended = time.monotonic()
+        return True
+
+    def node_text(self) -> str:
+        if not self.node:
+            return ""
+        kind = self.node_types.get(self.node)
+        return f"node {self.node} {kind}" if kind else f"node {self.node}"
+
+    def line(self) -> str:
+        """The plain line: on a pipe, one per state or progress step change."""
+        text = f"{self.label}: {self.status}"
+        if self.status == "queued" and self.position:
+            text += f" (position {self.position})"
+        elif self.status == "running":
+            text += f" {self.progress:.0f}% {self.node_text()}".rstrip()
+        elif self.status == "completed":
+            text += f" 100%, {len(self.outputs)} output{'s' if len(self.outputs) != 1 else ''}"
+        elif self.error:
+            text += f": {self.error_text()}"
+        return text
+
+    def error_text(self) -> str:
+        code, message = _job_error(self)
+        return message if code == self.status else f"{code}: {message}"
+
+    def live_line(self, label_width: int, width: int) -> str:
+        """The live line on a terminal: bar, percent, state, elapsed, node."""
+        filled = round(self.progress / 100 * _BAR_WIDTH)
+        elapsed = _duration_text((self.ended or time.monotonic()) - self.began)
+        detail = self.node_text() if self.status == "running" else ""
+        if self.status == "queued" and self.position:
+            detail = f"position {self.position}"
+        elif self.error:
+            detail = self.error_text()
+        text = (f"{self.label[:label_width].ljust(label_width)}  [{'#' * filled}{'.' * (_BAR_WIDTH - filled)}]"
+                f" {self.progress:3.0f}%  {self.status:<9}  {elapsed}  {detail}").rstrip()
+        return text[:width]
+
+
+class _Display:
+    """Jobs as they move: live lines redrawn in place on a terminal, plain
+    lines on a pipe, JSON lines with --json."""
+
+    def __init__(self, out: Any, mode: str) -> None:
+        self.out, self.mode = out, mode  # mode: "live", "lines" or "json"
+        self.jobs: list[_Tracked] = []
+        self.drawn = 0                    # live lines on the screen, the cursor at the end of the last
+        self.held = False                 # a question is on the screen: draw nothing
+        self.shown: dict[str, tuple[Any, ...]] = {}
+
+    def write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def show(self, job: _Tracked, message: Mapping[str, Any] | None = None) -> None:
+        if self.mode == "json":
+            if message is not None:
+                self.write(json.dumps(message, ensure_ascii=False) + "\n")
+        elif self.mode == "lines":
+            key = (job.status, job.node, int(job.progress // 10))
+            if self.shown.get(job.id) != key:
+                self.shown[job.id] = key
+                self.write(job.line() + "\n")
+        else:
+            self.redraw()
+
+    def redraw(self) -> None:
+        if self.mode != "live" or not self.jobs or self.held:
+            return
+        width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)  # never wrap: \r could not undo it
+        label_width = min(30, max(len(j.label) for j in self.jobs))
+        up = f"\x1b[{self.drawn - 1}A" if self.drawn > 1 else ""
+        lines = "\n".join(f"\r{j.live_line(label_width, width)}\x1b[K" for j in self.jobs)
+        self.drawn = len(self.jobs)
+        self.write(up + lines)
+
+    def note(self, text: str, *, error: bool = False) -> None:
+        """A line of its own (on stderr for an error); on a terminal, above the
+        live lines, which are drawn again below it."""
+        if self.mode == "json" and not error:
+            return
+        if self.mode == "live" and self.drawn:
+            self.write(f"\x1b[{self.drawn - 1}A\r\x1b[J" if self.drawn > 1 else "\r\x1b[J")
+            self.drawn = 0
+        if error:
+            print(text, file=sys.stderr, flush=True)
+        else:
+            self.write(text + "\n")
+        self.redraw()
+
+    def close(self) -> None:
+        """Leave the live lines where they are; what follows starts below them."""
+        if self.mode == "live" and self.drawn:
+            self.write("\n")
+            self.drawn = 0
+
+
+# -- following jobs on the stream ----------------------------------------------
+
+
+async def _open_stream(api: _Api) -> tuple[aiohttp.ClientWebSocketResponse, int]:
+    """A stream socket following nothing yet, and the latest seq."""
+    ws = await api.stream()
+    await ws.send_json({"type": "unsubscribe", "all": True})
+    await ws.send_json({"type": "ping"})
+    async for message in ws:
+        if message.type == aiohttp.WSMsgType.TEXT:
+            data = json.loads(message.data)
+            if data.get("type") == "pong":
+                return ws, int(data.get("seq") or 0)
+    await ws.close()
+    raise _ClientError("stream_closed", "the event stream closed before it answered", _EXIT_UNREACHABLE)
+
+
+async def _subscribe(ws: aiohttp.ClientWebSocketResponse, ids: Sequence[str], since: int) -> None:
+    for start in range(0, len(ids), _SUBSCRIBE_CHUNK):
+        await ws.send_json({"type": "subscribe", "workflowIds": list(ids[start:start + _SUBSCRIBE_CHUNK]),
+                            "since": since})
+
+
+async def _follow(api: _Api, ws: aiohttp.ClientWebSocketResponse | None, since: int,
+                  jobs: Mapping[str, _Tracked] | None,
+                  on_event: Callable[[_Tracked | None, dict[str, Any]], None]) -> None:
+    """Feed the events of `jobs` to on_event until all of them have ended
+    (jobs None: every event, until cancelled); a dropped stream is reopened
+    and resumed after the last seq seen."""
+    lost_at: float | None = None
+    try:
+        while jobs is None or not all(job.done for job in jobs.values()):
+            if ws is None:
+                try:
+                    ws = await _reopen(api, jobs, since)
+                except _ClientError as exc:
+                    if exc.exit_code != _EXIT_UNREACHABLE or lost_at is None or \
+                            time.monotonic() - lost_at > _RECONNECT_FOR:
+                        raise
+                    await asyncio.sleep(1.0)
+                    continue
+                lost_at = None
+            message = await ws.receive()
+            if message.type in _WS_ENDS:
+                await ws.close()
+                ws, lost_at = None, lost_at or time.monotonic()
+            if message.type != aiohttp.WSMsgType.TEXT:
+                continue
+            data = json.loads(message.data)
+            kind = str(data.get("type", ""))
+            if kind == "error" and data.get("code") != "since_expired":
+                print(f"warning: the stream says {data.get('code')}: {data.get('message')}", file=sys.stderr)
+            elif jobs is None:
+                if kind.startswith("workflow:") or kind == "pong":
+                    since = max(since, data.get("seq") or 0)
+                if kind.startswith("workflow:"):
+                    on_event(None, data)
+            elif kind.startswith("workflow:"):
+                job = jobs.get(data.get("workflowId"))
+                if job is not None and job.apply(data):
+                    on_event(job, data)
+    finally:
+        if ws is not None:
+            await ws.close()
+
+
+async def _reopen(api: _Api, jobs: Mapping[str, _Tracked] | None, since: int
+                  ) -> aiohttp.ClientWebSocketResponse:
+    if jobs is None:
+        return await api.stream({"since": str(since)} if since else None)
+    open_ = [j for j in jobs.values() if not j.done]
+    ws, _ = await _open_stream(api)
+    await _subscribe(ws, [j.id for j in open_], min(j.seq or since for j in open_))
+    return ws
+
+
+async def _ask(question: str, interrupted: asyncio.Event) -> bool:
+    """y/N on the terminal; a second Ctrl-C is a no."""
+    sys.stdout.write(question)
+    sys.stdout.flush()
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[bytes] = loop.create_future()
+    fd = sys.stdin.fileno()
+    loop.add_reader(fd, lambda: answer.done() or answer.set_result(os.read(fd, 1024)))
+    interrupted.clear()
+    waiter = asyncio.ensure_future(interrupted.wait())
+    try:
+        await asyncio.wait({answer, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loop.remove_reader(fd)
+        waiter.cancel()
+    if not answer.done():
+        sys.stdout.write("\n")
+        return False
+    return answer.result().strip().lower() in (b"y", b"yes")
+
+
+# -- the commands ------------------------------------------------------------
+
+
+async def _cmd_submit(api: _Api, args: argparse.Namespace, graphs: Sequence[tuple[str, dict[str, Any]]],
+                      inputs: Mapping[str, str]) -> int:
+    wait = args.wait or args.out is not None
+    mode = "json" if args.json else "live" if sys.stdout.isatty() else "lines"
+    display = _Display(sys.stdout, mode)
+    labels = [label for label, _ in graphs]
+    several = len(graphs) > 1
+    ws, since = (await _open_stream(api)) if wait else (None, 0)
+    jobs: dict[str, _Tracked] = {}
+    worst = _EXIT_OK
+    try:
+        for n, (label, graph) in enumerate(graphs):
+            if labels[:n].count(label):  # the same file twice: simple.json, simple.json#2
+                label = f"{label}#{labels[:n].count(label) + 1}"
+            body: dict[str, Any] = {"workflow": graph, "priority": args.priority}
+            for field in ("gpu", "timeout"):
+                if getattr(args, field) is not None:
+                    body[field] = getattr(args, field)
+            if inputs:
+                body["inputs"] = dict(inputs)
+            try:
+                _, view = await api.call("POST", "/v1/comfyui/workflow", body)
+            except _ClientError as exc:
+                if exc.exit_code == _EXIT_UNREACHABLE:
+                    raise
+                _print_error(exc.code, f"{label}: {exc.message}" if several else exc.message)
+                worst = max(worst, exc.exit_code)
+                continue
+            job = jobs[view["workflowId"]] = _Tracked(view["workflowId"], label, graph)
+            job.apply(view)
+            if args.json:
+                display.write(json.dumps({"type": "job", "file": label, **view}, ensure_ascii=False) + "\n")
+            elif not wait:
+                display.write(f"{job.id}\n")
+            else:
+                display.write(f"{label}: submitted {job.id}\n")
+        if not wait or not jobs:
+            return worst
+        display.jobs = list(jobs.values())
+        for job in display.jobs:
+            display.show(job)
+        await _subscribe(ws, list(jobs), since)
+        code = await _wait_for_jobs(api, args, ws, since, jobs, display)
+        ws = None  # _wait_for_jobs closed it
+    finally:
+        if ws is not None:
+            await ws.close()
+    return code if code == _EXIT_INTERRUPTED else max(worst, code)
+
+
+async def _wait_for_jobs(api: _Api, args: argparse.Namespace, ws: aiohttp.ClientWebSocketResponse,
+                         since: int, jobs: Mapping[str, _Tracked], display: _Display) -> int:
+    """Follow the jobs to their end, download outputs, and handle Ctrl-C."""
+    downloads: list[asyncio.Task[None]] = []
+
+    async def save(job: _Tracked) -> None:
+        for output in job.outputs:
+            try:
+                path = await api.download(str(output.get("url", "")), Path(args.out), _output_name(output))
+            except _ClientError as exc:
+                display.note(f"error: {exc.code}: {job.label}: {_output_name(output)}: {exc.message}", error=True)
+                job.saved.append("")  # counted as a failure below
+                continue
+            job.saved.append(str(path))
+            display.note(f"{job.label}: saved {path}")
+
+    def on_event(job: _Tracked, message: dict[str, Any]) -> None:
+        display.show(job, message)
+        if job.status == "completed":
+            if args.out is not None:
+                downloads.append(asyncio.create_task(save(job)))
+        elif job.done:
+            code, message = _job_error(job)
+            display.note(f"error: {code}: {job.label + ': ' if len(jobs) > 1 else ''}{message}", error=True)
+
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, interrupted.set)
+    ticker = asyncio.create_task(_tick(display)) if display.mode == "live" else None
+    follower = asyncio.create_task(_follow(api, ws, since, jobs, on_event))
+    cancelling = False
+    try:
+        while True:
+            stop = asyncio.ensure_future(interrupted.wait())
+            await asyncio.wait({follower, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if follower.done():
+                break
+            interrupted.clear()
+            left = [j for j in jobs.values() if not j.done]
+            if cancelling or not left:
+                break
+            if args.cancel_on_exit:
+                cancel = True
+            elif sys.stdin.isatty() and sys.stdout.isatty():
+                display.close()
+                display.held = True
+                cancel = await _ask(f"Cancel {len(left)} unfinished job{'s' if len(left) > 1 else ''}"
+                                    f" on comfymgr? [y/N] ", interrupted)
+                display.held = False
+            else:
+                cancel = False
+            if not cancel:
+                display.close()
+                ids = " ".join(j.id for j in left)
+                print(f"interrupted: the job{'s keep' if len(left) > 1 else ' keeps'} running on comfymgr; "
+                      f"follow with: comfymgr watch {ids}", file=sys.stderr)
+                return _EXIT_INTERRUPTED
+            cancelling = True
+            for job in left:
+                display.note(f"{job.label}: cancelling {job.id}")
+                with contextlib.suppress(_ClientError):  # already ended: its own event says how
+                    await api.call("DELETE", f"/v1/comfyui/workflow/{job.id}")
+        if not follower.done():
+            return _EXIT_INTERRUPTED
+        follower.result()
+        await asyncio.gather(*downloads)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        for task in (follower, ticker):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        display.close()
+    if display.mode == "json":
+        for job in jobs.values():
+            _, view = await api.call("GET", f"/v1/comfyui/workflow/{job.id}")
+            extra = {"saved": job.saved} if args.out is not None else {}
+            display.write(json.dumps({"type": "job", "file": job.label, **view, **extra},
+                                     ensure_ascii=False) + "\n")
+    if cancelling:
+        return _EXIT_INTERRUPTED
+    ok = all(j.status == "completed" and "" not in j.saved for j in jobs.values())
+    return _EXIT_OK if ok else _EXIT_JOB
+
+
+async def _tick(display: _Display) -> None:
+    while True:  # the elapsed time moves on between events
+        await asyncio.sleep(1.0)
+        display.redraw()
+
+
+def _job_error(job: _Tracked) -> tuple[str, str]:
+    error = job.error if isinstance(job.error, dict) else {}
+    return str(error.get("code") or job.status), str(error.get("message") or f"the job {job.status}")
+
+
+def _print_error(code: str, message: str) -> None:
+    print(f"error: {code}: {message}", file=sys.stderr, flush=True)
+
+
+async def _cmd_status(api: _Api, args: argparse.Namespace) -> int:
+    _, job = await api.call("GET", f"/v1/comfyui/workflow/{urllib.parse.quote(args.id, safe='')}")
+    rows = [("workflow", job["workflowId"]), ("status", job["status"])]
+    progress = f"{job['progress']:.0f}%"
+    rows.append(("progress", f"{progress}  node {job['currentNode']}" if job.get("currentNode") else progress))
+    rows.append(("priority", job["priority"]))
+    if job.get("queuePosition") is not None:
+        rows.append(("position", str(job["queuePosition"])))
+    rows.append(("gpu", str(job.get("gpu"))))
+    if job.get("backend"):
+        rows.append(("backend", job["backend"]))
+    rows.append(("created", _date_text(job["createdAt"])))
+    if job.get("startTime"):
+        rows.append(("started", _date_text(job["startTime"])))
+    if job.get("completionTime"):
+        ended = _date_text(job["completionTime"])
+        if job.get("startTime"):
+            ended += f"  after {(job['completionTime'] - job['startTime']) / 1000:.1f} s"
+        rows.append(("ended", ended))
+    for output in job.get("outputs") or []:
+        rows.append(("output", f"{_output_name(output)}  {output.get('url')}"))
+    if job.get("error"):
+        rows.append(("error", _error_text(job["error"])))
+    print("\n".join(f"{name:<9} {value}" for name, value in rows))
+    return _EXIT_OK
+
+
+async def _cmd_list(api: _Api, args: argparse.Namespace) -> int:
+    params = {"limit": str(args.limit)}
+    if args.status:
+        params["status"] = args.status
+    _, page = await api.call("GET", "/v1/comfyui/workflows", params=params)
+    if not page["workflows"]:
+        print("no jobs")
+        return _EXIT_OK
+    rows = [("ID", "STATUS", "PRIORITY", "PROGRESS", "CREATED", "BACKEND")]
+    rows += [(j["workflowId"], j["status"], j["priority"], f"{j['progress']:.0f}%",
+              _date_text(j["createdAt"]), j.get("backend") or "-") for j in page["workflows"]]
+    print(_table(rows, right=[3]))
+    return _EXIT_OK
+
+
+async def _cmd_cancel(api: _Api, args: argparse.Namespace) -> int:
+    worst = _EXIT_OK
+    for job_id in args.ids:
+        try:
+            status, answer = await api.call("DELETE", f"/v1/comfyui/workflow/{urllib.parse.quote(job_id, safe='')}")
+        except _ClientError as exc:
+            if exc.exit_code == _EXIT_UNREACHABLE:
+                raise
+            _print_error(exc.code, exc.message)
+            worst = max(worst, exc.exit_code)
+            continue
+        print(f"{job_id}: cancelled" if status == 200 else f"{job_id}: cancelling (ComfyUI is interrupting it)")
+    return worst
+
+
+def _event_line(event: Mapping[str, Any]) -> str:
+    """One human line per stream event (or job view) for `watch`."""
+    kind = str(event.get("type", "")).removeprefix("workflow:")
+    if kind == "error":
+        kind = "failed"
+    detail = ""
+    if kind == "queued":
+        detail = f"priority {event.get('priority')}"
+        if event.get("queuePosition"):
+            detail += f", position {event['queuePosition']}"
+    elif kind == "started":
+        detail = f"on {event.get('backend')}"
+    elif kind == "progress":
+        detail = f"{event.get('progress', 0):3.0f}%"
+        if event.get("currentNode"):
+            detail += f" node {event['currentNode']}"
+    elif kind == "completed":
+        names = [_output_name(o) for o in event.get("outputs") or []]
+        detail = f"{len(names)} output{'s' if len(names) != 1 else ''}" + (f": {', '.join(names)}" if names else "")
+    elif event.get("error"):
+        detail = _error_text(event["error"])
+    return f"{_clock_text(event.get('timestamp'))}  {event.get('workflowId')}  {kind:<9}  {detail}".rstrip()
+
+
+def _view_event(view: Mapping[str, Any]) -> dict[str, Any]:
+    """A job view as the event its status last produced (what `watch` shows first)."""
+    kind = {"queued": "queued", "running": "progress", "completed": "completed",
+            "failed": "error", "cancelled": "cancelled"}[view["status"]]
+    when = {"queued": view.get("createdAt"), "progress": view.get("startTime")}.get(
+        kind, view.get("completionTime"))
+    return {**view, "type": f"workflow:{kind}", "timestamp": when}
+
+
+async def _cmd_watch(api: _Api, args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, asyncio.current_task().cancel)
+
+    def show(event: Mapping[str, Any]) -> None:
+        text = json.dumps(event, ensure_ascii=False) if args.json else _event_line(event)
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    try:
+        if not args.ids:  # everything from now on, until Ctrl-C; the pong's seq is where to resume
+            ws = await api.stream()
+            await ws.send_json({"type": "ping"})
+            await _follow(api, ws, 0, None, lambda job, event: show(event))
+            return _EXIT_OK  # not reached: it ends with Ctrl-C or an error
+        ws, since = await _open_stream(api)
+        jobs: dict[str, _Tracked] = {}
+        try:
+            for job_id in dict.fromkeys(args.ids):
+                _, view = await api.call("GET", f"/v1/comfyui/workflow/{urllib.parse.quote(job_id, safe='')}")
+                job = jobs[view["workflowId"]] = _Tracked(view["workflowId"], view["workflowId"])
+                job.apply(view)
+                show({"type": "job", **view} if args.json else _view_event(view))
+        except BaseException:
+            await ws.close()
+            raise
+        open_ = {i: j for i, j in jobs.items() if not j.done}
+        await _subscribe(ws, list(open_), since)
+        await _follow(api, ws, since, open_, lambda job, event: show(event))
+        return _EXIT_OK if all(j.status == "completed" for j in jobs.values()) else _EXIT_JOB
+    except asyncio.CancelledError:
+        return _EXIT_INTERRUPTED
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+async def _cmd_outputs(api: _Api, args: argparse.Namespace) -> int:
+    _, job = await api.call("GET", f"/v1/comfyui/workflow/{urllib.parse.quote(args.id, safe='')}")
+    outputs = job.get("outputs") or []
+    if not outputs:
+        _print_error("no_outputs", f"workflow {job['workflowId']} has no outputs (status {job['status']})")
+        return _EXIT_JOB
+    for output in outputs:
+        if args.out is None:
+            print(f"{_output_name(output)}  {output.get('type')}  {output.get('url')}")
+        else:
+            print(f"saved {await api.download(str(output.get('url', '')), Path(args.out), _output_name(output))}")
+    return _EXIT_OK
+
+
+def _gib(count: Any) -> str:
+    return f"{count / 2**30:.1f}" if isinstance(count, (int, float)) else "?"
+
+
+async def _cmd_backends(api: _Api, args: argparse.Namespace) -> int:
+    _, status = await api.call("GET", "/v1/status")
+    counts = status["queue"]["byStatus"]
+    jobs = ", ".join(f"{counts.get(s, 0)} {s}" for s in PUBLIC_STATUSES)
+    if "backends" not in status:  # a client key (COMFYMGR_CLIENT_KEYS) sees its own queue only
+        print(f"backends: shown to MANAGEMENT_API_KEY keys only; this is the client key {status.get('key')}")
+        print(f"jobs: {jobs}")
+        return _EXIT_OK
+    rows = [("NAME", "STATE", "COMFYUI", "RUNNING", "DEVICES")]
+    errors = []
+    for b in status["backends"]:
+        devices = ", ".join(
+            f"{d.get('name')} ({_gib(d.get('vram_free'))}/{_gib(d.get('vram_total'))} GiB free)"
+            if d.get("vram_total") else str(d.get("name")) for d in b.get("devices") or [])
+        rows.append((b["name"], b["state"], b.get("comfyuiVersion") or "-", b.get("runningJob") or "-",
+                     devices or "-"))
+        if b.get("lastError"):
+            errors.append(f"{b['name']}: {b['lastError']}")
+    print(_table(rows))
+    for line in errors:
+        print(f"  {line}")
+    gpu = status.get("gpu") or {}
+    if not gpu.get("available"):
+        print(f"gpus: no figures ({gpu.get('reason')})")
+    for d in gpu.get("devices") or []:
+        if d.get("error"):
+            print(f"gpu {d['index']}  {d.get('name')}  error: {d['error']}")
+            continue
+        text = (f"gpu {d['index']}  {d.get('name')}  {d.get('utilization', 0):.0f}% busy  "
+                f"{_gib(d.get('memoryUsedBytes'))}/{_gib(d.get('memoryTotalBytes'))} GiB  "
+                f"{d.get('temperatureCelsius', 0):.0f} C")
+        if d.get("powerWatts") is not None:
+            text += f"  {d['powerWatts']:.0f} W"
+        print(text + (f"  backends {', '.join(d['backends'])}" if d.get("backends") else ""))
+    print(f"jobs: {jobs}")
+    return _EXIT_OK
+
+
+def _cmd_backup(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """A consistent copy of the live database: SQLite's backup API from a
+    read-only connection (in WAL mode it never blocks the service's writes),
+    checked with integrity_check before it takes DEST's name."""
+    state_dir = Path(args.state_dir) if args.state_dir else _env_setting(environ, "state_dir")
+    source = state_dir / "comfymgr.db"
+    if not source.is_file():
+        raise _ClientError("no_database", f"{source} does not exist (set --state-dir or "
+                           f"COMFYMGR_STATE_DIR)", _EXIT_USAGE)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / "comfymgr.db"
+    if dest.exists() and not args.force:
+        raise _ClientError("exists", f"{dest} exists; pass --force to replace it", _EXIT_USAGE)
+    part = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
+    try:
+        src = sqlite3.connect(f"file:{urllib.parse.quote(str(source.resolve()))}?mode=ro", uri=True)
+        try:
+            copy = sqlite3.connect(part)
+            try:
+                src.backup(copy)  # all pages in one step: one read transaction, one snapshot
+                check = copy.execute("PRAGMA integrity_check").fetchall()
+                jobs = copy.execute("SELECT count(*) FROM jobs").fetchone()[0]
+            finally:
+                copy.close()
+        finally:
+            src.close()
+        if check != [("ok",)]:
+            raise _ClientError("corrupt_copy", f"integrity_check on the copy: "
+                               f"{'; '.join(str(r[0]) for r in check[:5])}", _EXIT_JOB)
+        with open(part, "rb") as handle:
+            os.fsync(handle.fileno())
+        if not args.force:  # claimed exclusively: a DEST that appeared meanwhile is not replaced
+            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.replace(part, dest)
+    except sqlite3.Error as exc:
+        raise _ClientError("backup_failed", f"{source}: {exc}", _EXIT_JOB) from None
+    except FileExistsError:
+        raise _ClientError("exists", f"{dest} exists; pass --force to replace it", _EXIT_USAGE) from None
+    except OSError as exc:
+        raise _ClientError("backup_failed", f"{dest}: {exc.strerror or exc}", _EXIT_JOB) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+    print(f"{source} -> {dest}: {dest.stat().st_size:,} bytes, {jobs:,} jobs, integrity ok")
+    return _EXIT_OK
+
+
+# -- the command line --------------------------------------------------------
+
+
+def _client_parser() -> argparse.ArgumentParser:
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--url", help="comfymgr's address (env COMFYMGR_URL; default the local service)")
+    conn.add_argument("--key", help="the API key (env MANAGEMENT_API_KEY; default the state dir's key file)")
+    parser = argparse.ArgumentParser(prog="comfymgr", add_help=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, summary: str, example: str, parents: Sequence[argparse.ArgumentParser] = (conn,)
+                ) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=list(parents), description=textwrap.fill(summary, 79),
+                                   epilog=f"example:\n  {example}",
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = command("submit", "Submit API-format workflow files (- reads stdin); print their ids, or "
+                "follow them with --wait.", "comfymgr submit workflow.json --wait --out ./pictures")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help='an API-format workflow (in ComfyUI: Export (API)); "-" reads stdin')
+    p.add_argument("--priority", choices=PRIORITY_NAMES, default="normal")
+    p.add_argument("--gpu", metavar="NAME", help="a backend's name, or any (default local)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                   help="attach a local image; the workflow refers to it by NAME")
+    p.add_argument("--timeout", metavar="S", type=_positive_duration, help="run-time limit (30s, 10m, 1h)")
+    p.add_argument("--wait", action="store_true", help="follow the jobs to their end")
+    p.add_argument("--out", metavar="DIR", help="save every output here (implies --wait)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    p.add_argument("--cancel-on-exit", action="store_true", help="Ctrl-C cancels the jobs without asking")
+    p = command("status", "Show one job.", "ID=$(comfymgr submit workflow.json) && comfymgr status $ID")
+    p.add_argument("id", metavar="ID")
+    p = command("list", "List the newest jobs.", "comfymgr list --status running --limit 10")
+    p.add_argument("--status", choices=PUBLIC_STATUSES)
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N jobs (default 20)")
+    p = command("cancel", "Cancel jobs: queued ones at once, running ones are interrupted.",
+                "ID=$(comfymgr submit workflow.json) && comfymgr cancel $ID")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p = command("watch", "Print job events as they happen: of the jobs named, until they end, or of "
+                "every job, until Ctrl-C.", "ID=$(comfymgr submit workflow.json) && comfymgr watch $ID")
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--json", action="store_true", help="the stream's JSON messages, one a line")
+    p = command("outputs", "List a job's outputs, or download them with --out.",
+                "comfymgr outputs $ID --out ./pictures")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--out", metavar="DIR", help="save every output here (existing names are kept)")
+    command("backends", "Show the ComfyUI servers, their GPUs and what they run.", "comfymgr backends")
+    p = command("backup", "Copy the state database while the service runs (on the box), verified. "
+                "To restore: stop comfymgr, delete comfymgr.db-wal and comfymgr.db-shm in the state "
+                "directory, copy the backup over comfymgr.db, start comfymgr (docs/CLI.md).",
+                "comfymgr backup /var/backups/comfymgr.db", parents=())
+    p.add_argument("dest", metavar="DEST", help="a file, or a folder to put comfymgr.db in")
+    p.add_argument("--state-dir", metavar="DIR", help="the service's state directory (env COMFYMGR_STATE_DIR)")
+    p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    return parser
+
+
+def _positive_duration(text: str) -> float:
+    try:
+        seconds = _parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("expected a duration > 0")
+    return seconds
+
+
+def _client_main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    """`comfymgr COMMAND ...`: parse, run, turn every failure into one line and its exit code."""
+    args = _client_parser().parse_args(argv)
+    try:
+        if args.command == "backup":
+            return _cmd_backup(args, environ)
+        url, key = _client_url(args.url, environ), _client_key(args.key, environ)
+        if getattr(args, "out", None) is not None:  # before anything is sent
+            _make_folder(Path(args.out), "invalid_out", _EXIT_USAGE)
+            if not os.access(args.out, os.W_OK | os.X_OK):
+                raise _ClientError("invalid_out", f"{args.out}: not writable", _EXIT_USAGE)
+        graphs, inputs = [], {}
+        if args.command == "submit":
+            if args.files.count("-") > 1:
+                raise _ClientError("invalid_file", "- (stdin) can be given once", _EXIT_USAGE)
+            graphs = [_load_workflow(path, sys.stdin) for path in args.files]
+            inputs = dict(_inline_input(spec) for spec in args.input)
+
+        return asyncio.run(_client_run(args, url, key, graphs, inputs))
+    except _ClientError as exc:
+        _print_error(exc.code, exc.message)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+    except (KeyError, TypeError, ValueError) as exc:  # an answer of another shape than this client knows
+        _print_error("bad_answer", f"comfymgr answered what this client does not understand "
+                                   f"({type(exc).__name__}: {exc}); is it another version than {__version__}?")
+        return _EXIT_JOB
+    except BrokenPipeError:  # `comfymgr list | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _EXIT_OK
+
+
+async def _client_run(args: argparse.Namespace, url: str, key: str | None,
+                      graphs: Sequence[tuple[str, dict[str, Any]]], inputs: Mapping[str, str]) -> int:
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        api = _Api(session, url, key)
+        if args.command == "submit":
+            return await _cmd_submit(api, args, graphs, inputs)
+        handler = {"status": _cmd_status, "list": _cmd_list, "cancel": _cmd_cancel, "watch": _cmd_watch,
+                   "outputs": _cmd_outputs, "backends": _cmd_backends}[args.command]
+        return await handler(api, args)
 
 
 ###############################################################################
@@ -6957,10 +8825,21 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: `comfymgr [serve] [--SETTING VALUE ...]` runs the
-    service."""
+    service; `comfymgr COMMAND ...` is its client (`comfymgr --help`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _CLIENT_COMMANDS:
+        # The client reads its connection settings (COMFYMGR_URL, the
+        # service's host, port, key and state dir) from the environment here.
+        return _client_main(argv, os.environ)
+    if argv and argv[0] in ("-h", "--help"):
+        print(_PROGRAM_HELP, end="")
+        return 0
     if argv and argv[0] == "serve":
         argv = argv[1:]
+    elif argv and not argv[0].startswith("-"):
+        print(f"comfymgr: error: unknown command {argv[0]!r}; `comfymgr --help` lists them",
+              file=sys.stderr)
+        return 2
     return _serve_main(argv)
 
 

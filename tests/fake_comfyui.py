@@ -1067,6 +1067,8 @@ class _PromptExecutor:
                 progress.update(call.node_id, step, steps)
                 fake._send("progress", {"value": step, "max": steps, "prompt_id": prompt_id, "node": call.node_id},
                            fake._client_id)
+                if call.class_type in fake.preview_nodes:
+                    fake._send_preview(prompt_id, call.node_id, step)
         elif delay:
             await asyncio.sleep(delay)  # like a blur: an interrupt waits for the next node
         if call.class_type in fake._gates:
@@ -1241,6 +1243,7 @@ class _Connection:
     index: int           # position in FakeComfyUI.ws_connects / ws_sent
     sid: str
     ws: web.WebSocketResponse
+    flags: dict | None = None  # the client's feature_flags, when its first message sent them
 
 
 def _json(data, status: int = 200) -> web.Response:
@@ -1303,6 +1306,13 @@ class FakeComfyUI:
         self.honour_prompt_id = True
         # Awaited with the ids of a POST /queue delete before it is carried out.
         self.before_queue_delete: Callable[[list], Any] | None = None
+        # Node classes that send a preview image with each progress tick, as
+        # samplers do: binary frames to the prompt's client, with metadata
+        # (type 4) for a client that announced supports_preview_metadata,
+        # else the legacy form (type 1). PNG stand-ins, 8x8, a shade per step.
+        self.preview_nodes: set[str] = set()
+        self.legacy_previews = False  # True: type 1 frames even to a client that announced metadata
+        self.previews_sent: list[tuple[int, str, int]] = []  # (frame type, node id, step)
 
         # Records.
         self.posted_prompt_ids: list[str] = []
@@ -1488,6 +1498,24 @@ class FakeComfyUI:
         message = {"type": event, "data": data}
         self._outbox.put_nowait((json.dumps(message), sid))
 
+    def _send_preview(self, prompt_id: str, node_id: str, step: int):
+        sid = self._client_id
+        conn = self._sockets.get(sid) if sid is not None else None
+        if conn is None:
+            return  # ComfyUI sends previews to the prompt's client only
+        image = _png_bytes(8, 8, (step * 16 % 256, 64, 255 - step * 16 % 256), [])
+        if (conn.flags or {}).get("supports_preview_metadata") and not self.legacy_previews:
+            metadata = json.dumps({"node_id": node_id, "prompt_id": prompt_id, "display_node_id": node_id,
+                                   "parent_node_id": None, "real_node_id": node_id,
+                                   "image_type": "image/png"}).encode()
+            frame = struct.pack(">II", 4, len(metadata)) + metadata + image
+            kind = 4
+        else:
+            frame = struct.pack(">II", 1, 2) + image
+            kind = 1
+        self.previews_sent.append((kind, node_id, step))
+        self._outbox.put_nowait((frame, sid))
+
     def broadcast(self, event: str, data: Any, sid: str | None = None):
         """What a custom node does with PromptServer.instance.send_sync(event, data, sid):
         any event name, any JSON data, to every socket (or one)."""
@@ -1565,6 +1593,7 @@ class FakeComfyUI:
                 if not isinstance(data, dict):
                     continue
                 if first_message and data.get("type") == "feature_flags":
+                    conn.flags = data.get("data") if isinstance(data.get("data"), dict) else {}
                     await self._send_to(conn, json.dumps({"type": "feature_flags", "data": dict(SERVER_FEATURES)}))
                 first_message = False
         finally:

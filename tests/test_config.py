@@ -288,8 +288,8 @@ def test_paths_expand_the_home_directory():
 ###############################################################################
 
 
-def test_help_lists_every_setting_with_its_env_var_and_default():
-    result = cli("--help")
+def test_serve_help_lists_every_setting_with_its_env_var_and_default():
+    result = cli("serve", "--help")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     text = compact(result.stdout)

@@ -202,3 +202,106 @@ async def test_custom_node_broadcasting_its_own_messages_wedges_nothing(make_cli
     text = await (await client.get("/metrics")).text()
     assert 'comfymgr_backend_messages_ignored_total{backend="local",reason="unknown_type"}' in text
     assert 'comfymgr_backend_messages_ignored_total{backend="local",reason="bad_shape"}' in text
+
+
+async def test_previews_of_a_running_node_are_served_as_jpeg(make_client, real_config):
+    """A node that reports progress with preview images the way samplers do:
+    while it runs, the preview endpoint answers the latest JPEG."""
+    await custom_nodes("ComfymgrPreviewSteps")
+    client = await make_client(real_config())
+    await wait_backends_up(client, timeout=WAIT)
+    graph = tagged(workflow("simple"))
+    graph["5"] = {"class_type": "ComfymgrPreviewSteps",
+                  "inputs": {"image": ["1", 0], "steps": 20, "seconds_per_step": 0.25}}
+    graph["2"]["inputs"]["images"] = ["5", 0]
+    job = await submit(client, graph)
+    counters = []
+    while True:
+        state = await get_job(client, job["workflowId"])
+        if state["status"] != "running" and state["status"] != "queued":
+            break
+        resp = await client.get(f"/v1/comfyui/workflow/{job['workflowId']}/preview", headers=HEADERS)
+        if resp.status == 200:
+            body = await resp.read()
+            assert resp.content_type == "image/jpeg" and body.startswith(b"\xff\xd8\xff")
+            assert resp.headers["X-Preview-Node"] == "5"
+            counters.append(int(resp.headers["X-Preview-Counter"]))
+        else:
+            assert (await resp.json())["error"] == "no_preview"
+        await asyncio.sleep(0.2)
+    assert state["status"] == "completed", state
+    assert counters and counters == sorted(counters) and counters[-1] > counters[0], counters
+    resp = await client.get(f"/v1/comfyui/workflow/{job['workflowId']}/preview", headers=HEADERS)
+    assert resp.status == 404
+
+
+def _png_pixels(data: bytes) -> tuple[int, int, int, list[bytes]]:
+    """(width, height, channels, rows) of an 8-bit RGB/RGBA PNG, stdlib only."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    idat = b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IDAT":
+            idat += body
+        else:
+            chunks.setdefault(kind, body)
+        pos += 12 + length
+    width, height, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert depth == 8 and color in (2, 6), (depth, color)
+    channels = 3 if color == 2 else 4
+    raw, stride, rows, previous = zlib.decompress(idat), width * channels, [], bytes(width * channels)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for x in range(stride):
+            left = line[x - channels] if x >= channels else 0
+            up, corner = previous[x], previous[x - channels] if x >= channels else 0
+            if kind == 1:
+                line[x] = (line[x] + left) & 0xFF
+            elif kind == 2:
+                line[x] = (line[x] + up) & 0xFF
+            elif kind == 3:
+                line[x] = (line[x] + (left + up) // 2) & 0xFF
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[x] = (line[x] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 0xFF
+        rows.append(bytes(line))
+        previous = line
+    return width, height, channels, rows
+
+
+async def test_one_call_inline_png_in_inverted_png_out(make_client, real_config):
+    """An inline PNG through LoadImage -> ImageInvert -> SaveImage, waiting,
+    with the result inline: the returned image is the inverted input."""
+    import base64
+
+    from fake_comfyui import _png_bytes
+
+    client = await make_client(real_config())
+    await wait_backends_up(client, timeout=WAIT)
+    color = (random.randrange(256), random.randrange(256), random.randrange(256))
+    source = _png_bytes(16, 8, color, [])
+    graph = {"1": {"class_type": "LoadImage", "inputs": {"image": "photo"}},
+             "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                         "filename_prefix": f"onecall_{uuid.uuid4().hex[:8]}"}}}
+    resp = await client.post("/v1/comfyui/workflow?wait=120&include=data", headers=HEADERS, json={
+        "workflow": graph, "inputs": {"photo": "data:image/png;base64," + base64.b64encode(source).decode()}})
+    assert resp.status == 200, await resp.text()
+    job = await resp.json()
+    assert job["status"] == "completed", job
+    [output] = job["outputs"]
+    assert output["contentType"] == "image/png"
+    width, height, channels, rows = _png_pixels(base64.b64decode(output["data"]))
+    assert (width, height) == (16, 8)
+    # ComfyUI inverts in floats and truncates back to 8 bits: 255 - c, or one less.
+    inverted = [255 - c for c in color]
+    assert all(0 <= want - got <= 1 for row in rows for x in range(width)
+               for want, got in zip(inverted, row[x * channels:x * channels + 3])), (color, rows[0][:9])
+    download = await client.get(output["url"], headers=HEADERS)  # through ComfyUI's /view
+    assert download.status == 200 and await download.read() == base64.b64decode(output["data"])

@@ -16,6 +16,7 @@ system-deps` installs them all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import json
 import os
@@ -29,6 +30,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -227,25 +229,32 @@ class Nginx:
                                      timeout=aiohttp.ClientTimeout(total=60))
 
 
-@pytest.fixture(scope="module")
-def nginx(tmp_path_factory, backend):
+@contextlib.contextmanager
+def running_nginx(prefix: Path, upstream_port: int) -> Iterator[Nginx]:
+    """A real nginx with contrib/nginx/comfymgr.conf in front of the comfymgr
+    on 127.0.0.1:upstream_port; its files in prefix (tests/test_ui.py too)."""
     openssl = need_tool("openssl")
-    prefix = tmp_path_factory.mktemp("nginx")
-    (prefix / "tls").mkdir()
+    for sub in ("logs", "tls"):
+        (prefix / sub).mkdir()
     cert, key = prefix / "tls" / "cert.pem", prefix / "tls" / "key.pem"
     subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     port = free_port()
-    (prefix / "logs").mkdir()
-    site = render_nginx_conf(listen_port=port, upstream_port=int(backend.rsplit(":", 1)[1]),
+    site = render_nginx_conf(listen_port=port, upstream_port=upstream_port,
                              cert=cert, key=key, logs=prefix / "logs")
     proc = start_nginx(prefix, site, port)
     try:
-        yield Nginx(f"https://127.0.0.1:{port}", cert, prefix / "logs", backend)
+        yield Nginx(f"https://127.0.0.1:{port}", cert, prefix / "logs", f"http://127.0.0.1:{upstream_port}")
     finally:
         proc.stop(signal.SIGQUIT)  # graceful: finish requests, then exit
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory, backend):
+    with running_nginx(tmp_path_factory.mktemp("nginx"), int(backend.rsplit(":", 1)[1])) as server:
+        yield server
 
 
 # -- nginx in front of comfymgr ------------------------------------------------
@@ -498,6 +507,7 @@ def copy_checkout(dest: Path) -> Path:
     dest.mkdir(parents=True)
     for name in ("comfymgr.py", "Makefile", "requirements.lock", "pyproject.toml"):
         shutil.copy2(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "ui", dest / "ui")  # the dashboard's files
     return dest
 
 
@@ -557,11 +567,15 @@ def test_pyz_packs_only_the_runtime_dependencies(pyz):
     with zipfile.ZipFile(pyz) as archive:
         tops = {name.split("/")[1] for name in archive.namelist()
                 if name.startswith("site-packages/") and name.count("/") >= 1}
+        dashboard = {name.split("/", 2)[2]: archive.read(name) for name in archive.namelist()
+                     if name.startswith("site-packages/ui/")}
     packages = {t for t in tops if not t.endswith(".dist-info") and t}
     assert packages == {
-        "comfymgr.py", "aiohttp", "aiohappyeyeballs", "aiosignal", "async_timeout", "attr",
+        "comfymgr.py", "ui", "aiohttp", "aiohappyeyeballs", "aiosignal", "async_timeout", "attr",
         "attrs", "frozenlist", "idna", "multidict", "propcache", "prometheus_client", "pynvml.py",
         "swagger_ui_bundle", "typing_extensions.py", "yarl", "orjson"}, packages
+    # The dashboard's files, beside comfymgr.py as it expects them.
+    assert dashboard == {p.name: p.read_bytes() for p in (ROOT / "ui").iterdir()}
 
 
 @pytest.mark.parametrize("minor", sorted(PYTHONS))
@@ -584,6 +598,10 @@ def test_pyz_core_smoke(pyz, minor, fake_comfyui, tmp_path):
         assert job["status"] == "completed" and job["outputs"], job
         status, body = http_get(f"{url}/docs/assets/swagger-ui.css")
         assert status == 200 and body, "Swagger UI's assets are in the .pyz"
+        # The dashboard, served from the files unpacked from the .pyz.
+        for path, name in (("/ui", "index.html"), ("/ui/app.js", "app.js"), ("/ui/app.css", "app.css")):
+            status, body = http_get(url + path)
+            assert (status, body) == (200, (ROOT / "ui" / name).read_bytes()), path
         status, info = http_json("GET", url + "/v1/status")
         assert info["runtime"]["eventLoop"] == "asyncio" and info["runtime"]["json"] == "orjson", info
     finally:

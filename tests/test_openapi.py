@@ -14,7 +14,8 @@ from openapi_spec_validator import validate
 import comfymgr
 from conftest import HEADERS, workflow
 
-DOC_ROUTES = {"openapi", "docs", "docs_init", "docs_assets"}  # serve the docs, not in them
+# Serve the docs and the dashboard, not in the document.
+DOC_ROUTES = {"openapi", "docs", "docs_init", "docs_assets", "ui", "ui_files"}
 
 
 @pytest.fixture

@@ -188,7 +188,8 @@ ROUTE_CHECKS = {"jobs": check_list, "outputs": check_outputs, "output": check_ou
                 "status": check_status, "submit": check_submit, "stream": check_stream,
                 "inputs": check_inputs}
 # Routes that are the same for every key: nothing in them belongs to a job.
-UNSCOPED = {"models", "health", "metrics", "openapi", "docs", "docs_init", "docs_assets"}
+UNSCOPED = {"models", "health", "metrics", "openapi", "docs", "docs_init", "docs_assets",
+            "ui", "ui_files"}  # the dashboard's page and files: the same for every key
 
 
 async def test_a_client_cancels_its_own_jobs_only(make_client, make_config):

@@ -57,7 +57,7 @@ async def status_of(client, path=STATUS, **headers):
 def test_the_open_routes_are_exactly_these():
     """Opening a route must be a conscious change: update this set too."""
     assert comfymgr._OPEN_ROUTES == {"health", "metrics", "openapi", "docs", "docs_init",
-                                     "docs_assets"}
+                                     "docs_assets", "ui", "ui_files"}
     assert comfymgr._UNLIMITED_ROUTES == {"health", "metrics"}
 
 
@@ -74,6 +74,8 @@ def walk(app, job_id):
     for route in app.router.routes():
         if route.name == "docs_assets":
             path = "/docs/assets/swagger-ui.css"
+        elif route.name == "ui_files":
+            path = "/ui/app.js"
         else:
             path = re.sub(r"\{[^}]+\}", job_id, route.resource.canonical)
         yield route.name, route.method, path
