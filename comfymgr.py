@@ -51,6 +51,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import stat
 import sys
 import textwrap
@@ -216,7 +217,8 @@ def _parse_url(value: str) -> str:
         raise ValueError("expected an http:// or https:// URL")
     if "@" in parts.netloc:
         raise ValueError("expected an http:// or https:// URL without user info (a GPU index "
-                         "goes after the whole URL: NAME=http://host:port@GPU)")
+                         "goes after the whole URL, NAME=URL@GPU: gpu0=http://127.0.0.1:8188@0; "
+                         "credentials go in COMFYMGR_BACKEND_HEADERS_FILE)")
     if parts.query or parts.fragment or (port is not None and port == 0):
         raise ValueError("expected an http:// or https:// URL without query, fragment or port 0")
     return value
@@ -309,6 +311,105 @@ def _parse_backends(value: str) -> tuple[BackendSpec, ...]:
     return tuple(backends)
 
 
+# Headers comfymgr sets itself, or that frame the request: a file that set
+# them would break every call, not authenticate it.
+_RESERVED_HEADERS = frozenset({
+    "host", "content-length", "content-type", "transfer-encoding", "connection", "upgrade",
+    "keep-alive", "te", "trailer", "proxy-connection", "sec-websocket-key",
+    "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"})
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _BackendHeaders:
+    """COMFYMGR_BACKEND_HEADERS_FILE, read: extra request headers per backend
+    name (for the reverse proxy that guards a remote ComfyUI). The values are
+    secrets: repr shows the file and the backend names, never a value."""
+
+    path: Path | None = None
+    by_backend: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    mode: int = 0o600  # the file's permission bits when it was read
+
+    def names(self) -> set[str]:
+        return {name for name, _ in self.by_backend}
+
+    def for_backend(self, name: str) -> dict[str, str]:
+        return next((dict(headers) for n, headers in self.by_backend if n == name), {})
+
+    def __repr__(self) -> str:
+        return f"_BackendHeaders(path={self.path!r}, backends={sorted(self.names())!r})"
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"{key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def _parse_headers_file(value: str) -> _BackendHeaders:
+    """Read and check the headers file. Every message names the backend and
+    the header, never a value."""
+    path = _parse_path(value)
+    if path is None:
+        return _BackendHeaders()
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError("it is not UTF-8 text") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError as exc:  # a key twice
+        raise ValueError(f"not valid: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError('expected a JSON object {"<backend name>": {"<header>": "<value>", ...}}')
+    by_backend = []
+    for name, headers in data.items():
+        if not isinstance(headers, dict):
+            raise ValueError(f"backend {name!r}: expected an object of header names to values")
+        seen: set[str] = set()
+        for header, header_value in headers.items():
+            if not _HEADER_NAME.fullmatch(header):
+                raise ValueError(f"backend {name!r}: {header!r} is not a valid header name")
+            if header.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"backend {name!r}: header {header!r} is set by comfymgr itself")
+            if header.lower() in seen:
+                raise ValueError(f"backend {name!r}: header {header!r} appears twice")
+            seen.add(header.lower())
+            if not isinstance(header_value, str) or any(
+                    ord(c) < 32 and c != "\t" or ord(c) == 127 for c in header_value):
+                raise ValueError(f"backend {name!r}, header {header!r}: the value must be a string "
+                                 "without line breaks or control characters")
+        by_backend.append((name, tuple(headers.items())))
+    return _BackendHeaders(path, tuple(by_backend), mode)
+
+
+def _load_ca_bundle(path: Path) -> ssl.SSLContext:
+    """A client TLS context that trusts exactly the CAs in `path` (PEM), and
+    verifies certificates and host names as the default context does."""
+    return ssl.create_default_context(cafile=str(path))
+
+
+def _parse_ca_file(value: str) -> Path | None:
+    path = _parse_path(value)
+    if path is None:
+        return None
+    try:
+        _load_ca_bundle(path)
+    except ssl.SSLError:  # an OSError too: first
+        raise ValueError("no PEM certificate in it") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror}") from None
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class _Setting:
     name: str  # the Config attribute; the flag is --name-with-dashes
@@ -367,6 +468,13 @@ def _settings() -> tuple[_Setting, ...]:
         s("backends", "COMFYUI_BACKENDS", "", _parse_backends,
           "Several ComfyUI servers: NAME=URL[@GPU],... where GPU is the physical GPU index "
           "(e.g. gpu0=http://127.0.0.1:8188@0,gpu1=http://127.0.0.1:8189@1).", "comfyui"),
+        s("backend_headers_file", "COMFYMGR_BACKEND_HEADERS_FILE", "", _parse_headers_file,
+          "JSON file of request headers per backend, for the proxy in front of a remote ComfyUI: "
+          '{"gpu0": {"Authorization": "Bearer ..."}}. Read once at start; keep it mode 0600 '
+          "(docs/SCALING.md).", "comfyui"),
+        s("backend_ca_file", "COMFYMGR_BACKEND_CA_FILE", "", _parse_ca_file,
+          "PEM bundle of the CAs that https:// backends' certificates must chain to, instead of "
+          "the system's (a private CA). TLS is always verified.", "comfyui"),
         s("job_timeout", "COMFYMGR_JOB_TIMEOUT", "1h", _parse_duration,
           "Default run-time limit per job (submit field `timeout` overrides); 0 = none.",
           "comfyui"),
@@ -493,6 +601,8 @@ class Config:
     shutdown_timeout: float
     comfyui_url: str
     backends: tuple[BackendSpec, ...]
+    backend_headers_file: _BackendHeaders
+    backend_ca_file: Path | None
     job_timeout: float
     backend_timeout: float
     backend_retries: int
@@ -573,16 +683,29 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     ConfigError naming the setting when a value is bad."""
     args = _argument_parser().parse_args(argv)
     environ = os.environ if environ is None else environ
-    values = {}
+    values, sources = {}, {}
     for st in _SETTINGS:
         given = getattr(args, st.name)
         source = st.flag if given is not None else st.env
         raw = given if given is not None else environ.get(st.env, st.default)
+        sources[st.name] = f"{source}={raw!r}"
         try:
             values[st.name] = st.parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{source}={raw!r}: {exc}") from None
-    return Config(**values)
+            raise ConfigError(_redact_credentials(f"{source}={raw!r}: {exc}")) from None
+    config = Config(**values)
+    unknown = config.backend_headers_file.names() - {b.name for b in config.backend_specs}
+    if unknown:
+        raise ConfigError(f"{sources['backend_headers_file']}: no backend is named "
+                          f"{', '.join(map(repr, sorted(unknown)))} (the backends are "
+                          f"{', '.join(b.name for b in config.backend_specs)})")
+    return config
+
+
+def _redact_credentials(text: str) -> str:
+    """user:password@ in URLs masked: a refused setting is printed back, and
+    it must not put a secret into the journal (a port-like "host:9@" stays)."""
+    return re.sub(r"//([^/@\s:]*):([^/@\s]*[^/@\s0-9][^/@\s]*)@", r"//\1:***@", text)
 
 
 def _config_table() -> str:
@@ -2501,6 +2624,16 @@ _CONNECT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError
     t for t in (getattr(aiohttp, "ConnectionTimeoutError", None),) if t is not None)
 
 
+def _connect_error(base_url: str, exc: BaseException) -> BackendError:
+    """The connection to the backend failed: nothing was sent. A TLS refusal
+    says why in words (aiohttp's own text buries it in a repr)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(exc.certificate_error, "verify_message", "") or str(exc.certificate_error)
+        return BackendError(f"cannot connect to {base_url}: TLS certificate verify failed: {reason}",
+                            sent=False)
+    return BackendError(f"cannot connect to {base_url}: {exc}", sent=False)
+
+
 def _excerpt(value: Any, limit: int = _EXCERPT_CHARS) -> str:
     """A short, printable rendering of something ComfyUI sent, for errors."""
     if isinstance(value, (bytes, bytearray)):
@@ -2539,15 +2672,56 @@ class _PromptAnswer:
 
 class _ComfyClient:
     """ComfyUI's HTTP API. Every call is bounded by the backend timeout, so a
-    ComfyUI that accepts connections and never answers cannot hang us."""
+    ComfyUI that accepts connections and never answers cannot hang us.
 
-    def __init__(self, base_url: str, timeout: float) -> None:
+    A remote backend's headers (COMFYMGR_BACKEND_HEADERS_FILE) are the
+    session's default headers, so every request, upload and the WebSocket
+    handshake carries them; they are secrets, so no message built here
+    quotes a request (aiohttp's repr of a response error would: it holds the
+    request headers). https:// is verified against COMFYMGR_BACKEND_CA_FILE
+    when set, else the system's CAs."""
+
+    def __init__(self, base_url: str, timeout: float, *, headers: Mapping[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.base_url = base_url
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=timeout)
+        self._headers = dict(headers or {})
+        self._ssl = ssl_context
         self.session: aiohttp.ClientSession | None = None
 
+    @classmethod
+    def for_backend(cls, spec: BackendSpec, config: Config) -> _ComfyClient:
+        return cls(spec.url, config.backend_timeout,
+                   headers=config.backend_headers_file.for_backend(spec.name),
+                   ssl_context=_load_ca_bundle(config.backend_ca_file) if config.backend_ca_file else None)
+
     async def open(self) -> None:
-        self.session = aiohttp.ClientSession(timeout=self._timeout)
+        connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl is not None else None
+        self.session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers,
+                                             connector=connector)
+
+    def ws_url(self, client_id: str) -> str:
+        """http -> ws, https -> wss, on the backend's own host and path."""
+        return "ws" + self.base_url[len("http"):] + f"/ws?clientId={client_id}"
+
+    @contextlib.asynccontextmanager
+    async def websocket(self, client_id: str, *, heartbeat: float, max_msg_size: int) -> Any:
+        """ComfyUI's WebSocket as `client_id`. A refused handshake (the
+        proxy's 401, a 502 while ComfyUI restarts) is a BackendError that
+        names the status and the URL, without the clientId."""
+        assert self.session is not None
+        try:
+            ws = await self.session.ws_connect(self.ws_url(client_id), heartbeat=heartbeat,
+                                               autoping=True, max_msg_size=max_msg_size)
+        except aiohttp.WSServerHandshakeError as exc:
+            raise BackendError(f"HTTP {exc.status} from {self.base_url}/ws"
+                               + (f" ({exc.message})" if exc.status < 300 else "")) from None
+        except _CONNECT_ERRORS as exc:
+            raise _connect_error(self.base_url, exc) from None
+        try:
+            yield ws
+        finally:
+            await ws.close()
 
     async def close(self) -> None:
         if self.session is not None:
@@ -2563,7 +2737,7 @@ class _ComfyClient:
                 raw = await resp.read()
                 status = resp.status
         except _CONNECT_ERRORS as exc:
-            raise BackendError(f"cannot connect to {self.base_url}: {exc}", sent=False) from None
+            raise _connect_error(self.base_url, exc) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise BackendError(f"{method} {path}: {type(exc).__name__} {exc}".strip()) from None
         if status >= 500:
@@ -3202,7 +3376,7 @@ class _Backend:
         self.queue = queue_
         self.clock = clock
         self.metrics = metrics
-        self.client = _ComfyClient(spec.url, config.backend_timeout)
+        self.client = _ComfyClient.for_backend(spec, config)
         self.up = False
         self.incompatible: str | None = None   # why this server gets no jobs
         self.down_since: float | None = clock()
@@ -3270,13 +3444,11 @@ class _Backend:
         try:
             while True:
                 client_id = _new_id()
-                url = self.spec.url.replace("http", "ws", 1) + f"/ws?clientId={client_id}"
                 connected = False
                 try:
-                    assert self.client.session is not None
-                    async with self.client.session.ws_connect(
-                            url, heartbeat=max(5.0, self.config.backend_timeout),
-                            autoping=True, max_msg_size=_WS_MAX_MESSAGE) as ws:
+                    async with self.client.websocket(
+                            client_id, heartbeat=max(5.0, self.config.backend_timeout),
+                            max_msg_size=_WS_MAX_MESSAGE) as ws:
                         # ComfyUI reads feature flags from the first message only:
                         # previews then come with their prompt and node.
                         await ws.send_str('{"type":"feature_flags","data":'
@@ -7449,6 +7621,11 @@ async def _storage_ctx(app: web.Application) -> Any:
 
 
 async def _bridge_ctx(app: web.Application) -> Any:
+    headers = app[CONFIG].backend_headers_file
+    if headers.path is not None and headers.mode & 0o044:
+        _log_app.warning("COMFYMGR_BACKEND_HEADERS_FILE %s holds backend secrets and is readable "
+                         "by its group or others (mode %04o): chmod 0600 it, or hand it over with "
+                         "systemd's LoadCredential= (docs/SCALING.md)", headers.path, headers.mode)
     bridge, hub = app[BRIDGE], app[HUB]
     for backend in bridge.backends.values():
         backend.on_preview = lambda run: hub.publish_preview(
