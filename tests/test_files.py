@@ -4,6 +4,7 @@ with their HTTP edge cases; a traversal corpus; uploads; retention."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 import aiohttp
