@@ -1872,21 +1872,24 @@ class Storage:
         args.append(limit)
         return [Job.from_row(row) for row in self._conn.execute(sql, args)]
 
-    def queue_head(self, backend: str) -> tuple[int, int] | None:
-        """(priority, n) of the job `backend` would claim next: two index probes."""
+    def queue_head(self, backend: str, *, pinned_only: bool = False) -> tuple[int, int] | None:
+        """(priority, n) of the job `backend` would claim next (with
+        pinned_only, of those submitted for it alone): index probes."""
         heads = [self._conn.execute(
             "SELECT priority, n FROM jobs WHERE state = 'queued' AND target = ? "
             "ORDER BY priority, n LIMIT 1", (target,)).fetchone()
-            for target in (TARGET_ANY, backend)]
+            for target in ((backend,) if pinned_only else (TARGET_ANY, backend))]
         found = [(row[0], row[1]) for row in heads if row]
         return min(found) if found else None
 
-    def claim_next(self, backend: str, prompt_id: str, now: int) -> Job | None:
+    def claim_next(self, backend: str, prompt_id: str, now: int, *,
+                   pinned_only: bool = False) -> Job | None:
         """Atomically take the next queued job this backend may run (priority,
-        then age; jobs for "any" backend and for this one) and mark it
-        dispatching with a freshly minted prompt id, stored before any POST."""
+        then age; jobs for "any" backend and for this one, or with
+        pinned_only for this one alone) and mark it dispatching with a
+        freshly minted prompt id, stored before any POST."""
         with self.transaction():
-            head = self.queue_head(backend)
+            head = self.queue_head(backend, pinned_only=pinned_only)
             if head is None:
                 return None
             row = self._conn.execute("SELECT id, attempts, extra FROM jobs WHERE n = ?",
@@ -2463,9 +2466,17 @@ class _Queue:
         self._wakeups.append(event)
         return event
 
-    def notify(self) -> None:
-        for event in self._wakeups:
-            event.set()
+    def notify(self, target: str = TARGET_ANY, priority: int = int(Priority.HIGH)) -> None:
+        """A job for `target` with `priority` waits (new, or back in the
+        queue). The bridge wakes the one dispatcher that should take it
+        (on_work); without a bridge, every waiter wakes."""
+        if self.on_work is not None:
+            self.on_work(target, priority)
+        else:
+            for event in self._wakeups:
+                event.set()
+
+    on_work: Callable[[str, int], None] | None = None
 
     # -- verbs -----------------------------------------------------------------
 
@@ -2504,7 +2515,7 @@ class _Queue:
             return job, position, True
         _log_queue.info("queued %s priority=%s gpu=%s position=%s", job.id,
                         priority.label, target, position, extra={"job": job.id})
-        self.notify()
+        self.notify(target, int(priority))
         return job, position, False
 
     async def get(self, job_id: str, owner: str | None = None) -> tuple[Job, int | None]:
@@ -2522,8 +2533,6 @@ class _Queue:
         job = await self._db.write(lambda s: s.request_cancel(job_id, self.now_ms(), owner))
         _log_queue.info("cancel requested for %s (%s)", job.id, job.state.value,
                         extra={"job": job.id})
-        if not job.terminal:
-            self.notify()  # the bridge acts on the mark
         return job
 
     async def list(self, *, statuses: Sequence[str], priority: Priority | None,
@@ -3245,6 +3254,7 @@ def _invalid_workflow(body: Mapping[str, Any]) -> dict[str, Any]:
 # tick). _Bridge holds the backends and what spans them.
 
 _UNKNOWN_POST_GRACE = 3  # backend timeouts before an unanswered POST is judged lost
+_IDLE_LOOK = 1.0  # seconds between a free dispatcher's own looks at the queue
 _ABANDONED_MAX, _ABANDONED_TTL = 1000, 3600.0
 
 
@@ -3423,6 +3433,9 @@ class _Backend:
         self._reconcile_requested = False
         self._dispatch_failures = 0
         self._dispatch_not_before = 0.0        # loop time; dispatch backs off after failures
+        self.last_dispatch = 0.0               # loop time of the last claim: spreads the load
+        self.pass_on: Callable[[], None] = lambda: None
+        self.idle_elsewhere: Callable[[], bool] = lambda: False
         self._warned: set[str] = set()
         # Called with a run whose preview changed, at most every _PREVIEW_INTERVAL.
         self.on_preview: Callable[[_Run], None] = lambda run: None
@@ -3702,9 +3715,15 @@ class _Backend:
                 self.error(str(exc))
                 dispatched = False
             if dispatched:
+                if not self.can_take_another():
+                    self.pass_on()
                 continue
             wait = self._dispatch_not_before - asyncio.get_running_loop().time()
-            if wait > 0:  # backing off: look again when it ends, or on a wake
+            if wait <= 0 and self.can_take_another():
+                # Wake-ups are aimed at one backend per job; a free one also
+                # looks on its own now and then, so none idles behind a missed one.
+                wait = _IDLE_LOOK
+            if wait > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), wait)
             else:
@@ -3724,9 +3743,15 @@ class _Backend:
             if not self.can_take_another():
                 return False
             prompt_id = _new_id()
-            job = await self.db.write(lambda s: s.claim_next(self.name, prompt_id, self.now_ms()))
+            # Prefetching (a job runs here already) leaves shared jobs to a
+            # backend with nothing to do: a GPU must not idle while a job waits
+            # behind another one.
+            pinned_only = bool(self.runs) and self.idle_elsewhere()
+            job = await self.db.write(lambda s: s.claim_next(self.name, prompt_id, self.now_ms(),
+                                                             pinned_only=pinned_only))
             if job is None:
                 return False
+            self.last_dispatch = asyncio.get_running_loop().time()
             run = self._attach(job)
             _log_bridge.info("dispatching %s to %s as prompt %s (attempt %d)", job.id,
                              self.name, prompt_id, job.attempts, extra={"job": job.id})
@@ -4138,7 +4163,8 @@ class _Backend:
             await self.db.write(lambda s: s.requeue_run(run.job_id, run.prompt_id, self.now_ms(), **how))
         finally:
             self.runs.pop(run.job_id, None)
-            self.queue.notify()
+            self.queue.notify(self.name if run.pinned else TARGET_ANY, run.priority)
+            self.wake.set()  # its own place is free again too
 
     async def _finish_locked(self, run: _Run, entry: Any = None) -> None:
         """Decide a run's end from ComfyUI's history (the record); the end
@@ -4293,7 +4319,32 @@ class _Bridge:
                                              metrics=metrics, inputs=inputs)
                          for spec in config.backend_specs}
 
+    def _idle_besides(self, backend: _Backend) -> bool:
+        return any(other is not backend and not other.runs and other.can_take_another()
+                   for other in self.backends.values())
+
+    def kick(self, target: str, priority: int) -> None:
+        """Wake the one dispatcher that should take a job for `target`: the
+        least busy backend that can take one; if none can, the backend whose
+        job waiting in ComfyUI's queue is the least urgent, when the new job
+        is more urgent (it takes that place back). One wake-up per job, not
+        one per backend: 64 backends cost what 1 does."""
+        backends = [self.backends[target]] if target in self.backends else list(self.backends.values())
+        takers = [b for b in backends if b.can_take_another()]
+        if takers:  # one not already woken first, then the least busy
+            min(takers, key=lambda b: (b.wake.is_set(), len(b.runs), b.last_dispatch)).wake.set()
+            return
+        waiting = [(run.priority, -run_index, b) for run_index, b in enumerate(backends)
+                   if b.up and (run := b.waiting_run()) is not None and run.priority > priority]
+        if waiting:
+            max(waiting, key=lambda w: (w[0], w[1]))[2].wake.set()
+
     async def start(self) -> None:
+        self.queue.on_work = self.kick
+        for backend in self.backends.values():
+            # A backend that filled up passes the work on: more may wait.
+            backend.pass_on = lambda: self.kick(TARGET_ANY, int(Priority.LOW))
+            backend.idle_elsewhere = functools.partial(self._idle_besides, backend)
         now = _ms(self.clock())
         for job in await self.db.write(lambda s: s.fail_orphans(list(self.backends), now)):
             _log_bridge.warning("failed %s: its backend is no longer configured", job.id,
