@@ -161,6 +161,13 @@ def test_files_the_code_and_docs_name_are_in_the_repository():
     assert missing == set()
 
 
+def test_the_alert_rules_are_copied_where_prometheus_yml_loads_them():
+    [copied] = re.findall(r"^scp contrib/prometheus/alerts\.yml \S+:/etc/prometheus/(\S+) ", README, re.M)
+    loaded = re.search(r"^rule_files:\n\s+- (\S+)$", (ROOT / "contrib/prometheus/prometheus.yml").read_text(),
+                       re.M).group(1)
+    assert copied == loaded == "alerts.yml"
+
+
 def test_the_websocat_commands_are_the_tested_ones():
     for command in ('websocat -H="X-API-Key: $KEY" ws://127.0.0.1:9090/v1/comfyui/stream',
                     'websocat "ws://127.0.0.1:9090/v1/comfyui/stream?workflowId=$ID&api_key=$KEY"',
