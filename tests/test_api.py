@@ -10,6 +10,8 @@ import sqlite3
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import comfymgr
@@ -663,3 +665,22 @@ async def test_expect_continue_checks_the_key_before_inviting_the_body(client):
     odd = await raw_exchange(client, (head.replace("100-continue", "something-else")
                                        + f"X-API-Key: {API_KEY}\r\n\r\n").encode())
     assert odd.startswith(b"HTTP/1.1 417 ")
+
+
+# The submit's graph check has a fast path; it must answer as the generic walk does.
+_values = st.none() | st.booleans() | st.integers() | st.text(max_size=3) | st.lists(st.integers(), max_size=2)
+_nodes = st.one_of(
+    st.fixed_dictionaries({}, optional={"class_type": st.one_of(st.text(max_size=3), st.integers()),
+                                        "inputs": st.one_of(st.dictionaries(st.text(max_size=2), _values,
+                                                                            max_size=2), _values),
+                                        "_meta": _values}),
+    _values)
+_graphs = st.one_of(st.dictionaries(st.text(max_size=3), _nodes, max_size=4), _values)
+
+
+@settings(max_examples=500, deadline=None)
+@given(graph=_graphs)
+def test_the_fast_graph_check_answers_as_the_generic_walk(graph):
+    generic_schema = dict(comfymgr._WORKFLOW_SCHEMA)  # another object: no fast path
+    assert comfymgr._Schema._check(comfymgr._WORKFLOW_SCHEMA, graph, ("workflow",)) == \
+        comfymgr._Schema._check(generic_schema, graph, ("workflow",))
