@@ -89,7 +89,7 @@ except ImportError:
 # config
 ###############################################################################
 # Every setting is declared once, in _SETTINGS. The CLI flags, `--help`, the
-# README's table (`--config-table`) and validation are all built from it; the
+# table of docs/CONFIGURATION.md (`make readme`) and validation are all built from it; the
 # result is one frozen Config that is passed around. Nothing below this
 # section reads os.environ.
 
@@ -709,7 +709,7 @@ def _redact_credentials(text: str) -> str:
 
 
 def _config_table() -> str:
-    """The README's settings table, generated so that it never drifts."""
+    """The settings table of docs/CONFIGURATION.md, generated so that it never drifts."""
     lines = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
     for st in _SETTINGS:
         default = f"`{st.default}`" if st.default else "(empty)"
