@@ -6308,10 +6308,13 @@ async def _error_middleware(request: web.Request, handler: Callable) -> web.Stre
 
 def _storage_api_error(exc: StorageError) -> ApiError:
     """What a client is told of a refusal of Storage's."""
-    kind, code = {JobNotFound: (NotFound, "not_found"), NotCancellable: (Conflict, "not_cancellable"),
-                  IdempotencyConflict: (UnprocessableEntity, "idempotency_conflict"),
-                  InvalidTransition: (Conflict, "invalid_transition")}[type(exc)]
-    return kind(exc.message, code=code, details=exc.details)
+    if isinstance(exc, JobNotFound):
+        return NotFound(exc.message, code="not_found", details=exc.details)
+    if isinstance(exc, NotCancellable):
+        return Conflict(exc.message, code="not_cancellable", details=exc.details)
+    if isinstance(exc, IdempotencyConflict):
+        return UnprocessableEntity(exc.message, code="idempotency_conflict", details=exc.details)
+    return Conflict(exc.message, code="invalid_transition", details=exc.details)
 
 
 def _http_exception_envelope(request: web.Request, exc: web.HTTPException) -> dict[str, Any]:
