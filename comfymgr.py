@@ -1305,6 +1305,10 @@ EVENT_TYPES = ("workflow:queued", "workflow:started", EVENT_PROGRESS, "workflow:
 del S
 
 
+class SchemaTooNew(sqlite3.DatabaseError):
+    """The database was migrated by a newer comfymgr: this one must not touch it."""
+
+
 class StorageError(ComfymgrError):
     """What Storage refuses; the HTTP layer gives each its status and code."""
 
@@ -1633,7 +1637,7 @@ class Storage:
     def _migrate(self) -> None:
         current = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if current > len(_MIGRATIONS):
-            raise sqlite3.DatabaseError(
+            raise SchemaTooNew(
                 f"{self.path} has schema version {current}, newer than this comfymgr "
                 f"understands ({len(_MIGRATIONS)}); run a newer comfymgr")
         for version in range(current + 1, len(_MIGRATIONS) + 1):
@@ -5103,7 +5107,9 @@ def _outbound_session(policy: _TargetPolicy, timeout: float, *, limit: int) -> a
     after DNS; IP literals (which skip the resolver) are checked by callers
     through check_literal."""
     connector = aiohttp.TCPConnector(resolver=_CheckedResolver(policy), limit=limit, force_close=True)
+    # No cookie jar: one receiver's cookies must never travel to another.
     return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
+                                 cookie_jar=aiohttp.DummyCookieJar(),
                                  timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=timeout))
 
 
@@ -9098,6 +9104,9 @@ def _serve_main(argv: list[str]) -> int:
             asyncio.run(_serve(config, _Notifier(os.environ)))
     except _StateDirInUse as exc:
         print(f"comfymgr: error: {exc}", file=sys.stderr)
+        return 2
+    except SchemaTooNew as exc:  # restarting cannot help: exit 2, which systemd does not retry
+        _log_app.error("cannot start: %s", exc)
         return 2
     except (OSError, ConfigError, sqlite3.Error) as exc:
         _log_app.error("cannot start: %s", exc)

@@ -346,5 +346,5 @@ def test_an_older_comfymgr_refuses_a_newer_schema_as_the_readme_says(tmp_path):
     expected = (re.sub(r"\s+", " ", said).replace("/var/lib/comfymgr", str(state))
                 .replace("version N", f"version {len(comfymgr._MIGRATIONS) + 1}")
                 .replace("(M)", f"({len(comfymgr._MIGRATIONS)})"))
-    assert done.returncode == 1 and "exit status 1" in README
+    assert done.returncode == 2 and "exit status 2" in README
     assert expected in done.stderr, done.stderr
