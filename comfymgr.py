@@ -1399,6 +1399,11 @@ class Event:
                 "timestamp": self.ts, **self.data}
 
 
+def _cancelled(detail: str = "", **where: Any) -> dict[str, Any]:
+    """A cancelled job's `error`, with what comfymgr knows of how it ended."""
+    return {"code": "cancelled", "message": "cancelled by request" + detail, **where}
+
+
 def _output_path(item: Mapping[str, Any]) -> str:
     """Where an output file is below its root: "subfolder/filename"."""
     return "/".join(p for p in (item.get("subfolder"), item["filename"]) if p)
@@ -1997,9 +2002,7 @@ class Storage:
                 raise NotCancellable(f"workflow {job_id} already {job.status}; there is nothing to "
                                      "cancel", workflowId=job_id, status=job.status)
             if job.state is JobState.QUEUED:
-                return self._transition(job_id, JobState.CANCELLED, now, completed_at=now,
-                                       error={"code": "cancelled", "message": "cancelled by request"},
-                                       event={"reason": "cancelled by request"})
+                return self._cancel_unstarted(job_id, now)
             if job.cancel_requested_at is None:
                 self._conn.execute("UPDATE jobs SET cancel_requested_at = ?, updated_at = ? WHERE n = ?",
                                    (now, now, job.n))
@@ -2091,9 +2094,7 @@ class Storage:
             if job is None:
                 return None
             if job.cancel_requested_at is not None:
-                return self._transition(job_id, JobState.CANCELLED, now, completed_at=now,
-                                       error={"code": "cancelled", "message": "cancelled by request"},
-                                       event={"reason": "cancelled by request"})
+                return self._cancel_unstarted(job_id, now)
             extra = _job_extra(job.extra)
             if count is not None:
                 extra[count] = int(extra.get(count, 0)) + 1
@@ -2104,6 +2105,11 @@ class Storage:
                                    started_at=None, progress=0.0, current_node=None,
                                    extra=extra or None,
                                    event={"reason": reason} if reason else None)
+
+    def _cancel_unstarted(self, job_id: str, now: int) -> Job:
+        error = _cancelled()
+        return self._transition(job_id, JobState.CANCELLED, now, completed_at=now, error=error,
+                                event={"reason": error["message"]})
 
     def fail_orphans(self, backends: Sequence[str], now: int) -> list[Job]:
         """Unfinished jobs bound to a backend that is no longer configured
@@ -4023,8 +4029,7 @@ class _Backend:
         run.missing_since = run.missing_since or now
         if run.interrupt == "cancel" and run.interrupt_sent:
             # comfymgr removed it from ComfyUI's queue itself.
-            await self._end_locked(run, JobState.CANCELLED, error={
-                "code": "cancelled", "message": "cancelled by request before it started"})
+            await self._stopped_locked(run, detail=" before it started")
             return
         if job.state is JobState.DISPATCHING:
             # POST /prompt's answer was lost, or comfymgr stopped before it
@@ -4065,12 +4070,8 @@ class _Backend:
         COMFYMGR_BACKEND_RETRIES allows (on any backend)."""
         self.lock.assert_held()
         self.abandon(run.prompt_id)
-        if run.interrupt == "cancel":
-            await self._end_locked(run, JobState.CANCELLED, error={
-                "code": "cancelled", "message": "cancelled by request"})
-            return
-        if run.interrupt == "timeout":
-            await self._end_locked(run, JobState.FAILED, error=self._timeout_error(run))
+        if run.interrupt is not None:  # it was being stopped anyway
+            await self._stopped_locked(run)
             return
         _log_bridge.warning("%s: %s (prompt %s)", run.job_id, message, run.prompt_id,
                             extra={"job": run.job_id})
@@ -4231,9 +4232,20 @@ class _Backend:
             await self._end_locked(run, JobState.FAILED, error={
                 "code": "execution_error", "message": "ComfyUI recorded the run as failed"})
 
-    def _timeout_error(self, run: _Run, detail: str = "") -> dict[str, Any]:
-        return {"code": "timeout",
-                "message": f"ran longer than its {run.timeout_s or 0:g} s timeout{detail}"}
+    async def _stopped_locked(self, run: _Run, *, detail: str = "",
+                              where: Mapping[str, Any] | None = None) -> None:
+        """End a run that was stopped: cancelled or timed out when comfymgr
+        stopped it, else interrupted by someone else on ComfyUI."""
+        where = where or {}
+        if run.interrupt == "cancel":
+            await self._end_locked(run, JobState.CANCELLED, error=_cancelled(detail, **where))
+        elif run.interrupt == "timeout":
+            await self._end_locked(run, JobState.FAILED, error={
+                "code": "timeout", "message": f"ran longer than its {run.timeout_s or 0:g} s timeout"
+                f"{detail}", **where})
+        else:
+            await self._end_locked(run, JobState.FAILED, error={
+                "code": "interrupted", "message": "interrupted on ComfyUI, not by comfymgr", **where})
 
     async def _end_with_locked(self, run: _Run, name: str, data: dict[str, Any],
                                outputs: list[dict[str, Any]]) -> None:
@@ -4241,17 +4253,9 @@ class _Backend:
             await self._end_locked(run, JobState.FAILED, error=_execution_error(data))
         elif name == "execution_interrupted":
             node_id = data.get("node_id")
-            where = {"nodeId": str(node_id) if _is_node_id(node_id) else None,
-                     "nodeType": _text_field(data, "node_type", 200)}
-            if run.interrupt == "cancel":
-                await self._end_locked(run, JobState.CANCELLED, error={
-                    "code": "cancelled", "message": "cancelled by request", **where})
-            elif run.interrupt == "timeout":
-                await self._end_locked(run, JobState.FAILED, error={**self._timeout_error(run), **where})
-            else:
-                await self._end_locked(run, JobState.FAILED, error={
-                    "code": "interrupted", "message": "interrupted on ComfyUI, not by comfymgr",
-                    **where})
+            await self._stopped_locked(run, where={
+                "nodeId": str(node_id) if _is_node_id(node_id) else None,
+                "nodeType": _text_field(data, "node_type", 200)})
         else:
             await self._end_locked(run, JobState.COMPLETED, outputs=outputs)
 
@@ -4320,15 +4324,9 @@ class _Backend:
         """ComfyUI did not confirm the interrupt in time (or could not be
         reached): recorded by comfymgr's clock; the prompt is abandoned."""
         self.lock.assert_held()
-        grace = self.config.cancel_grace
         self.abandon(run.prompt_id)
-        if run.interrupt == "timeout":
-            await self._end_locked(run, JobState.FAILED, error=self._timeout_error(
-                run, f"; ComfyUI did not confirm the interrupt within {grace:g} s"))
-        else:
-            await self._end_locked(run, JobState.CANCELLED, error={
-                "code": "cancelled", "message": f"cancelled by request; ComfyUI did not confirm "
-                f"the interrupt within {grace:g} s"})
+        await self._stopped_locked(run, detail=f"; ComfyUI did not confirm the interrupt within "
+                                               f"{self.config.cancel_grace:g} s")
 
 
 class _Bridge:
