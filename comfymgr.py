@@ -88,10 +88,9 @@ except ImportError:
 ###############################################################################
 # config
 ###############################################################################
-# Every setting is declared once, in _SETTINGS. The CLI flags, `--help`, the
-# table of docs/CONFIGURATION.md (`make readme`) and validation are all built from it; the
-# result is one frozen Config that is passed around. Nothing below this
-# section reads os.environ.
+# What a setting's value may be: the parsers that turn text from a flag or
+# the environment into a value, or refuse it with a sentence naming why (the
+# settings section below puts the setting's name in front).
 
 
 class ConfigError(Exception):
@@ -408,6 +407,15 @@ def _parse_ca_file(value: str) -> Path | None:
     except OSError as exc:
         raise ValueError(f"cannot read it: {exc.strerror}") from None
     return path
+
+
+###############################################################################
+# settings
+###############################################################################
+# Every setting is declared once, in _SETTINGS. The CLI flags, `--help`, the
+# table of docs/CONFIGURATION.md (`make readme`) and validation are all built
+# from it; the result is one frozen Config that is passed around. Nothing
+# below this section reads os.environ.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2954,7 +2962,13 @@ class _ComfyClient:
         return await self._json("GET", "/object_info")
 
 
-# -- reading what ComfyUI says -------------------------------------------------------
+###############################################################################
+# comfyui protocol
+###############################################################################
+# Reading what ComfyUI says: answers of /system_stats, /object_info and
+# /history, and WebSocket messages, each checked for shape before use (custom
+# node packs send anything); and the workflow checks comfymgr can make at
+# submit from /object_info alone.
 
 def _read_system_stats(body: Any) -> tuple[str | None, list[dict[str, Any]]]:
     """(ComfyUI version, devices) from /system_stats; _ProtocolError when it
@@ -3153,7 +3167,7 @@ def _read_message(text: str) -> tuple[str, Any, str | None]:
     return kind, data, None
 
 
-# -- workflow checks against /object_info -------------------------------------------
+# -- workflow checks against /object_info ---------------------------------------------
 
 def _is_link(value: Any) -> bool:
     # ComfyUI treats every list input as a link [node id, output index].
@@ -4177,7 +4191,7 @@ class _BackendDispatch(_BackendRuns):
 
 
 ###############################################################################
-# bridge: ComfyUI's WebSocket
+# bridge: comfyui websocket
 ###############################################################################
 # One socket per backend, a fresh clientId per connection; each message
 # read as untrusted input and turned into progress, previews and the
@@ -5619,6 +5633,15 @@ def _check_input_references(salt: bytes, owner: str, workflow: Mapping[str, Any]
                                  "with another key", code="foreign_input",
                                  details={"field": f"workflow.{node_id}.inputs.{name}",
                                           "nodeId": node_id})
+
+
+###############################################################################
+# files: serving
+###############################################################################
+# _Files: model listings with background hashes, output listings and
+# downloads (from COMFYUI_OUTPUTS, or through the backend's /view), outputs
+# inline (include=data), uploads named free on every backend, disk use; and
+# retention. Built on the safe-path helpers above.
 
 
 class _Files:
@@ -8622,7 +8645,11 @@ async def _ask(question: str, interrupted: asyncio.Event) -> bool:
     return answer.result().strip().lower() in (b"y", b"yes")
 
 
-# -- the commands ------------------------------------------------------------
+###############################################################################
+# client: commands
+###############################################################################
+# One function per subcommand of `comfymgr`, the argument parser, and
+# _client_main, which main() calls for them.
 
 
 async def _cmd_submit(api: _Api, args: argparse.Namespace, graphs: Sequence[tuple[str, dict[str, Any]]],
