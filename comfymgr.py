@@ -2524,6 +2524,7 @@ class _Queue:
         self.idempotency_ttl = idempotency_ttl
         self.backend_names = tuple(backend_names)
         self._wakeups: list[asyncio.Event] = []
+        self.on_work: Callable[[str, int], None] | None = None  # the bridge's kick, once it runs
 
     def now_ms(self) -> int:
         return _ms(self._clock())
@@ -2546,8 +2547,6 @@ class _Queue:
         else:
             for event in self._wakeups:
                 event.set()
-
-    on_work: Callable[[str, int], None] | None = None
 
     # -- verbs -----------------------------------------------------------------
 
@@ -4435,10 +4434,10 @@ class _Bridge:
         if takers:  # one not already woken first, then the least busy
             min(takers, key=lambda b: (b.wake.is_set(), len(b.runs), b.last_dispatch)).wake.set()
             return
-        waiting = [(run.priority, -run_index, b) for run_index, b in enumerate(backends)
-                   if b.up and (run := b.waiting_run()) is not None and run.priority > priority]
-        if waiting:
-            max(waiting, key=lambda w: (w[0], w[1]))[2].wake.set()
+        giving_way = [b for b in backends if b.up and (run := b.waiting_run()) is not None
+                      and run.priority > priority]
+        if giving_way:
+            max(giving_way, key=lambda b: b.waiting_run().priority).wake.set()
 
     async def start(self) -> None:
         self.queue.on_work = self.kick

@@ -203,6 +203,10 @@ async def test_4_timeout_fires_while_the_backend_hangs(make_client, config, fake
     assert (await get_job(client, job["workflowId"]))["status"] == "failed"
 
 
+async def _queued(client, job_id):
+    return (await get_job(client, job_id))["state"] == "queued"
+
+
 async def _false(value):
     return not value
 
@@ -448,21 +452,27 @@ async def test_12_a_dead_backend_gives_back_what_it_had_not_started(make_client,
                                                                     two_fakes, clock):
     a, b = two_fakes
     gate_a = a.gate("ImageBlur")
-    b.gate("ImageBlur")
+    gate_b = b.gate("ImageBlur")
     config = make_config(backends=(comfymgr.BackendSpec("a", a.url), comfymgr.BackendSpec("b", b.url)),
                          progress_interval=0.0, reconcile_interval=0.1, backend_lost_after=120.0,
                          backend_timeout=0.5)
     client = await make_client(config, clock=clock)
     await wait_backends_up(client)
+    backends = client.app[comfymgr.BRIDGE].backends
     on_a = await submit(client, unique(slow_workflow(), "a"), gpu="a")
     await wait_job(client, on_a["workflowId"], status_is("running"))
+    # b is full (one running, one waiting in its ComfyUI queue): the next job can only wait on a.
+    on_b = [await submit(client, unique(slow_workflow(), f"b{i}"), gpu="b") for i in range(2)]
+    await wait_job(client, on_b[0]["workflowId"], status_is("running"))
+    await until(lambda: _true(backends["b"].waiting_run() is not None))
     prefetched = await submit(client, marked("prefetched"))
-    backends = client.app[comfymgr.BRIDGE].backends
-    await until(lambda: _true(backends["a"].waiting_run() is not None
-                              or backends["b"].runs != {}))
+    await until(lambda: _true(backends["a"].waiting_run() is not None))
     gate_a.clear()
     await a.stop()  # kill -9 of a's ComfyUI, for good
-    # The job waiting in a's queue runs on b; the one running on a waits for a.
+    # The job waiting in a's queue goes back to the shared queue at once ...
+    await until(lambda: _queued(client, prefetched["workflowId"]))
+    # ... and runs on b once b has room; the one running on a waits for a.
+    gate_b.set()
     done = await wait_job(client, prefetched["workflowId"], status_is("completed", "failed"))
     assert done["status"] == "completed" and done["backend"] == "b", done
     status = await status_of(client)
