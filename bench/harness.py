@@ -2,14 +2,16 @@
 """Run comfymgr for the benchmark suite: `comfymgr.main()`, configured by the
 environment like the real service, with optional instruments.
 
-    python bench/harness.py [--trace] [--fake-gpus N] [--no-accel] [--comfymgr-dir DIR]
+    python bench/harness.py [--trace] [--lag-probe] [--fake-gpus N] [--no-accel] [--comfymgr-dir DIR]
 
 Without flags this is exactly `python comfymgr.py`. With --trace, the time of
 every commit (per event seq, taken in the database thread right after COMMIT)
 and the steps of the bridge's dispatch path are recorded on the system-wide
 monotonic clock and served at GET /__bench__/trace (API key required), so the
 suite can measure commit-to-delivery latency and break the dispatch gap
-down. --fake-gpus gives comfymgr a stand-in NVML with N GPUs (the /metrics
+down. --lag-probe runs common.LagProbe on comfymgr's event loop (a 1 ms
+timer; how late it fires is how long the loop was held), read and reset at
+GET /__bench__/lag[?reset=1] (API key required). --fake-gpus gives comfymgr a stand-in NVML with N GPUs (the /metrics
 figure); --no-accel hides orjson from it (comfymgr uses it when
 it is installed).
 """
@@ -35,6 +37,9 @@ if "--no-accel" in sys.argv:  # as if orjson were not installed
     sys.modules["uvloop"] = None  # type: ignore[assignment]
 
 import comfymgr  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LagProbe  # noqa: E402
 
 _KEEP = 200_000
 COMMITS: collections.OrderedDict[int, float] = collections.OrderedDict()
@@ -145,6 +150,7 @@ class FakeNVML:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--lag-probe", action="store_true", help="GET /__bench__/lag: the event loop's lag")
     parser.add_argument("--fake-gpus", type=int, default=0)
     parser.add_argument("--no-accel", action="store_true",
                         help="run without orjson even where it is installed")
@@ -175,6 +181,8 @@ def main() -> int:
             return comfymgr.web.json_response({"commits": commits, "steps": steps, "pid": os.getpid()})
 
         app.router.add_get("/__bench__/trace", trace)
+        if args.lag_probe:
+            LagProbe().install(app)
         return app
 
     comfymgr.create_app = bench_create_app
