@@ -2,7 +2,7 @@
 """comfymgr's benchmark suite: every hot path against the physical limit of
 the same machine, measured in the same run.
 
-    python bench/run.py [--quick] [--only 1,3,...] [--update-doc]
+    python bench/run.py [--quick] [--only 1,3,...] [--comfyui-url URL] [--update-doc]
 
 For each figure it prints comfymgr's median, the reference's median measured
 in the same run (trials alternate between the two, so that the noise of a
@@ -11,7 +11,9 @@ goes to bench/results/<time>.json, bench/results/latest.json and
 bench/results/latest.md. --update-doc puts the table into docs/PERFORMANCE.md.
 
 Figures (see docs/PERFORMANCE.md):
-  1 durable submits (20 KB workflow, 50 connections) vs bare parse+commit
+  1 durable submits of graphs of 27, 200 and 1,000 nodes (20, 40, 200 KB;
+    50 connections) vs bare parse+commit; the event loop's longest hold
+    while a 10 MB graph is submitted
   2 GET /v1/comfyui/workflow/{id} vs bare aiohttp GET
   3 dispatch: jobs/s through comfymgr vs straight to a fake ComfyUI with
     0 ms jobs, and the gap between one job's end and the next POST /prompt
@@ -20,6 +22,19 @@ Figures (see docs/PERFORMANCE.md):
   6 /metrics with 8 GPUs and every route used
   7 memory: idle, 100,000 finished jobs, 1,000 stream clients, leak check
   8 .pyz cold and warm start to the first answer
+  9 one job at a time, submit -> completed at a stream client, vs straight
+    to ComfyUI (5 ms jobs on the fake; a real ComfyUI with --comfyui-url)
+  10 a drain of 200 jobs vs straight to ComfyUI; the GPU's idle time between
+    jobs; comfymgr's CPU per job
+  11 1 to 64 backends: idle time between jobs per backend, CPU per job, the
+    job rate one comfymgr sustains
+  12 1,000 requests waiting (?wait=) on queued jobs: memory, loop lag, answers
+
+comfymgr runs at its defaults (log level info, synchronous=full, prefetch
+on); the suite sets only where it listens, its state, key and backends, and
+a high rate limit (the default 100/minute would refuse the load itself).
+--comfyui-url (make bench COMFYUI_URL=...) adds figures 9 and 10 against
+that ComfyUI; nothing else uses it, and nothing needs it.
 """
 
 from __future__ import annotations
@@ -54,6 +69,7 @@ from common import (
     HEADERS,
     PY,
     ROOT,
+    SETTING_PREFIXES,
     Proc,
     cpu_seconds,
     free_port,
@@ -70,16 +86,20 @@ from common import (
     wrk,
     wrk_script,
 )
-from workloads import big_workflow, gate_workflow, quick_workflow, timed_workflow
+from perjob import fig_backends, fig_drain, fig_one_job, fig_waiters
+from workloads import BIG_GRAPH, GRAPH_SIZES, gate_workflow, graph_workflow, quick_workflow, timed_workflow
 
 RESULTS = BENCH / "results"
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 
 
 class Suite:
-    def __init__(self, quick: bool, no_accel: bool = False) -> None:
+    def __init__(self, quick: bool, no_accel: bool = False, comfyui_url: str | None = None,
+                 backend_counts: tuple[int, ...] = (1, 8, 32, 64)) -> None:
         self.quick = quick
         self.no_accel = no_accel
+        self.comfyui_url = comfyui_url.rstrip("/") if comfyui_url else None
+        self.backend_counts = backend_counts
         self.trials = 3 if quick else 5
         self.work = scratch_dir()
         self.logdir = self.work / "logs"
@@ -239,35 +259,92 @@ def fig_http(s: Suite) -> None:
           median(r["cpu_us"] for r in gets["comfymgr"]), median(r["cpu_us"] for r in gets["bare_get"]),
           ref_name="bare aiohttp GET -> JSON")
 
-    # -- 1: submits -----------------------------------------------------------------------
-    body = s.work / "submit.json"
-    body.write_text(json.dumps({"workflow": big_workflow()}))
-    post_cm = wrk_script(s.work, method="POST", body_path=body, headers=HEADERS)
-    post_ref = wrk_script(s.work, method="POST", body_path=body)
-    refs = {"parse": s.ref("parse"),
-            "commit_full": s.ref("commit", "--sync", "full", "--db", str(s.work / "ref-full.db")),
-            "commit_normal": s.ref("commit", "--sync", "normal", "--db", str(s.work / "ref-normal.db"))}
-    targets = {"comfymgr": (url + "/v1/comfyui/workflow", post_cm, cm.pid)}
-    targets.update({name: (ref_url + "/submit", post_ref, proc.pid) for name, (proc, ref_url) in refs.items()})
-    runs = _wrk_trials(s, targets, seconds)
-    s.details["submit"] = runs
-    bad = {name: sum(r["non_2xx"] + r["errors"] for r in rs) for name, rs in runs.items()}
-    note = "" if not any(bad.values()) else f"errors: {bad}"
-    cm_rps, ref_rps = (median(r["rps"] for r in runs[n]) for n in ("comfymgr", "commit_full"))
-    s.row("1", "durable submits/s (20 KB, 50 conns)", "req/s", cm_rps, ref_rps,
-          ref_name="bare parse + commit (FULL)", target=">= 0.8x", ok=cm_rps / ref_rps >= 0.8, note=note)
-    for pct in ("p50", "p99"):
-        s.row("1", f"submit latency {pct}", "ms", 1e3 * median(r[pct] for r in runs["comfymgr"]),
-              1e3 * median(r[pct] for r in runs["commit_full"]), ref_name="bare parse + commit (FULL)")
-    s.row("1", "  CPU per submit (server process, all threads)", "us",
-          median(r["cpu_us"] for r in runs["comfymgr"]), median(r["cpu_us"] for r in runs["commit_full"]),
+    # -- 1: submits, by graph size -------------------------------------------------------
+    commit = {"commit_full": s.ref("commit", "--sync", "full", "--db", str(s.work / "ref-full.db"))}
+    extra = {} if s.quick else {
+        "parse": s.ref("parse"),
+        "commit_normal": s.ref("commit", "--sync", "normal", "--db", str(s.work / "ref-normal.db"))}
+    for nodes, size in GRAPH_SIZES:
+        body = s.work / f"submit-{nodes}.json"
+        body.write_text(json.dumps({"workflow": graph_workflow(nodes, size)}))
+        post_cm = wrk_script(s.work, method="POST", body_path=body, headers=HEADERS)
+        post_ref = wrk_script(s.work, method="POST", body_path=body)
+        refs = {**commit, **(extra if nodes == GRAPH_SIZES[0][0] else {})}
+        targets = {"comfymgr": (url + "/v1/comfyui/workflow", post_cm, cm.pid)}
+        targets.update({name: (ref_url + "/submit", post_ref, proc.pid) for name, (proc, ref_url) in refs.items()})
+        runs = _wrk_trials(s, targets, seconds)
+        s.details[f"submit_{nodes}"] = runs
+        bad = {name: sum(r["non_2xx"] + r["errors"] for r in rs) for name, rs in runs.items()}
+        note = "" if not any(bad.values()) else f"errors: {bad}"
+        cm_rps, ref_rps = (median(r["rps"] for r in runs[n]) for n in ("comfymgr", "commit_full"))
+        what = f"{nodes:,} nodes, {size // 1000} KB"
+        s.row("1", f"durable submits/s ({what}, 50 conns)", "req/s", cm_rps, ref_rps,
+              ref_name="bare parse + commit (FULL)", target=">= 0.9x", ok=cm_rps / ref_rps >= 0.9, note=note)
+        for pct in ("p50", "p99"):
+            s.row("1", f"  submit latency {pct} ({what})", "ms", 1e3 * median(r[pct] for r in runs["comfymgr"]),
+                  1e3 * median(r[pct] for r in runs["commit_full"]), ref_name="bare parse + commit (FULL)")
+        s.row("1", f"  CPU per submit ({what}; server process, all threads)", "us",
+              median(r["cpu_us"] for r in runs["comfymgr"]), median(r["cpu_us"] for r in runs["commit_full"]),
+              ref_name="bare parse + commit (FULL)")
+        if "parse" in runs:
+            s.row("1", f"  reference: bare parse only ({what})", "req/s", None,
+                  median(r["rps"] for r in runs["parse"]), ref_name="bare aiohttp POST + json.loads")
+            s.row("1", f"  reference: parse + commit (NORMAL) ({what})", "req/s", None,
+                  median(r["rps"] for r in runs["commit_normal"]), ref_name="synchronous=NORMAL")
+    http_json("POST", furl + "/__bench__/release")
+    s.stop_all()
+    fig_big_submit(s)
+
+
+def _post_raw(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, float]:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **headers})
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    return status, time.monotonic() - started
+
+
+def fig_big_submit(s: Suite) -> None:
+    """One submit of a 10 MB graph: the longest comfymgr's event loop is held
+    meanwhile (a 1 ms timer on the loop, common.LagProbe, and how late it
+    fires), against the bare parse + commit server with the same probe."""
+    nodes, size = BIG_GRAPH
+    fake, furl = s.fake()
+    cm, url = s.comfymgr("submit-10mb", furl, harness=["--lag-probe"])
+    wait_backend_up(url)
+    http_json("POST", furl + "/__bench__/gate")
+    running = submit(url, gate_workflow())
+    wait_job(url, running["workflowId"], ("running",))
+    ref_proc, ref_url = s.ref("commit", "--sync", "full", "--db", str(s.work / "ref-10mb.db"), "--lag-probe")
+    body = json.dumps({"workflow": graph_workflow(nodes, size)}).encode()
+    sides = {"comfymgr": (url + "/v1/comfyui/workflow", HEADERS, url), "ref": (ref_url + "/submit", {}, ref_url)}
+    runs: dict[str, list[dict[str, float]]] = {"comfymgr": [], "ref": []}
+    for trial in range(-1, s.trials):
+        for name in (("comfymgr", "ref") if trial % 2 == 0 else ("ref", "comfymgr")):
+            target, headers, base = sides[name]
+            http_json("GET", base + "/__bench__/lag?reset=1", headers=headers)
+            status, took = _post_raw(target, body, headers)
+            if status != 202:
+                raise RuntimeError(f"{name}: the 10 MB submit answered {status}")
+            time.sleep(0.3)
+            lag = http_json("GET", base + "/__bench__/lag?reset=1", headers=headers)[1]
+            if trial >= 0:
+                runs[name].append({"submit_s": took, **lag})
+    s.details["submit_10mb"] = runs
+    cm_ms, ref_ms = (median(r["max_ms"] for r in runs[n]) for n in ("comfymgr", "ref"))
+    s.row("1", f"{size // 1_000_000} MB graph ({nodes:,} nodes): longest event-loop hold", "ms", cm_ms, ref_ms,
+          ref_name="bare parse + commit (FULL), same probe", target="<= 50 ms", ok=cm_ms <= 50,
+          note=f"1 ms timer on the loop; median of {len(runs['comfymgr'])} submits")
+    s.row("1", f"  {size // 1_000_000} MB graph: submit -> 202", "ms",
+          1e3 * median(r["submit_s"] for r in runs["comfymgr"]), 1e3 * median(r["submit_s"] for r in runs["ref"]),
           ref_name="bare parse + commit (FULL)")
-    s.row("1", "  reference: bare parse only", "req/s", None,
-          median(r["rps"] for r in runs["parse"]), ref_name="bare aiohttp POST + json.loads")
-    s.row("1", "  reference: parse + commit (NORMAL)", "req/s", None,
-          median(r["rps"] for r in runs["commit_normal"]), ref_name="synchronous=NORMAL")
-    for name in ("parse", "commit_normal"):
-        refs[name][0].stop()
     http_json("POST", furl + "/__bench__/release")
     s.stop_all()
 
@@ -1105,9 +1182,9 @@ def time_start(s: Suite, pyz: Path, shiv_root: Path, name: str) -> float:
     port = free_port()
     env = {"SHIV_ROOT": str(shiv_root), "MANAGEMENT_API_PORT": str(port), "MANAGEMENT_API_HOST": "127.0.0.1",
            "MANAGEMENT_API_KEY": API_KEY, "COMFYMGR_STATE_DIR": str(s.work / f"pyz-state-{name}"),
-           "COMFYUI_URL": "http://127.0.0.1:9", "COMFYMGR_LOG_LEVEL": "warning"}
+           "COMFYUI_URL": "http://127.0.0.1:9", "COMFYMGR_RATE_LIMIT": "100000000"}
     started = time.monotonic()
-    proc = Proc(f"pyz-{name}-{port}", [PY, str(pyz)], s.logdir, env=env)
+    proc = Proc(f"pyz-{name}-{port}", [PY, str(pyz)], s.logdir, env=env, scrub=SETTING_PREFIXES)
     try:
         answered = wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=proc.popen)
     finally:
@@ -1162,6 +1239,10 @@ FIGURES: dict[str, tuple[str, Callable[[Suite], None]]] = {
     "7": ("memory", fig_memory),
     "7l": ("leak check", fig_leak),
     "8": (".pyz start", fig_pyz),
+    "9": ("one job at a time, vs straight to ComfyUI", fig_one_job),
+    "10": ("a drain of 200 jobs, GPU idle between jobs, CPU per job", fig_drain),
+    "11": ("many backends", fig_backends),
+    "12": ("1,000 waiting requests", fig_waiters),
 }
 
 
@@ -1189,14 +1270,15 @@ def machine() -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"Run {result['started']} ({'quick' if result['quick'] else 'full'}, {result['trials']} trials, "
-             f"accelerators: {result['accelerators']}), "
+             f"accelerators: {result['accelerators']}"
+             f"{', real ComfyUI ' + result['comfyui_url'] if result.get('comfyui_url') else ''}), "
              f"{m['cpus']} CPUs ({m['cpu']}), {m['memory_gb']} GB, Python {m['python']}, aiohttp "
              f"{m['aiohttp']}, SQLite {m['sqlite']}; load average at start "
              f"{', '.join(f'{x:.2f}' for x in m['loadavg_start'])}, at end "
              f"{', '.join(f'{x:.2f}' for x in result['loadavg_end'])}.", "",
              "| # | figure | unit | comfymgr | reference | ratio | target | |",
              "|---|---|---|---:|---:|---:|---|---|"]
-    for r in sorted(result["rows"], key=lambda r: int(r["figure"])):
+    for r in sorted(result["rows"], key=lambda r: int(r["figure"])):  # stable: a figure's rows stay in order
         ref = fmt(r["reference"]) + (f" ({r['reference_name']})" if r["reference_name"] else "")
         note = f" {r['note']}" if r["note"] else ""
         lines.append(f"| {r['figure']} | {r['name'].strip()}{note} | {r['unit']} | {fmt(r['comfymgr'])} | "
@@ -1214,6 +1296,11 @@ def main() -> int:
     parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""),
                         help=f"comma-separated figures to run, of {','.join(FIGURES)}")
     parser.add_argument("--update-doc", action="store_true", help="put the table into docs/PERFORMANCE.md")
+    parser.add_argument("--comfyui-url", default=os.environ.get("BENCH_COMFYUI_URL") or None,
+                        help="a real ComfyUI for figures 9 and 10's extra rows (make bench COMFYUI_URL=...)")
+    parser.add_argument("--backends", default=os.environ.get("BENCH_BACKENDS", "1,8,32,64"),
+                        help="backend counts of figure 11 (also BENCH_BACKENDS); the job rate is the same "
+                             "for all: jobs of N/64 s")
     parser.add_argument("--no-accel", action="store_true", default=bool(os.environ.get("BENCH_NO_ACCEL")),
                         help="run comfymgr without orjson even where installed (also BENCH_NO_ACCEL=1)")
     args = parser.parse_args()
@@ -1228,11 +1315,12 @@ def main() -> int:
     # SIGTERM (or a timeout's kill) ends the run through the finally below,
     # which stops every server the suite started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    suite = Suite(args.quick, args.no_accel)
+    suite = Suite(args.quick, args.no_accel, args.comfyui_url,
+                  tuple(int(c) for c in args.backends.split(",") if c.strip()))
     started = datetime.datetime.now(datetime.timezone.utc)
     accel = "none (--no-accel)" if args.no_accel else ", ".join(accelerators()) or "none installed"
     print(f"comfymgr bench ({'quick' if args.quick else 'full'}; {suite.trials} trials per figure; "
-          f"accelerators: {accel}; scratch {suite.work})")
+          f"accelerators: {accel}; real ComfyUI: {suite.comfyui_url or 'none'}; scratch {suite.work})")
     print(f"  {'#':<3} {'figure':<46} {'comfymgr':>10} {'reference':>10} {'ratio':>6}  target")
     t_all = time.monotonic()
     load_start = os.getloadavg()  # other users of the machine: said in the table's header
@@ -1251,6 +1339,7 @@ def main() -> int:
                 suite.stop_all()
             print(f"   ({time.monotonic() - t:.0f} s)", flush=True)
         result = {"started": started.isoformat(timespec="seconds"), "quick": args.quick, "accelerators": accel,
+                  "comfyui_url": suite.comfyui_url,
                   "trials": suite.trials, "seconds": round(time.monotonic() - t_all, 1),
                   "machine": {**machine(), "loadavg_start": load_start}, "loadavg_end": os.getloadavg(),
                   "rows": suite.rows,
