@@ -492,7 +492,7 @@ def dispatch_breakdown(tl: dict[str, list], trace: dict[str, Any]) -> dict[str, 
             continue
         disp = [d for d in dispatches if d[0] <= c0 <= d[1]]
         d0 = disp[0][0] if disp else e1
-        end_write = [w for w in covering(writes, e0, e1) if w[2] == "_end"]
+        end_write = [w for w in covering(writes, e0, e1) if w[2] in ("_end", "_end_locked")]
         claim_write = [w for w in writes if w[0] <= c0 and w[1] >= c1]
         end_batch = [x for x in batches if e0 <= x[0] and x[1] <= e1]
         claim_batch = [x for x in batches if x[0] <= c0 and x[1] >= c1]
