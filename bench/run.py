@@ -95,11 +95,11 @@ DOC = ROOT / "docs" / "PERFORMANCE.md"
 
 class Suite:
     def __init__(self, quick: bool, no_accel: bool = False, comfyui_url: str | None = None,
-                 backend_counts: tuple[int, ...] = (1, 8, 32, 64)) -> None:
+                 backend_counts: tuple[int, ...] | None = None) -> None:
         self.quick = quick
         self.no_accel = no_accel
         self.comfyui_url = comfyui_url.rstrip("/") if comfyui_url else None
-        self.backend_counts = backend_counts
+        self.backend_counts = backend_counts or ((1, 64) if quick else (1, 8, 32, 64))
         self.trials = 3 if quick else 5
         self.work = scratch_dir()
         self.logdir = self.work / "logs"
@@ -601,7 +601,7 @@ def _print_breakdown(title: str, breakdown: dict[str, Any]) -> None:
 
 
 def fig_dispatch(s: Suite) -> None:
-    n = 150 if s.quick else 300
+    n = 100 if s.quick else 300
     fake, furl = s.fake()
     instances = {"prefetch": s.comfymgr("dispatch-prefetch", furl),
                  "no_prefetch": s.comfymgr("dispatch-noprefetch", furl, COMFYMGR_PREFETCH="false")}
@@ -621,7 +621,7 @@ def fig_dispatch(s: Suite) -> None:
     s.stop_all()
 
     # Jobs that take 20 ms: what prefetch is for.
-    m = 40 if s.quick else 60
+    m = 30 if s.quick else 60
     fake, furl = s.fake(extra=["--node-delay", "ImageInvert=0.02"])
     timed = {"prefetch": s.comfymgr("dispatch20-prefetch", furl),
              "no_prefetch": s.comfymgr("dispatch20-noprefetch", furl, COMFYMGR_PREFETCH="false")}
@@ -888,7 +888,8 @@ def build_queue(path: Path, depth: int, *, state: str = "queued", events: bool =
 
 def fig_depth(s: Suite) -> None:
     import comfymgr
-    depths = (1_000, 100_000, 1_000_000)
+    # Quick: 300,000 for the deepest (a million takes a minute to build here).
+    depths = (1_000, 100_000, 300_000 if s.quick else 1_000_000)
     calls = 200 if s.quick else 400
     per: dict[int, dict[str, Any]] = {}
     stores, last = {}, {}
@@ -1096,7 +1097,7 @@ async def _feed(url: str, total: int, samples: int, cm: Proc, outstanding: int =
 
 
 def fig_leak(s: Suite) -> None:
-    total = int(os.environ.get("BENCH_LEAK_JOBS") or (10_000 if s.quick else 30_000))
+    total = int(os.environ.get("BENCH_LEAK_JOBS") or (3_000 if s.quick else 30_000))
     backends = int(os.environ.get("BENCH_LEAK_BACKENDS") or 2)
     fakes = [s.fake()[1] for _ in range(backends)]
     # synchronous=normal and two backends: the leak check is about memory,
@@ -1292,15 +1293,16 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")),
-                        help="fewer trials and 10,000 jobs for the leak check (also BENCH_QUICK=1)")
+                        help="fewer trials, smaller loads (3,000 jobs for the leak check, 300,000 queued for "
+                             "the deepest queue, 1 and 64 backends) (also BENCH_QUICK=1)")
     parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""),
                         help=f"comma-separated figures to run, of {','.join(FIGURES)}")
     parser.add_argument("--update-doc", action="store_true", help="put the table into docs/PERFORMANCE.md")
     parser.add_argument("--comfyui-url", default=os.environ.get("BENCH_COMFYUI_URL") or None,
                         help="a real ComfyUI for figures 9 and 10's extra rows (make bench COMFYUI_URL=...)")
-    parser.add_argument("--backends", default=os.environ.get("BENCH_BACKENDS", "1,8,32,64"),
-                        help="backend counts of figure 11 (also BENCH_BACKENDS); the job rate is the same "
-                             "for all: jobs of N/64 s")
+    parser.add_argument("--backends", default=os.environ.get("BENCH_BACKENDS", ""),
+                        help="backend counts of figure 11 (also BENCH_BACKENDS; default 1,8,32,64, quick 1,64); "
+                             "the job rate is the same for all: jobs of N/64 s")
     parser.add_argument("--no-accel", action="store_true", default=bool(os.environ.get("BENCH_NO_ACCEL")),
                         help="run comfymgr without orjson even where installed (also BENCH_NO_ACCEL=1)")
     args = parser.parse_args()
@@ -1316,7 +1318,7 @@ def main() -> int:
     # which stops every server the suite started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     suite = Suite(args.quick, args.no_accel, args.comfyui_url,
-                  tuple(int(c) for c in args.backends.split(",") if c.strip()))
+                  tuple(int(c) for c in args.backends.split(",") if c.strip()) or None)
     started = datetime.datetime.now(datetime.timezone.utc)
     accel = "none (--no-accel)" if args.no_accel else ", ".join(accelerators()) or "none installed"
     print(f"comfymgr bench ({'quick' if args.quick else 'full'}; {suite.trials} trials per figure; "
