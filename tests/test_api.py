@@ -10,11 +10,13 @@ import sqlite3
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import comfymgr
 from comfymgr import BackendSpec, JobState, Priority
-from conftest import HEADERS, workflow
+from conftest import API_KEY, HEADERS, workflow
 
 SUBMIT = "/v1/comfyui/workflow"
 LIST = "/v1/comfyui/workflows"
@@ -612,3 +614,73 @@ async def test_metrics_show_the_queue_and_job_totals(client):
     assert samples[("comfymgr_queue_length", (("priority", "high"),))] == 0
     assert samples[("comfymgr_http_requests_total", (
         ("method", "POST"), ("route", "/v1/comfyui/workflow"), ("status", "202")))] == 3
+
+
+# -- a newcomer's rough edges ---------------------------------------------------------------
+
+async def test_a_ui_format_workflow_gets_the_export_hint(client):
+    ui = {"last_node_id": 9, "last_link_id": 9, "nodes": [{"id": 1, "type": "KSampler"}],
+          "links": [[1, 1, 0, 2, 0, "LATENT"]], "version": 0.4}
+    for body, where in (({"workflow": ui}, "workflow"), (ui, "body")):
+        resp = await client.post(SUBMIT, json=body, headers=HEADERS)
+        assert resp.status == 400
+        assert await resp.json() == envelope(
+            "invalid_workflow", f"{where}: this is a workflow in ComfyUI's UI format (it has nodes and "
+            "links); comfymgr runs the API format: in ComfyUI use Workflow > Export (API), and send "
+            "that file's content as workflow", 400, {"field": where, "format": "ui"})
+
+
+async def test_the_most_useful_failure_comes_first(client):
+    resp = await client.post(SUBMIT, json={"workflow": workflow(), "webhook": {"url": "ftp://x"}},
+                             headers=HEADERS)
+    assert await resp.json() == envelope(
+        "invalid_request", "webhook.url: must be an http:// or https:// URL with a host", 400,
+        {"field": "webhook.url"})
+
+
+async def test_server_header_is_plain(client):
+    for path, headers in (("/health", {}), (SUBMIT + "/x", HEADERS), ("/nowhere", HEADERS)):
+        resp = await client.get(path, headers=headers)
+        assert resp.headers["Server"] == "comfymgr", path
+
+
+async def raw_exchange(client, request: bytes, read_until=b"\r\n\r\n") -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.readuntil(read_until), 5)
+    writer.close()
+    return data
+
+
+async def test_expect_continue_checks_the_key_before_inviting_the_body(client):
+    head = (f"POST {SUBMIT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 5000000\r\nExpect: 100-continue\r\n")
+    refused = await raw_exchange(client, (head + "\r\n").encode())
+    assert refused.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in refused
+    wrong = await raw_exchange(client, (head + "X-API-Key: nope\r\n\r\n").encode())
+    assert wrong.startswith(b"HTTP/1.1 401 ")
+    invited = await raw_exchange(client, (head + f"X-API-Key: {API_KEY}\r\n\r\n").encode())
+    assert invited == b"HTTP/1.1 100 Continue\r\n\r\n"
+    odd = await raw_exchange(client, (head.replace("100-continue", "something-else")
+                                       + f"X-API-Key: {API_KEY}\r\n\r\n").encode())
+    assert odd.startswith(b"HTTP/1.1 417 ")
+
+
+# The submit's graph check has a fast path; it must answer as the generic walk does.
+_values = st.none() | st.booleans() | st.integers() | st.text(max_size=3) | st.lists(st.integers(), max_size=2)
+_nodes = st.one_of(
+    st.fixed_dictionaries({}, optional={"class_type": st.one_of(st.text(max_size=3), st.integers()),
+                                        "inputs": st.one_of(st.dictionaries(st.text(max_size=2), _values,
+                                                                            max_size=2), _values),
+                                        "_meta": _values}),
+    _values)
+_graphs = st.one_of(st.dictionaries(st.text(max_size=3), _nodes, max_size=4), _values)
+
+
+@settings(max_examples=500, deadline=None)
+@given(graph=_graphs)
+def test_the_fast_graph_check_answers_as_the_generic_walk(graph):
+    generic_schema = dict(comfymgr._WORKFLOW_SCHEMA)  # another object: no fast path
+    assert comfymgr._Schema._check(comfymgr._WORKFLOW_SCHEMA, graph, ("workflow",)) == \
+        comfymgr._Schema._check(generic_schema, graph, ("workflow",))

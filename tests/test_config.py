@@ -260,7 +260,18 @@ def test_every_setting_refuses_a_bad_value_naming_the_env_var_or_flag(name):
     ("backends", "any=http://h:1", f"backend name 'any' {BACKEND_NAME_RULE}"),
     ("backends", "local=http://h:1", f"backend name 'local' {BACKEND_NAME_RULE}"),
     ("backends", "gpu 0=http://h:1", f"backend name 'gpu 0' {BACKEND_NAME_RULE}"),
-    ("backends", "gpu0=ftp://h:1@0", "backend 'gpu0': 'ftp://h:1' is not an http:// or https:// URL"),
+    ("backends", "gpu0=ftp://h:1@0", "backend 'gpu0': 'ftp://h:1': expected an http:// or https:// URL"),
+    # The GPU index typed inside the URL: read as user info, host x, until this check.
+    ("backends", "gpu0=http://127.0.0.1:9@x", "backend 'gpu0': 'http://127.0.0.1:9@x': expected an "
+     "http:// or https:// URL without user info (a GPU index goes after the whole URL, "
+     "NAME=URL@GPU: gpu0=http://127.0.0.1:8188@0; credentials go in COMFYMGR_BACKEND_HEADERS_FILE)"),
+    ("backends", "gpu0=http://127.0.0.1:99999@0", "backend 'gpu0': 'http://127.0.0.1:99999': "
+     "expected an http:// or https:// URL with a valid port"),
+    ("comfyui_url", "http://h:8188/?x=1", "expected an http:// or https:// URL without query, "
+     "fragment or port 0"),
+    ("comfyui_url", "http://user:9@h:8188", "expected an http:// or https:// URL without user "
+     "info (a GPU index goes after the whole URL, NAME=URL@GPU: gpu0=http://127.0.0.1:8188@0; credentials go in "
+     "COMFYMGR_BACKEND_HEADERS_FILE)"),
     ("backends", "gpu0=http://a:1,gpu0=http://b:2", "backend name 'gpu0' appears twice"),
     ("log_level", "trace", "expected one of debug, info, warning, error"),
 ])

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from yarl import URL
 
 import comfymgr
 from conftest import need_tool, workflow
+from nginx_helpers import Proc, free_port, start_nginx, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib"
@@ -52,53 +52,6 @@ SETTINGS = {st.env: st for st in comfymgr._SETTINGS}
 BODY_LIMIT = int(SETTINGS["COMFYMGR_MAX_BODY_BYTES"].default)
 UPLOAD_LIMIT = int(SETTINGS["COMFYMGR_MAX_UPLOAD_BYTES"].default)
 UPLOAD_SLACK = 64 * 1024  # the multipart framing comfymgr allows on top of an upload
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Proc:
-    """A process of this test, its output in a log file; stop() ends it."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path, **popen) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, **popen)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            pytest.fail(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
-        return self.proc.returncode
-
-
-def wait_until(proc: Proc, ready, what: str, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        proc.check_alive()
-        try:
-            if ready():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    pytest.fail(f"{proc.name}: {what} within {within} s:\n{proc.log()}")
 
 
 def http_get(url: str, headers=None, timeout: float = 5):
@@ -257,35 +210,6 @@ def render_nginx_conf(*, listen_port: int, upstream_port: int, cert: Path, key: 
     return text
 
 
-def nginx_main_conf(prefix: Path, site: Path) -> str:
-    """What /etc/nginx/nginx.conf provides around conf.d/*.conf, in tmp."""
-    user = ""
-    if os.geteuid() == 0:  # workers would drop to nobody and lose tmp_path
-        import grp
-        import pwd
-        user = (f"user {pwd.getpwuid(os.getuid()).pw_name} "
-                f"{grp.getgrgid(os.getgid()).gr_name};")
-    temp = prefix / "temp"
-    return f"""{user}
-daemon off;
-master_process on;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    default_type application/octet-stream;
-    access_log {prefix}/logs/access.log;
-    client_body_temp_path {temp}/client_body;
-    proxy_temp_path {temp}/proxy;
-    fastcgi_temp_path {temp}/fastcgi;
-    uwsgi_temp_path {temp}/uwsgi;
-    scgi_temp_path {temp}/scgi;
-    include {site};
-}}
-"""
-
-
 class Nginx:
     def __init__(self, url: str, cert: Path, logs: Path, backend: str) -> None:
         self.url = url
@@ -309,9 +233,8 @@ class Nginx:
 def running_nginx(prefix: Path, upstream_port: int) -> Iterator[Nginx]:
     """A real nginx with contrib/nginx/comfymgr.conf in front of the comfymgr
     on 127.0.0.1:upstream_port; its files in prefix (tests/test_ui.py too)."""
-    nginx_bin = need_tool("nginx")
     openssl = need_tool("openssl")
-    for sub in ("logs", "temp", "tls"):
+    for sub in ("logs", "tls"):
         (prefix / sub).mkdir()
     cert, key = prefix / "tls" / "cert.pem", prefix / "tls" / "key.pem"
     subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
@@ -319,22 +242,10 @@ def running_nginx(prefix: Path, upstream_port: int) -> Iterator[Nginx]:
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     port = free_port()
-    site = prefix / "comfymgr.conf"
-    site.write_text(render_nginx_conf(listen_port=port, upstream_port=upstream_port,
-                                      cert=cert, key=key, logs=prefix / "logs"))
-    main_conf = prefix / "nginx.conf"
-    main_conf.write_text(nginx_main_conf(prefix, site))
-    argv = [nginx_bin, "-p", str(prefix), "-c", str(main_conf), "-e", str(prefix / "logs" / "error.log")]
-    checked = subprocess.run(argv + ["-t"], capture_output=True, text=True)
-    assert checked.returncode == 0, checked.stderr
-    proc = Proc("nginx", argv, prefix)
-
-    def listening() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-
+    site = render_nginx_conf(listen_port=port, upstream_port=upstream_port,
+                             cert=cert, key=key, logs=prefix / "logs")
+    proc = start_nginx(prefix, site, port)
     try:
-        wait_until(proc, listening, "not listening")
         yield Nginx(f"https://127.0.0.1:{port}", cert, prefix / "logs", f"http://127.0.0.1:{upstream_port}")
     finally:
         proc.stop(signal.SIGQUIT)  # graceful: finish requests, then exit

@@ -4,6 +4,7 @@ with their HTTP edge cases; a traversal corpus; uploads; retention."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 import aiohttp
@@ -391,13 +392,17 @@ async def test_retention_removes_old_finished_jobs_events_and_files(make_client,
     assert await client.app[comfymgr.RETENTION].run_once() == {"jobs": 0, "events": 0, "files": 0}
 
 
-async def test_retention_off_by_default_and_disk_use_in_status(make_client, files_config, dirs, clock):
+async def test_retention_30_days_by_default_and_disk_use_in_status(make_client, files_config, dirs, clock,
+                                                                  caplog):
     write(dirs["outputs"] / "a.png", b"12345")
     write(dirs["outputs"] / "d" / "b.png", b"123")
+    caplog.set_level(logging.INFO, "comfymgr")
     client = await make_client(files_config(), clock=clock)
+    assert ("retention: finished jobs and their events are deleted after 30 days; output files are "
+            "kept (COMFYMGR_RETENTION_DAYS; 0 keeps them)") in caplog.text
     await client.app[comfymgr.FILES].measure_disk()
     status = await get_json(client, "/v1/status")
     assert status["files"]["output"]["bytes"] == 8 and status["files"]["output"]["files"] == 2
     assert status["files"]["output"]["filesystemFreeBytes"] > 0
-    assert status["files"]["retentionDays"] is None
+    assert status["files"]["retentionDays"] == 30
     assert await client.app[comfymgr.RETENTION].run_once() == {"jobs": 0, "events": 0, "files": 0}

@@ -85,7 +85,9 @@ def test_files_the_code_and_docs_name_are_in_the_repository():
     is made by `make bench` and `make crash`)."""
     texts = [ROOT / "comfymgr.py", ROOT / "README.md", *(ROOT / "tests").glob("*.py"),
              *(ROOT / "contrib").rglob("*.*"), *(ROOT / "docs").glob("*.md")]
-    path = r"(?<![\w/:.~-])((?:[\w-]+/)+[\w.@-]+\.(?:md|yml|json|conf|service|env))\b"
+    # A folder's name starts with a letter or digit: "-/etc/x.env" (systemd's
+    # "optional" mark) is the absolute /etc/x.env.
+    path = r"(?<![\w/:.~-])((?:\w[\w-]*/)+[\w.@-]+\.(?:md|yml|json|conf|service|env))\b"
     named = {name for text in texts for name in re.findall(path, text.read_text())}
     assert {"docs/PROTOCOL.md", "contrib/systemd/comfymgr.env"} <= named
     missing = {name for name in named if not (ROOT / name).is_file() and not name.startswith("bench/results/")}

@@ -499,6 +499,7 @@ async def test_the_dashboard_runs_a_workflow_from_the_form_to_its_thumbnail(
         make_client, ui_config, fake, tmp_path):
     gate = fake.gate("ImageBlur")
     fake.progress_steps["ImageBlur"] = 4
+    fake.preview_nodes.add("ImageBlur")  # 8x8 PNG previews with each progress tick
     client = await make_client(ui_config(fake.url))
     await wait_backends_up(client)
     origin = str(client.make_url("")).rstrip("/")
@@ -527,6 +528,12 @@ async def test_the_dashboard_runs_a_workflow_from_the_form_to_its_thumbnail(
         assert running_card["priority"] == "high" and re.fullmatch(r"\d+s", running_card["elapsed"])
         await browser.wait_for(f"document.querySelector('#backends [data-name=local] [data-f=job]')"
                                f".textContent === '{first}'", "the backend's running job")
+        # The sampler-like node sent previews: the running card shows the latest one.
+        await browser.wait_for(f"(i => i && i.src.startsWith('blob:') && i.naturalWidth === 8)"
+                               f"({item('running', first)}?.querySelector('[data-f=preview-img]'))",
+                               "the live preview of the running job")
+        assert not await browser.evaluate(
+            f"{item('running', first)}.querySelector('[data-f=preview]').hidden")
 
         # Two more: one is handed to ComfyUI at once (prefetch), one waits in the queue.
         second = (await api_submit(client, simple_graph("second", 0x33CC66)))["workflowId"]
