@@ -214,13 +214,13 @@ async def submit_many(session: aiohttp.ClientSession, url: str, workflows: list[
 # =====================================================================================
 
 def _wrk_trials(s: Suite, targets: dict[str, tuple[str, Path, int]],
-                seconds: float) -> dict[str, list[dict[str, Any]]]:
+                seconds: float, trials: int | None = None) -> dict[str, list[dict[str, Any]]]:
     """Trials of every target in turn, the order reversed each round; each
     result also says how much CPU the server spent per request."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for target, script, _ in targets.values():  # warm-up
         wrk(target, script=script, connections=50, seconds=1)
-    for trial in range(s.trials):
+    for trial in range(trials or s.trials):
         for name in list(targets) if trial % 2 == 0 else list(reversed(targets)):
             target, script, pid = targets[name]
             cpu = cpu_seconds(pid)
@@ -272,7 +272,9 @@ def fig_http(s: Suite) -> None:
         refs = {**commit, **(extra if nodes == GRAPH_SIZES[0][0] else {})}
         targets = {"comfymgr": (url + "/v1/comfyui/workflow", post_cm, cm.pid)}
         targets.update({name: (ref_url + "/submit", post_ref, proc.pid) for name, (proc, ref_url) in refs.items()})
-        runs = _wrk_trials(s, targets, seconds)
+        # Quick: the larger graphs get two trials each (a 1,000-node trial
+        # is a few dozen submits a second anyway).
+        runs = _wrk_trials(s, targets, seconds, 2 if s.quick and nodes != GRAPH_SIZES[0][0] else None)
         s.details[f"submit_{nodes}"] = runs
         bad = {name: sum(r["non_2xx"] + r["errors"] for r in rs) for name, rs in runs.items()}
         note = "" if not any(bad.values()) else f"errors: {bad}"
@@ -326,7 +328,7 @@ def fig_big_submit(s: Suite) -> None:
     body = json.dumps({"workflow": graph_workflow(nodes, size)}).encode()
     sides = {"comfymgr": (url + "/v1/comfyui/workflow", HEADERS, url), "ref": (ref_url + "/submit", {}, ref_url)}
     runs: dict[str, list[dict[str, float]]] = {"comfymgr": [], "ref": []}
-    for trial in range(-1, s.trials):
+    for trial in range(-1, 2 if s.quick else s.trials):
         for name in (("comfymgr", "ref") if trial % 2 == 0 else ("ref", "comfymgr")):
             target, headers, base = sides[name]
             http_json("GET", base + "/__bench__/lag?reset=1", headers=headers)
@@ -837,7 +839,7 @@ async def _stream_scale(s: Suite, clients: int, triggers: int, burst: int) -> No
 
 
 def fig_stream_scale(s: Suite) -> None:
-    for clients, burst in ((100, 2000), (1000, 300 if s.quick else 500)):
+    for clients, burst in ((100, 1000 if s.quick else 2000), (1000, 300 if s.quick else 500)):
         asyncio.run(_stream_scale(s, clients, 20 if s.quick else 50, burst))
 
 
@@ -888,8 +890,8 @@ def build_queue(path: Path, depth: int, *, state: str = "queued", events: bool =
 
 def fig_depth(s: Suite) -> None:
     import comfymgr
-    # Quick: 300,000 for the deepest (a million takes a minute to build here).
-    depths = (1_000, 100_000, 300_000 if s.quick else 1_000_000)
+    # Quick: 200,000 for the deepest (a million takes a minute to build here).
+    depths = (1_000, 100_000, 200_000 if s.quick else 1_000_000)
     calls = 200 if s.quick else 400
     per: dict[int, dict[str, Any]] = {}
     stores, last = {}, {}
@@ -1293,11 +1295,14 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")),
-                        help="fewer trials, smaller loads (3,000 jobs for the leak check, 300,000 queued for "
+                        help="fewer trials, smaller loads (3,000 jobs for the leak check, 200,000 queued for "
                              "the deepest queue, 1 and 64 backends) (also BENCH_QUICK=1)")
     parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""),
                         help=f"comma-separated figures to run, of {','.join(FIGURES)}")
     parser.add_argument("--update-doc", action="store_true", help="put the table into docs/PERFORMANCE.md")
+    parser.add_argument("--doc-table", default="",
+                        help="with --update-doc: the marker of the table to replace (<!-- NAME -->); default "
+                             "bench-table (bench-table-no-accel with --no-accel)")
     parser.add_argument("--comfyui-url", default=os.environ.get("BENCH_COMFYUI_URL") or None,
                         help="a real ComfyUI for figures 9 and 10's extra rows (make bench COMFYUI_URL=...)")
     parser.add_argument("--backends", default=os.environ.get("BENCH_BACKENDS", ""),
@@ -1358,8 +1363,11 @@ def main() -> int:
         print(f"written: bench/results/{stamp}.json, bench/results/latest.json, bench/results/latest.md "
               f"({result['seconds']:.0f} s)")
         if args.update_doc and DOC.exists():
-            marker = "bench-table-no-accel" if args.no_accel else "bench-table"
+            marker = args.doc_table or ("bench-table-no-accel" if args.no_accel else "bench-table")
             doc = DOC.read_text()
+            if f"<!-- {marker} -->" not in doc:
+                print(f"docs/PERFORMANCE.md has no <!-- {marker} --> table; not updated", file=sys.stderr)
+                return 1
             doc = re.sub(rf"(<!-- {marker} -->\n).*?(<!-- /{marker} -->)",
                          lambda m: m.group(1) + md + m.group(2), doc, flags=re.S)
             DOC.write_text(doc)
