@@ -51,9 +51,8 @@ contract: venv ## the bridge scenarios against a real ComfyUI: make contract COM
 	@test -n "$${COMFYUI_URL:-}" || { echo "make contract needs COMFYUI_URL=http://host:port"; exit 2; }
 	COMFYMGR_CONTRACT_URL="$$COMFYUI_URL" $(BIN)/python -m pytest tests/test_contract.py -v
 
-readme: venv ## regenerate the README's settings table from comfymgr.py
-	$(BIN)/python -c 'import re, comfymgr, pathlib; p = pathlib.Path("README.md"); t = p.read_text(); \
-	p.write_text(re.sub(r"(<!-- config-table -->\n).*?(<!-- /config-table -->)", lambda m: m.group(1) + comfymgr._config_table() + "\n" + m.group(2), t, flags=re.S))'
+readme: venv ## regenerate the settings and metrics tables of docs/ from comfymgr.py
+	$(BIN)/python tests/doc_tables.py
 
 lint: venv ## static checks
 	$(BIN)/ruff check comfymgr.py tests bench

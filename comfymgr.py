@@ -89,7 +89,7 @@ except ImportError:
 # config
 ###############################################################################
 # Every setting is declared once, in _SETTINGS. The CLI flags, `--help`, the
-# README's table (`--config-table`) and validation are all built from it; the
+# table of docs/CONFIGURATION.md (`make readme`) and validation are all built from it; the
 # result is one frozen Config that is passed around. Nothing below this
 # section reads os.environ.
 
@@ -709,7 +709,7 @@ def _redact_credentials(text: str) -> str:
 
 
 def _config_table() -> str:
-    """The README's settings table, generated so that it never drifts."""
+    """The settings table of docs/CONFIGURATION.md, generated so that it never drifts."""
     lines = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
     for st in _SETTINGS:
         default = f"`{st.default}`" if st.default else "(empty)"
@@ -1245,7 +1245,7 @@ class _Supervisor:
 # jobs
 ###############################################################################
 # What a job is: its priorities, its states and the moves between them (one
-# table, _ALLOWED, that Storage.transition() enforces), and the rows jobs and
+# table, _ALLOWED, that Storage._transition() enforces), and the rows jobs and
 # events are read into.
 
 
@@ -1305,8 +1305,32 @@ EVENT_TYPES = ("workflow:queued", "workflow:started", EVENT_PROGRESS, "workflow:
 del S
 
 
-class InvalidTransition(Conflict):
-    code = "invalid_transition"
+class SchemaTooNew(sqlite3.DatabaseError):
+    """The database was migrated by a newer comfymgr: this one must not touch it."""
+
+
+class StorageError(ComfymgrError):
+    """What Storage refuses; the HTTP layer gives each its status and code."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message, self.details = message, details
+
+
+class JobNotFound(StorageError):
+    """No such job (or, for a client key, not one of its own)."""
+
+
+class NotCancellable(StorageError):
+    """The job has already ended."""
+
+
+class IdempotencyConflict(StorageError):
+    """An Idempotency-Key reused with another body."""
+
+
+class InvalidTransition(StorageError):
+    """A state change _ALLOWED does not allow, or from a state the caller did not expect."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1373,6 +1397,16 @@ class Event:
         """The stream message: the seed's fields plus seq."""
         return {"type": self.type, "seq": self.seq, "workflowId": self.job_id,
                 "timestamp": self.ts, **self.data}
+
+
+def _cancelled(detail: str = "", **where: Any) -> dict[str, Any]:
+    """A cancelled job's `error`, with what comfymgr knows of how it ended."""
+    return {"code": "cancelled", "message": "cancelled by request" + detail, **where}
+
+
+def _output_path(item: Mapping[str, Any]) -> str:
+    """Where an output file is below its root: "subfolder/filename"."""
+    return "/".join(p for p in (item.get("subfolder"), item["filename"]) if p)
 
 
 # Per-attempt notes live under "attempt"; comfymgr 0.1.0 wrote the two others
@@ -1556,7 +1590,7 @@ _MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, 
 # asyncio inside: the event loop reaches it only through _Database (next
 # section), whose single worker thread owns the connection. Every change goes
 # through one explicit BEGIN IMMEDIATE transaction (a SAVEPOINT when batched),
-# and every job state change goes through Storage.transition(), which checks
+# and every job state change goes through Storage._transition(), which checks
 # it against _ALLOWED and writes the job row and its event row together.
 
 _log_storage = logging.getLogger("comfymgr.storage")
@@ -1570,17 +1604,25 @@ _JSON_COLUMNS = frozenset({"outputs", "error", "extra"})
 class Storage:
     """Jobs and events in one SQLite file (WAL).
 
-    Verbs: enqueue, get, position, list_jobs, claim_next, transition,
-    request_cancel, set_progress, in_flight, events_since, counts. Writes run
-    in their own BEGIN IMMEDIATE transaction, or as a savepoint inside
-    run_batch(); events written by a transaction are handed to `on_commit`
-    only once it has committed, in seq order.
+    The verbs of a job's life, each one transaction that changes the job's
+    state through _transition() with its event: enqueue, enqueue_once,
+    claim_next, mark_submitted, mark_running, adopt_prompt_id, note_attempt,
+    set_progress, end_run, requeue_run, request_cancel, fail_orphans.
+    Reads: get, get_many, job_and_position, position(s), list_jobs,
+    list_page, queue_head, in_flight, counts, stats; events_since,
+    event_bounds. Around jobs: webhook deliveries (due_deliveries,
+    next_delivery_at, record_attempt, deliveries_for), files (outputs,
+    model_hashes, store_model_hash), retention (delete_expired,
+    prune_events, prune_idempotency). Writes run in their own BEGIN
+    IMMEDIATE transaction, or as a savepoint inside run_batch(); events
+    written by a transaction are handed to `on_commit` only once it has
+    committed, in seq order. What it refuses raises a StorageError of its
+    own (JobNotFound, ...); the HTTP layer gives those their status.
     """
 
     def __init__(self, path: str | Path, *, synchronous: str = "full",
-                 busy_timeout_ms: int = 5000, public_url: str | None = None) -> None:
+                 busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
-        self.public_url = public_url.rstrip("/") if public_url else None
         self.on_commit: Callable[[list[Event]], None] = lambda events: None
         self._pending: list[Event] = []
         self._depth = 0
@@ -1600,7 +1642,7 @@ class Storage:
     def _migrate(self) -> None:
         current = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if current > len(_MIGRATIONS):
-            raise sqlite3.DatabaseError(
+            raise SchemaTooNew(
                 f"{self.path} has schema version {current}, newer than this comfymgr "
                 f"understands ({len(_MIGRATIONS)}); run a newer comfymgr")
         for version in range(current + 1, len(_MIGRATIONS) + 1):
@@ -1699,15 +1741,8 @@ class Storage:
                 "INSERT INTO deliveries (id, job_id, event_seq, event_type, url, payload, state, "
                 "next_at, created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                 ("msg_" + uuid.uuid4().hex, job_id, event.seq, type_, webhook["url"],
-                 _dumps(self._webhook_payload(event)), ts, ts))
+                 _dumps(event.message()), ts, ts))
         return event
-
-    def _webhook_payload(self, event: Event) -> dict[str, Any]:
-        """The stream message; output URLs made absolute when a public URL is known."""
-        message = event.message()
-        if self.public_url and message.get("outputs"):
-            message["outputs"] = [{**o, "url": self.public_url + o["url"]} for o in message["outputs"]]
-        return message
 
     # -- jobs --------------------------------------------------------------------
 
@@ -1748,9 +1783,9 @@ class Storage:
                                      "WHERE key = ?", (key,)).fetchone()
             if row is not None and row["created_at"] >= now - ttl_ms:
                 if row["body_hash"] != body_hash:
-                    raise UnprocessableEntity(
+                    raise IdempotencyConflict(
                         "this Idempotency-Key was used with a different request body",
-                        code="idempotency_conflict", details={"workflowId": row["job_id"]})
+                        workflowId=row["job_id"])
                 original = self.get(row["job_id"])
                 if original is not None:
                     return original, self.position(original), True
@@ -1794,9 +1829,22 @@ class Storage:
             return None
         return Job.from_row(row)
 
-    def get_by_prompt(self, prompt_id: str) -> Job | None:
-        row = self._conn.execute("SELECT * FROM jobs WHERE prompt_id = ?", (prompt_id,)).fetchone()
-        return Job.from_row(row) if row else None
+    def job_and_position(self, job_id: str, owner: str | None = None) -> tuple[Job, int | None]:
+        """A job and its queue position; JobNotFound when there is none (or,
+        with `owner`, none of that key name's)."""
+        job = self.get(job_id, owner)
+        if job is None:
+            raise JobNotFound(f"workflow {job_id} not found", workflowId=job_id)
+        return job, self.position(job)
+
+    def get_many(self, job_ids: Sequence[str], owner: str | None = None) -> dict[str, Job]:
+        """The jobs of these ids that exist (and are `owner`'s, if given)."""
+        found = {}
+        for job_id in job_ids:
+            job = self.get(job_id, owner)
+            if job is not None:
+                found[job_id] = job
+        return found
 
     def position(self, job: Job) -> int | None:
         """1-based place in comfymgr's queue (1 = dispatched next), None when not queued.
@@ -1848,6 +1896,11 @@ class Storage:
                     "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND priority = ? AND n >= ? AND n <= ?",
                     (int(priority), tail_start, upto)).fetchone()[0])
 
+    def list_page(self, **query: Any) -> tuple[list[Job], dict[str, int]]:
+        """A page of list_jobs with the queue positions of its queued jobs."""
+        jobs = self.list_jobs(**query)
+        return jobs, self.positions(jobs)
+
     def list_jobs(self, *, statuses: Sequence[str] = (), priority: Priority | None = None,
                   before: int | None = None, limit: int = 50, owner: str | None = None) -> list[Job]:
         """Newest first; `before` is the keyset cursor (a job's n); `owner`:
@@ -1895,12 +1948,12 @@ class Storage:
             row = self._conn.execute("SELECT id, attempts, extra FROM jobs WHERE n = ?",
                                      (head[1],)).fetchone()
             extra = _job_extra(json.loads(row["extra"]) if row["extra"] else {})
-            return self.transition(row["id"], JobState.DISPATCHING, now, expect=(JobState.QUEUED,),
+            return self._transition(row["id"], JobState.DISPATCHING, now, expect=(JobState.QUEUED,),
                                    backend=backend, prompt_id=prompt_id,
                                    attempts=row["attempts"] + 1, progress=0.0, current_node=None,
                                    extra=extra or None)
 
-    def transition(self, job_id: str, to: JobState, now: int, *,
+    def _transition(self, job_id: str, to: JobState, now: int, *,
                    expect: Iterable[JobState] | None = None,
                    event: dict[str, Any] | None = None, **fields: Any) -> Job:
         """The one way a job changes state: checks the move against _ALLOWED
@@ -1913,11 +1966,11 @@ class Storage:
         with self.transaction():
             job = self.get(job_id)
             if job is None:
-                raise NotFound(f"workflow {job_id} not found", details={"workflowId": job_id})
+                raise JobNotFound(f"workflow {job_id} not found", workflowId=job_id)
             if (expect is not None and job.state not in set(expect)) or to not in _ALLOWED[job.state]:
                 raise InvalidTransition(
                     f"workflow {job_id} is {job.state.value}; it cannot become {to.value}",
-                    details={"workflowId": job_id, "state": job.state.value, "to": to.value})
+                    workflowId=job_id, state=job.state.value, to=to.value)
             values = {"state": to.value, "status": _PUBLIC_STATUS[to], "updated_at": now}
             for name, value in fields.items():
                 values[name] = _dumps(value) if name in _JSON_COLUMNS and value is not None else value
@@ -1927,7 +1980,7 @@ class Storage:
             if to is JobState.COMPLETED and job.outputs:
                 self._conn.executemany(
                     "INSERT OR REPLACE INTO outputs (type, path, job_id) VALUES (?, ?, ?)",
-                    [(o["type"], "/".join(p for p in (o.get("subfolder"), o["filename"]) if p), job.id)
+                    [(o["type"], _output_path(o), job.id)
                      for o in job.outputs])
             if to in _EVENT_FOR_STATE:
                 data = {"status": job.status, **(event or {})}
@@ -1944,15 +1997,12 @@ class Storage:
         with self.transaction():
             job = self.get(job_id, owner)
             if job is None:
-                raise NotFound(f"workflow {job_id} not found", details={"workflowId": job_id})
+                raise JobNotFound(f"workflow {job_id} not found", workflowId=job_id)
             if job.terminal:
-                raise Conflict(f"workflow {job_id} already {job.status}; there is nothing to cancel",
-                               code="not_cancellable",
-                               details={"workflowId": job_id, "status": job.status})
+                raise NotCancellable(f"workflow {job_id} already {job.status}; there is nothing to "
+                                     "cancel", workflowId=job_id, status=job.status)
             if job.state is JobState.QUEUED:
-                return self.transition(job_id, JobState.CANCELLED, now, completed_at=now,
-                                       error={"code": "cancelled", "message": "cancelled by request"},
-                                       event={"reason": "cancelled by request"})
+                return self._cancel_unstarted(job_id, now)
             if job.cancel_requested_at is None:
                 self._conn.execute("UPDATE jobs SET cancel_requested_at = ?, updated_at = ? WHERE n = ?",
                                    (now, now, job.n))
@@ -1977,7 +2027,7 @@ class Storage:
             job = self._attempt(job_id, prompt_id)
             if job is None or job.state is not JobState.DISPATCHING:
                 return None
-            return self.transition(job_id, JobState.SUBMITTED, now)
+            return self._transition(job_id, JobState.SUBMITTED, now)
 
     def mark_running(self, job_id: str, prompt_id: str, now: int, backend: str) -> Job | None:
         """ComfyUI started the prompt."""
@@ -1985,7 +2035,7 @@ class Storage:
             job = self._attempt(job_id, prompt_id)
             if job is None or job.state is JobState.RUNNING:
                 return None
-            return self.transition(job_id, JobState.RUNNING, now, started_at=now,
+            return self._transition(job_id, JobState.RUNNING, now, started_at=now,
                                    event={"startTime": now, "backend": backend})
 
     def adopt_prompt_id(self, job_id: str, prompt_id: str, new_id: str, now: int) -> Job | None:
@@ -2029,7 +2079,7 @@ class Storage:
                 event["outputs"] = outputs or []
             if error is not None:
                 fields["error"] = event["error"] = error
-            return self.transition(job_id, to, now, event=event, **fields)
+            return self._transition(job_id, to, now, event=event, **fields)
 
     def requeue_run(self, job_id: str, prompt_id: str, now: int, *, reason: str | None = None,
                     count: str | None = None, allowed: int = 0,
@@ -2044,31 +2094,34 @@ class Storage:
             if job is None:
                 return None
             if job.cancel_requested_at is not None:
-                return self.transition(job_id, JobState.CANCELLED, now, completed_at=now,
-                                       error={"code": "cancelled", "message": "cancelled by request"},
-                                       event={"reason": "cancelled by request"})
+                return self._cancel_unstarted(job_id, now)
             extra = _job_extra(job.extra)
             if count is not None:
                 extra[count] = int(extra.get(count, 0)) + 1
                 if extra[count] > allowed:
-                    return self.transition(job_id, JobState.FAILED, now, completed_at=now,
+                    return self._transition(job_id, JobState.FAILED, now, completed_at=now,
                                            error=error, extra=extra, event={"error": error})
-            return self.transition(job_id, JobState.QUEUED, now, backend=None, prompt_id=None,
+            return self._transition(job_id, JobState.QUEUED, now, backend=None, prompt_id=None,
                                    started_at=None, progress=0.0, current_node=None,
                                    extra=extra or None,
                                    event={"reason": reason} if reason else None)
+
+    def _cancel_unstarted(self, job_id: str, now: int) -> Job:
+        error = _cancelled()
+        return self._transition(job_id, JobState.CANCELLED, now, completed_at=now, error=error,
+                                event={"reason": error["message"]})
 
     def fail_orphans(self, backends: Sequence[str], now: int) -> list[Job]:
         """Unfinished jobs bound to a backend that is no longer configured
         would wait forever: they fail with backend_lost."""
         failed = []
         with self.transaction():
-            for job_id in self.orphaned(backends):
+            for job_id in self._orphaned(backends):
                 job = self.get(job_id)
                 assert job is not None
                 error = {"code": "backend_lost", "message": f"backend "
                          f"{job.backend or job.target!r} is no longer configured"}
-                failed.append(self.transition(job_id, JobState.FAILED, now, completed_at=now,
+                failed.append(self._transition(job_id, JobState.FAILED, now, completed_at=now,
                                               error=error, event={"error": error}))
         return failed
 
@@ -2087,7 +2140,7 @@ class Storage:
             return self._event(job_id, EVENT_PROGRESS, now, {
                 "status": "running", "progress": progress, "currentNode": current_node}, owner)
 
-    def orphaned(self, backends: Sequence[str]) -> list[str]:
+    def _orphaned(self, backends: Sequence[str]) -> list[str]:
         """Ids of unfinished jobs bound to a backend not in `backends`."""
         targets, names = [TARGET_ANY, *backends], list(backends)
         rows = self._conn.execute(
@@ -2096,14 +2149,6 @@ class Storage:
             f"('dispatching', 'submitted', 'running') AND backend NOT IN "
             f"({','.join('?' * len(names))})", (*targets, *names)).fetchall()
         return [row[0] for row in rows]
-
-    def note(self, job_id: str, now: int, **values: Any) -> None:
-        """Merge bookkeeping into a job's `extra` (no state change, no event)."""
-        with self.transaction():
-            job = self.get(job_id)
-            if job is not None:
-                self._conn.execute("UPDATE jobs SET extra = ?, updated_at = ? WHERE n = ?",
-                                   (_dumps({**job.extra, **values}), now, job.n))
 
     def in_flight(self, backend: str | None = None) -> list[Job]:
         """Jobs handed to a backend and not finished: what a restart must
@@ -2117,15 +2162,26 @@ class Storage:
 
     # -- files -------------------------------------------------------------------
 
-    def output_owners(self, type_: str, paths: Sequence[str]) -> dict[str, str]:
-        """path -> the job that produced it, for files of one type."""
-        owners: dict[str, str] = {}
+    def outputs(self, type_: str, *, paths: Sequence[str] | None = None,
+                owner: str | None = None) -> dict[str, str]:
+        """path -> the job that produced it, for the files of one type (only
+        `paths`, only the jobs of `owner`, when given)."""
+        sql = "SELECT o.path, o.job_id FROM outputs o"
+        args: list[Any] = []
+        where = ["o.type = ?"]
+        if owner is not None:
+            sql += " JOIN jobs j ON j.id = o.job_id"
+            where.append("j.submitted_by = ?")
+            args.append(owner)
+        if paths is None:
+            return dict(self._conn.execute(f"{sql} WHERE {' AND '.join(where)}", (type_, *args)).fetchall())
+        found: dict[str, str] = {}
         for start in range(0, len(paths), 500):
-            chunk = paths[start:start + 500]
-            owners.update((row[0], row[1]) for row in self._conn.execute(
-                f"SELECT path, job_id FROM outputs WHERE type = ? AND path IN "
-                f"({','.join('?' * len(chunk))})", (type_, *chunk)))
-        return owners
+            chunk = list(paths[start:start + 500])
+            found.update(self._conn.execute(
+                f"{sql} WHERE {' AND '.join(where)} AND o.path IN ({','.join('?' * len(chunk))})",
+                (type_, *args, *chunk)).fetchall())
+        return found
 
     def model_hashes(self) -> dict[str, tuple[int, int, str]]:
         return {row[0]: (row[1], row[2], row[3]) for row in self._conn.execute(
@@ -2136,31 +2192,26 @@ class Storage:
             self._conn.execute("INSERT OR REPLACE INTO model_hashes VALUES (?, ?, ?, ?)",
                                (path, size, mtime_ns, sha256))
 
-    def expired_jobs(self, before_ms: int, *, limit: int = 500) -> list[Job]:
-        """Finished jobs that ended before `before_ms`, oldest first."""
-        return [Job.from_row(row) for row in self._conn.execute(
-            "SELECT * FROM jobs WHERE completed_at IS NOT NULL AND completed_at < ? "
-            "AND state IN ('completed', 'failed', 'cancelled') ORDER BY completed_at LIMIT ?",
-            (before_ms, limit))]
-
-    def delete_jobs(self, job_ids: Sequence[str]) -> tuple[int, int]:
-        """Remove finished jobs with their events and output records; returns
-        (jobs, events) removed. Unfinished jobs are never removed."""
-        jobs = events = 0
+    def delete_expired(self, before_ms: int, *, limit: int = 500) -> tuple[list[Job], int]:
+        """Remove up to `limit` finished jobs that ended before `before_ms`,
+        oldest first, with their events, output records and deliveries;
+        returns the jobs removed (their files are the caller's) and how
+        many events went with them."""
+        events = 0
         with self.transaction():
-            for job_id in job_ids:
-                cur = self._conn.execute(
-                    "DELETE FROM jobs WHERE id = ? AND state IN ('completed', 'failed', 'cancelled')",
-                    (job_id,))
-                if cur.rowcount:
-                    jobs += 1
-                    events += self._conn.execute("DELETE FROM events WHERE job_id = ?",
-                                                 (job_id,)).rowcount
-                    self._conn.execute("DELETE FROM outputs WHERE job_id = ?", (job_id,))
-                    self._conn.execute("DELETE FROM deliveries WHERE job_id = ?", (job_id,))
+            jobs = [Job.from_row(row) for row in self._conn.execute(
+                "SELECT * FROM jobs WHERE completed_at IS NOT NULL AND completed_at < ? "
+                "AND state IN ('completed', 'failed', 'cancelled') ORDER BY completed_at LIMIT ?",
+                (before_ms, limit))]
+            for job in jobs:
+                self._conn.execute("DELETE FROM jobs WHERE n = ?", (job.n,))
+                events += self._conn.execute("DELETE FROM events WHERE job_id = ?",
+                                             (job.id,)).rowcount
+                self._conn.execute("DELETE FROM outputs WHERE job_id = ?", (job.id,))
+                self._conn.execute("DELETE FROM deliveries WHERE job_id = ?", (job.id,))
         return jobs, events
 
-    def oldest_queued_at(self) -> int | None:
+    def _oldest_queued_at(self) -> int | None:
         """created_at of the job waiting longest: one index probe per priority."""
         heads = [self._conn.execute(
             "SELECT MIN(n) FROM jobs WHERE state = 'queued' AND priority = ?", (int(p),)).fetchone()[0]
@@ -2179,27 +2230,6 @@ class Storage:
             rows = self._conn.execute("SELECT state, priority, COUNT(*) AS n FROM jobs "
                                       "WHERE submitted_by = ? GROUP BY state, priority", (owner,))
         return {(JobState(row["state"]), Priority(row["priority"])): row["n"] for row in rows}
-
-    def output_job(self, type_: str, path: str) -> Job | None:
-        """The job that produced a file, by the outputs it recorded."""
-        row = self._conn.execute("SELECT job_id FROM outputs WHERE type = ? AND path = ?",
-                                 (type_, path)).fetchone()
-        return self.get(row[0]) if row else None
-
-    def owned_outputs(self, owner: str, type_: str | None = None,
-                      paths: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
-        """(type, path, job id) of the files the jobs of `owner` produced;
-        with `paths`, only those."""
-        sql = ("SELECT o.type, o.path, o.job_id FROM outputs o JOIN jobs j ON j.id = o.job_id "
-               "WHERE j.submitted_by = ?")
-        args: list[Any] = [owner]
-        if type_ is not None:
-            sql += " AND o.type = ?"
-            args.append(type_)
-        if paths is not None:
-            sql += f" AND o.path IN ({','.join('?' * len(paths))})"
-            args.extend(paths)
-        return [tuple(row) for row in self._conn.execute(sql, args)]
 
     # -- events ------------------------------------------------------------------
 
@@ -2244,16 +2274,18 @@ class Storage:
     def ping(self) -> bool:
         return self._conn.execute("SELECT 1").fetchone()[0] == 1
 
-    def size_bytes(self) -> int:
+    def stats(self, owner: str | None = None) -> dict[str, Any]:
+        """Counts per (state, priority), the oldest queued job's time, the
+        file's size and schema version: what /v1/status and /metrics show."""
+        return {"counts": self.counts(owner), "oldest_queued_at": self._oldest_queued_at(),
+                "size_bytes": self._size_bytes(), "schema_version": self.schema_version}
+
+    def _size_bytes(self) -> int:
         total = 0
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(OSError):
                 total += os.path.getsize(f"{self.path}{suffix}")
         return total
-
-    def integrity_check(self) -> str:
-        return self._conn.execute("PRAGMA integrity_check").fetchone()[0]
-
 
 def _split_sql(script: str) -> list[str]:
     """Statements of a DDL script (triggers contain ';' inside BEGIN ... END)."""
@@ -2276,6 +2308,21 @@ def _split_sql(script: str) -> list[str]:
 # The event loop's way to Storage: one worker thread, group commit.
 
 
+class _Call:
+    """One call queued to the database thread: Storage verb, its arguments,
+    whether it writes, and the loop's future for its outcome."""
+
+    __slots__ = ("verb", "args", "kwargs", "write", "future")
+
+    def __init__(self, verb: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 write: bool) -> None:
+        self.verb, self.args, self.kwargs, self.write = verb, args, kwargs, write
+        self.future: asyncio.Future[Any] | None = None
+
+    def bind(self, storage: Storage) -> Callable[[], Any]:
+        return functools.partial(self.verb, storage, *self.args, **self.kwargs)
+
+
 class _Database:
     """The event loop's door to Storage.
 
@@ -2291,11 +2338,9 @@ class _Database:
     _STOP = object()
     _MAX_BATCH = 128
 
-    def __init__(self, path: Path, *, synchronous: str, on_events: Callable[[list[Event]], None],
-                 public_url: str | None = None):
+    def __init__(self, path: Path, *, synchronous: str, on_events: Callable[[list[Event]], None]):
         self.path = path
         self._synchronous = synchronous
-        self._public_url = public_url
         self._on_events = on_events
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -2319,18 +2364,22 @@ class _Database:
             self._queue.put(self._STOP)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
-    async def read(self, fn: Callable[[Storage], Any]) -> Any:
-        return await self._submit(fn, write=False)
+    async def read(self, verb: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`verb(storage, *args, **kwargs)` in the database thread: one of
+        Storage's reads (Storage.get, ...)."""
+        return await self._submit(_Call(verb, args, kwargs, False))
 
-    async def write(self, fn: Callable[[Storage], Any]) -> Any:
-        return await self._submit(fn, write=True)
+    async def write(self, verb: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`verb(storage, *args, **kwargs)` in the database thread, committed
+        (with the writes queued beside it) before this returns."""
+        return await self._submit(_Call(verb, args, kwargs, True))
 
-    async def _submit(self, fn: Callable[[Storage], Any], *, write: bool) -> Any:
+    async def _submit(self, call: _Call) -> Any:
         if self._thread is None or not self._thread.is_alive():
             raise StorageUnavailable("the database is closed")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.put((fn, write, future))
-        return await future
+        call.future = asyncio.get_running_loop().create_future()
+        self._queue.put(call)
+        return await call.future
 
     # -- the worker thread -----------------------------------------------------
 
@@ -2338,7 +2387,7 @@ class _Database:
         loop = self._loop
         assert loop is not None
         try:
-            storage = Storage(self.path, synchronous=self._synchronous, public_url=self._public_url)
+            storage = Storage(self.path, synchronous=self._synchronous)
         except Exception as exc:  # noqa: BLE001 - reported to start()
             loop.call_soon_threadsafe(_settle, ready, False, exc)
             return
@@ -2351,23 +2400,21 @@ class _Database:
                 held = None
                 if item is self._STOP:
                     break
-                fn, write, future = item
-                if not write:
+                if not item.write:
                     # Reads queued behind this one run now too, and all of them are
                     # handed back with one wake-up of the loop, not one each
                     # (bench/ab.py: GET x1.23, a fifth less CPU per request).
-                    settled = [self._resolve(future, *self._call(functools.partial(fn, storage)),
-                                             write=False)]
+                    settled = [self._resolve(item.future, *self._call(item.bind(storage)), write=False)]
                     while len(settled) < self._MAX_BATCH:
                         try:
                             nxt = self._queue.get_nowait()
                         except queue.Empty:
                             break
-                        if nxt is self._STOP or nxt[1]:
+                        if nxt is self._STOP or nxt.write:
                             held = nxt
                             break
-                        settled.append(self._resolve(
-                            nxt[2], *self._call(functools.partial(nxt[0], storage)), write=False))
+                        settled.append(self._resolve(nxt.future, *self._call(nxt.bind(storage)),
+                                                     write=False))
                     loop.call_soon_threadsafe(_settle_all, settled)
                     continue
                 batch = [item]
@@ -2376,13 +2423,13 @@ class _Database:
                         nxt = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                    if nxt is self._STOP or not nxt[1]:
+                    if nxt is self._STOP or not nxt.write:
                         held = nxt
                         break
                     batch.append(nxt)
-                outcomes = storage.run_batch([lambda f=f: f(storage) for f, _, _ in batch])
+                outcomes = storage.run_batch([call.bind(storage) for call in batch])
                 loop.call_soon_threadsafe(_settle_all, [
-                    self._resolve(fut, ok, value) for (_, _, fut), (ok, value) in zip(batch, outcomes)])
+                    self._resolve(call.future, ok, value) for call, (ok, value) in zip(batch, outcomes)])
         finally:
             storage.close()
 
@@ -2439,7 +2486,7 @@ def _output_record(node_id: str, item: Mapping[str, Any], kind: str = "images") 
     """One file a job produced, with the URL comfymgr serves it at."""
     filename, subfolder = str(item["filename"]), str(item.get("subfolder") or "")
     type_ = str(item.get("type") or "output")
-    path = "/".join(p for p in (subfolder, filename) if p)
+    path = _output_path({"subfolder": subfolder, "filename": filename})
     url = f"/v1/comfyui/output/{path}" + ("" if type_ == "output" else f"?type={type_}")
     return {"filename": filename, "subfolder": subfolder, "type": type_, "nodeId": str(node_id),
             "kind": kind, "url": url}
@@ -2500,16 +2547,14 @@ class _Queue:
         instead (replayed=True)."""
         job_id, text, now = job_id or _new_id(), _dumps(workflow), self.now_ms()
         if idempotency is None:
-            job, position = await self._db.write(
-                lambda s: s.enqueue(job_id, text, priority, target, now, timeout_s=timeout_s,
-                                    extra=extra, owner=owner))
+            job, position = await self._db.write(Storage.enqueue, job_id, text, priority, target,
+                                                 now, timeout_s=timeout_s, extra=extra, owner=owner)
             replayed = False
         else:
             key, digest = idempotency
             job, position, replayed = await self._db.write(
-                lambda s: s.enqueue_once(key, digest, _ms(self.idempotency_ttl), job_id, text,
-                                         priority, target, now, timeout_s=timeout_s, extra=extra,
-                                         owner=owner))
+                Storage.enqueue_once, key, digest, _ms(self.idempotency_ttl), job_id, text, priority,
+                target, now, timeout_s=timeout_s, extra=extra, owner=owner)
         if replayed:
             _log_queue.info("idempotent retry of %s", job.id, extra={"job": job.id})
             return job, position, True
@@ -2521,16 +2566,11 @@ class _Queue:
     async def get(self, job_id: str, owner: str | None = None) -> tuple[Job, int | None]:
         """The job and its queue position. With `owner` (a client key's
         name), another key's job is NotFound, exactly as an unknown id."""
-        def read(s: Storage) -> tuple[Job, int | None]:
-            job = s.get(job_id, owner)
-            if job is None:
-                raise NotFound(f"workflow {job_id} not found", details={"workflowId": job_id})
-            return job, s.position(job)
-        return await self._db.read(read)
+        return await self._db.read(Storage.job_and_position, job_id, owner)
 
     async def cancel(self, job_id: str, owner: str | None = None) -> Job:
         """Queued jobs end at once; in-flight ones are marked for the bridge."""
-        job = await self._db.write(lambda s: s.request_cancel(job_id, self.now_ms(), owner))
+        job = await self._db.write(Storage.request_cancel, job_id, self.now_ms(), owner)
         _log_queue.info("cancel requested for %s (%s)", job.id, job.state.value,
                         extra={"job": job.id})
         return job
@@ -2539,14 +2579,8 @@ class _Queue:
                    before: int | None, limit: int,
                    owner: str | None = None) -> tuple[list[Job], dict[str, int]]:
         """A page of jobs, newest first, with the queue positions of the queued ones."""
-        def read(s: Storage) -> tuple[list[Job], dict[str, int]]:
-            jobs = s.list_jobs(statuses=statuses, priority=priority, before=before, limit=limit,
-                               owner=owner)
-            return jobs, s.positions(jobs)
-        return await self._db.read(read)
-
-    async def counts(self, owner: str | None = None) -> dict[tuple[JobState, Priority], int]:
-        return await self._db.read(lambda s: s.counts(owner))
+        return await self._db.read(Storage.list_page, statuses=statuses, priority=priority,
+                                   before=before, limit=limit, owner=owner)
 
 
 INLINE_INPUTS_FOLDER = "comfymgr-jobs"  # ComfyUI input subfolder of inline inputs, one per job
@@ -2603,8 +2637,9 @@ class _InputStore:
         base = self.inputs_dir / INLINE_INPUTS_FOLDER if self.inputs_dir is not None else self.local
         names = await asyncio.to_thread(lambda: [p.name for p in base.iterdir() if p.is_dir()]
                                         if base.is_dir() else [])
-        jobs = await db.read(lambda s: {n: s.get(n) for n in names})
-        for name, job in jobs.items():
+        jobs = await db.read(Storage.get_many, names)
+        for name in names:
+            job = jobs.get(name)
             if job is not None and not job.terminal:
                 self.pending.add(name)
             elif not self.keep:
@@ -3747,8 +3782,8 @@ class _Backend:
             # backend with nothing to do: a GPU must not idle while a job waits
             # behind another one.
             pinned_only = bool(self.runs) and self.idle_elsewhere()
-            job = await self.db.write(lambda s: s.claim_next(self.name, prompt_id, self.now_ms(),
-                                                             pinned_only=pinned_only))
+            job = await self.db.write(Storage.claim_next, self.name, prompt_id, self.now_ms(),
+                                      pinned_only=pinned_only)
             if job is None:
                 return False
             self.last_dispatch = asyncio.get_running_loop().time()
@@ -3840,11 +3875,11 @@ class _Backend:
                                  "more jobs: upgrade it to a version that accepts a client "
                                  "prompt_id")
             self.error(self.incompatible)
-            if await self.db.write(lambda s: s.adopt_prompt_id(
-                    run.job_id, run.prompt_id, returned, self.now_ms())) is not None:
+            if await self.db.write(Storage.adopt_prompt_id, run.job_id, run.prompt_id, returned,
+                                   self.now_ms()) is not None:
                 run.prompt_id = returned
         run.acknowledged = True
-        await self.db.write(lambda s: s.mark_submitted(run.job_id, run.prompt_id, self.now_ms()))
+        await self.db.write(Storage.mark_submitted, run.job_id, run.prompt_id, self.now_ms())
         if job.cancel_requested_at is not None or run.interrupt:
             await self._interrupt_locked(run, run.interrupt or "cancel")
 
@@ -3856,15 +3891,14 @@ class _Backend:
             run = self.waiting_run()
             if run is None:
                 return
-            head = await self.db.read(lambda s: s.queue_head(self.name))
+            head = await self.db.read(Storage.queue_head, self.name)
             if head is None or head[0] >= run.priority:
                 return
             pid = run.prompt_id
             # Written before ComfyUI forgets the prompt: if what follows fails,
             # or comfymgr dies here, reconcile finds a prompt comfymgr removed
             # itself (see _missing_locked), not one ComfyUI lost.
-            await self.db.write(lambda s: s.note_attempt(run.job_id, pid, self.now_ms(),
-                                                         preempting=pid))
+            await self.db.write(Storage.note_attempt, run.job_id, pid, self.now_ms(), preempting=pid)
             await self.client.delete_pending(pid)
             located = await self.locate(pid)
             if located.where in ("running", "pending"):
@@ -3920,8 +3954,8 @@ class _Backend:
                 and now - run.started > run.timeout_s):
             _log_bridge.info("%s: over its %g s timeout", run.job_id, run.timeout_s,
                              extra={"job": run.job_id})
-            await self.db.write(lambda s: s.note_attempt(run.job_id, run.prompt_id, self.now_ms(),
-                                                         interrupt="timeout"))
+            await self.db.write(Storage.note_attempt, run.job_id, run.prompt_id, self.now_ms(),
+                                interrupt="timeout")
             run.interrupt, run.give_up_at = "timeout", now + self.config.cancel_grace
             if self.up and not run.posting:
                 await self._interrupt_locked(run, "timeout")
@@ -3957,7 +3991,7 @@ class _Backend:
         self.lock.assert_held()
         self._reconcile_requested = False
         self.last_reconcile = self.clock()
-        jobs = await self.db.read(lambda s: s.in_flight(self.name))
+        jobs = await self.db.read(Storage.in_flight, self.name)
         running, pending = await self.client.queue()
         await self._clean_abandoned_locked(running, pending)
         for job in jobs:
@@ -3977,8 +4011,7 @@ class _Backend:
             elif located.where == "pending":
                 run.post_unknown_since = None
                 if job.state is JobState.DISPATCHING:
-                    await self.db.write(lambda s, r=run: s.mark_submitted(r.job_id, r.prompt_id,
-                                                                          self.now_ms()))
+                    await self.db.write(Storage.mark_submitted, run.job_id, run.prompt_id, self.now_ms())
             elif located.where == "finished":
                 await self._finish_locked(run, located.entry)
                 continue
@@ -3996,8 +4029,7 @@ class _Backend:
         run.missing_since = run.missing_since or now
         if run.interrupt == "cancel" and run.interrupt_sent:
             # comfymgr removed it from ComfyUI's queue itself.
-            await self._end_locked(run, JobState.CANCELLED, error={
-                "code": "cancelled", "message": "cancelled by request before it started"})
+            await self._stopped_locked(run, detail=" before it started")
             return
         if job.state is JobState.DISPATCHING:
             # POST /prompt's answer was lost, or comfymgr stopped before it
@@ -4038,12 +4070,8 @@ class _Backend:
         COMFYMGR_BACKEND_RETRIES allows (on any backend)."""
         self.lock.assert_held()
         self.abandon(run.prompt_id)
-        if run.interrupt == "cancel":
-            await self._end_locked(run, JobState.CANCELLED, error={
-                "code": "cancelled", "message": "cancelled by request"})
-            return
-        if run.interrupt == "timeout":
-            await self._end_locked(run, JobState.FAILED, error=self._timeout_error(run))
+        if run.interrupt is not None:  # it was being stopped anyway
+            await self._stopped_locked(run)
             return
         _log_bridge.warning("%s: %s (prompt %s)", run.job_id, message, run.prompt_id,
                             extra={"job": run.job_id})
@@ -4123,7 +4151,7 @@ class _Backend:
 
     async def _mark_running(self, run: _Run) -> None:
         now = self.now_ms()
-        job = await self.db.write(lambda s: s.mark_running(run.job_id, run.prompt_id, now, self.name))
+        job = await self.db.write(Storage.mark_running, run.job_id, run.prompt_id, now, self.name)
         if job is not None:
             run.started = now / 1000
             _log_bridge.info("%s running on %s", run.job_id, self.name, extra={"job": run.job_id})
@@ -4137,7 +4165,7 @@ class _Backend:
             return
         run.dirty, run.last_flush = False, now
         progress, node, ms = run.progress, run.current_node, self.now_ms()
-        await self.db.write(lambda s: s.set_progress(run.job_id, progress, node, ms, emit=True))
+        await self.db.write(Storage.set_progress, run.job_id, progress, node, ms, emit=True)
 
     async def _end_locked(self, run: _Run, to: JobState, *, error: dict[str, Any] | None = None,
                           outputs: list[dict[str, Any]] | None = None) -> None:
@@ -4145,9 +4173,9 @@ class _Backend:
         self.lock.assert_held()
         progress = (run.progress, run.current_node) if run.dirty else None
         try:
-            job = await self.db.write(lambda s: s.end_run(
-                run.job_id, run.prompt_id, to, self.now_ms(), backend=self.name,
-                outputs=outputs, error=error, progress=progress))
+            job = await self.db.write(Storage.end_run, run.job_id, run.prompt_id, to, self.now_ms(),
+                                      backend=self.name, outputs=outputs, error=error,
+                                      progress=progress)
         finally:
             run.dirty = False
             self.runs.pop(run.job_id, None)
@@ -4160,7 +4188,7 @@ class _Backend:
         """The attempt is over without a result (see Storage.requeue_run)."""
         self.lock.assert_held()
         try:
-            await self.db.write(lambda s: s.requeue_run(run.job_id, run.prompt_id, self.now_ms(), **how))
+            await self.db.write(Storage.requeue_run, run.job_id, run.prompt_id, self.now_ms(), **how)
         finally:
             self.runs.pop(run.job_id, None)
             self.queue.notify(self.name if run.pinned else TARGET_ANY, run.priority)
@@ -4204,9 +4232,20 @@ class _Backend:
             await self._end_locked(run, JobState.FAILED, error={
                 "code": "execution_error", "message": "ComfyUI recorded the run as failed"})
 
-    def _timeout_error(self, run: _Run, detail: str = "") -> dict[str, Any]:
-        return {"code": "timeout",
-                "message": f"ran longer than its {run.timeout_s or 0:g} s timeout{detail}"}
+    async def _stopped_locked(self, run: _Run, *, detail: str = "",
+                              where: Mapping[str, Any] | None = None) -> None:
+        """End a run that was stopped: cancelled or timed out when comfymgr
+        stopped it, else interrupted by someone else on ComfyUI."""
+        where = where or {}
+        if run.interrupt == "cancel":
+            await self._end_locked(run, JobState.CANCELLED, error=_cancelled(detail, **where))
+        elif run.interrupt == "timeout":
+            await self._end_locked(run, JobState.FAILED, error={
+                "code": "timeout", "message": f"ran longer than its {run.timeout_s or 0:g} s timeout"
+                f"{detail}", **where})
+        else:
+            await self._end_locked(run, JobState.FAILED, error={
+                "code": "interrupted", "message": "interrupted on ComfyUI, not by comfymgr", **where})
 
     async def _end_with_locked(self, run: _Run, name: str, data: dict[str, Any],
                                outputs: list[dict[str, Any]]) -> None:
@@ -4214,17 +4253,9 @@ class _Backend:
             await self._end_locked(run, JobState.FAILED, error=_execution_error(data))
         elif name == "execution_interrupted":
             node_id = data.get("node_id")
-            where = {"nodeId": str(node_id) if _is_node_id(node_id) else None,
-                     "nodeType": _text_field(data, "node_type", 200)}
-            if run.interrupt == "cancel":
-                await self._end_locked(run, JobState.CANCELLED, error={
-                    "code": "cancelled", "message": "cancelled by request", **where})
-            elif run.interrupt == "timeout":
-                await self._end_locked(run, JobState.FAILED, error={**self._timeout_error(run), **where})
-            else:
-                await self._end_locked(run, JobState.FAILED, error={
-                    "code": "interrupted", "message": "interrupted on ComfyUI, not by comfymgr",
-                    **where})
+            await self._stopped_locked(run, where={
+                "nodeId": str(node_id) if _is_node_id(node_id) else None,
+                "nodeType": _text_field(data, "node_type", 200)})
         else:
             await self._end_locked(run, JobState.COMPLETED, outputs=outputs)
 
@@ -4293,15 +4324,9 @@ class _Backend:
         """ComfyUI did not confirm the interrupt in time (or could not be
         reached): recorded by comfymgr's clock; the prompt is abandoned."""
         self.lock.assert_held()
-        grace = self.config.cancel_grace
         self.abandon(run.prompt_id)
-        if run.interrupt == "timeout":
-            await self._end_locked(run, JobState.FAILED, error=self._timeout_error(
-                run, f"; ComfyUI did not confirm the interrupt within {grace:g} s"))
-        else:
-            await self._end_locked(run, JobState.CANCELLED, error={
-                "code": "cancelled", "message": f"cancelled by request; ComfyUI did not confirm "
-                f"the interrupt within {grace:g} s"})
+        await self._stopped_locked(run, detail=f"; ComfyUI did not confirm the interrupt within "
+                                               f"{self.config.cancel_grace:g} s")
 
 
 class _Bridge:
@@ -4346,10 +4371,10 @@ class _Bridge:
             backend.pass_on = lambda: self.kick(TARGET_ANY, int(Priority.LOW))
             backend.idle_elsewhere = functools.partial(self._idle_besides, backend)
         now = _ms(self.clock())
-        for job in await self.db.write(lambda s: s.fail_orphans(list(self.backends), now)):
+        for job in await self.db.write(Storage.fail_orphans, list(self.backends), now):
             _log_bridge.warning("failed %s: its backend is no longer configured", job.id,
                                 extra={"job": job.id})
-        in_flight = await self.db.read(lambda s: s.in_flight())
+        in_flight = await self.db.read(Storage.in_flight)
         for backend in self.backends.values():
             await backend.client.open()
             for job in in_flight:
@@ -4719,7 +4744,7 @@ class _Hub:
         total = 0
         while True:
             try:
-                deleted = await self.db.write(lambda s: s.prune_events(cutoff))
+                deleted = await self.db.write(Storage.prune_events, cutoff)
             except ApiError:
                 return total
             total += deleted
@@ -4762,9 +4787,7 @@ class _Hub:
 
     async def _known(self, sub: _Subscriber, ids: Sequence[str]) -> set[str]:
         """The ids the client may follow: its own jobs' (a client key), or any job's."""
-        def read(s: Storage) -> set[str]:
-            return {i for i in ids if s.get(i, sub.owner) is not None}
-        return await self.db.read(read)
+        return set(await self.db.read(Storage.get_many, ids, sub.owner))
 
     async def _send_for(self, sub: _Subscriber) -> None:
         """The client's sender task. A client that went away ends it quietly;
@@ -4788,7 +4811,7 @@ class _Hub:
         async with sub.send_lock:
             # Every await under the lock: a live event offered meanwhile (its
             # workflow is already followed) waits, then is skipped as replayed.
-            oldest, _ = await self.db.read(lambda s: s.event_bounds())
+            oldest, _ = await self.db.read(Storage.event_bounds)
             if oldest and since < oldest - 1:
                 await sub.ws.send_str(_dumps({
                     "type": "error", "code": "since_expired",
@@ -4797,8 +4820,8 @@ class _Hub:
                                f"kept, seq {oldest}", "since": since, "oldestSeq": oldest}))
             cursor = since
             while True:
-                page = await self.db.read(lambda s, after=cursor: s.events_since(
-                    after, job_ids=ids, owner=sub.owner, limit=_REPLAY_PAGE))
+                page = await self.db.read(Storage.events_since, cursor, job_ids=ids, owner=sub.owner,
+                                          limit=_REPLAY_PAGE)
                 for event in page:
                     await sub.ws.send_str(_dumps(event.message()))
                     cursor = event.seq
@@ -5082,7 +5105,9 @@ def _outbound_session(policy: _TargetPolicy, timeout: float, *, limit: int) -> a
     after DNS; IP literals (which skip the resolver) are checked by callers
     through check_literal."""
     connector = aiohttp.TCPConnector(resolver=_CheckedResolver(policy), limit=limit, force_close=True)
+    # No cookie jar: one receiver's cookies must never travel to another.
     return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
+                                 cookie_jar=aiohttp.DummyCookieJar(),
                                  timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=timeout))
 
 
@@ -5200,7 +5225,7 @@ class _Webhooks:
             self.wake.clear()
             try:
                 await self.deliver_due()
-                following = await self.db.read(lambda s: s.next_delivery_at())
+                following = await self.db.read(Storage.next_delivery_at)
             except ApiError:
                 following = None
             delay = 5.0 if following is None else max(0.05, following / 1000 - self.clock())
@@ -5210,7 +5235,7 @@ class _Webhooks:
     async def deliver_due(self) -> int:
         """Send every delivery that is due now; returns how many were tried."""
         now = _ms(self.clock())
-        rows = [r for r in await self.db.read(lambda s: s.due_deliveries(now, limit=200))
+        rows = [r for r in await self.db.read(Storage.due_deliveries, now, limit=200)
                 if r["id"] not in self._in_flight]
         for row in rows:
             self._in_flight.add(row["id"])
@@ -5264,15 +5289,20 @@ class _Webhooks:
         return status, f"HTTP {status}", status == 429 or status >= 500, retry_after
 
     async def _body(self, row: sqlite3.Row) -> bytes:
-        """The payload; with include=data, a completion's outputs carry their
-        bytes (read now, at send: never in the transaction of the event)."""
-        if row["event_type"] != "workflow:completed" or self.with_data is None:
-            return row["payload"].encode()
-        job = await self.db.read(lambda s: s.get(row["job_id"]))
-        if job is None or "data" not in (job.extra.get("webhook") or {}).get("include", ()):
+        """The payload: the event as the stream sends it. A completion's
+        outputs get absolute URLs (COMFYMGR_PUBLIC_URL) and, with
+        include=data, their bytes (read now: never in the event's transaction)."""
+        if row["event_type"] != "workflow:completed":
             return row["payload"].encode()
         payload = json.loads(row["payload"])
-        payload["outputs"] = await self.with_data(job, payload.get("outputs") or [])
+        outputs = payload.get("outputs") or []
+        if self.with_data is not None and outputs:
+            job = await self.db.read(Storage.get, row["job_id"])
+            if job is not None and "data" in (job.extra.get("webhook") or {}).get("include", ()):
+                outputs = await self.with_data(job, outputs)
+        if self.config.public_url:
+            outputs = [{**o, "url": self.config.public_url.rstrip("/") + o["url"]} for o in outputs]
+        payload["outputs"] = outputs
         return _dumps(payload).encode()
 
     def _log_failure(self, row: sqlite3.Row, detail: str) -> None:
@@ -5296,8 +5326,8 @@ class _Webhooks:
             if retry_after is not None:
                 delay = max(delay, min(retry_after, self.config.webhook_max_age))
             state, outcome, next_at = "pending", "retried", now + _ms(delay)
-        await self.db.write(lambda s: s.record_attempt(row["id"], now, state=state, status=status,
-                                                       error=error, next_at=next_at))
+        await self.db.write(Storage.record_attempt, row["id"], now, state=state, status=status,
+                            error=error, next_at=next_at)
         self.metrics.webhook_deliveries.labels(outcome).inc()
         log = _log_webhooks.info if outcome == "sent" else _log_webhooks.warning
         log("webhook %s (%s) to %s: %s after attempt %d%s", row["id"], row["event_type"],
@@ -5563,7 +5593,7 @@ class _Files:
     # -- models ------------------------------------------------------------------
 
     async def models(self, types: Sequence[str], backends: Sequence[_Backend]) -> dict[str, Any]:
-        hashes = await self.db.read(lambda s: s.model_hashes())
+        hashes = await self.db.read(Storage.model_hashes)
         models: list[dict[str, Any]] = []
         folders: list[dict[str, Any]] = []
         for type_ in types:
@@ -5628,8 +5658,7 @@ class _Files:
                     continue  # comfymgr is stopping
                 st = await self.run(os.stat, path)
                 if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):  # unchanged while hashed
-                    await self.db.write(functools.partial(
-                        Storage.store_model_hash, path=path, size=size, mtime_ns=mtime_ns, sha256=digest))
+                    await self.db.write(Storage.store_model_hash, path, size, mtime_ns, digest)
             except (OSError, ApiError) as exc:
                 _log_files.warning("cannot hash %s: %s", path, exc)
             finally:
@@ -5660,15 +5689,15 @@ class _Files:
             files, _ = await self.run(
                 lambda: _walk_files(root, follow_links=False) if root.is_dir() else ([], []))
         else:
-            owned = await self.db.read(lambda s: s.owned_outputs(owner, type_))
-            files = await self.run(self._stat_existing, root, [path for _, path, _ in owned])
+            owned = await self.db.read(Storage.outputs, type_, owner=owner)
+            files = await self.run(self._stat_existing, root, list(owned))
         files.sort(key=lambda f: (-f.mtime_ns, f.rel))
         start = 0
         if after is not None:
             keys = [(-f.mtime_ns, f.rel) for f in files]
             start = bisect.bisect_right(keys, (-after[0], after[1]))
         page = files[start:start + limit]
-        owners = await self.db.read(lambda s: s.output_owners(type_, [f.rel for f in page]))
+        owners = await self.db.read(Storage.outputs, type_, paths=[f.rel for f in page])
         items = [self._output_item(type_, f, owners.get(f.rel)) for f in page]
         more = start + limit < len(files)
         return items, ((page[-1].mtime_ns, page[-1].rel) if more and page else None)
@@ -5692,7 +5721,7 @@ class _Files:
             items = []
             for out in job.outputs or []:
                 root = self.roots.get(out["type"])
-                rel = "/".join(p for p in (out.get("subfolder"), out["filename"]) if p)
+                rel = _output_path(out)
                 if root is None:
                     items.append({"filename": out["filename"], "subfolder": out.get("subfolder", ""),
                                   "workflowId": job.id, "type": out["type"], "size": None,
@@ -5723,7 +5752,7 @@ class _Files:
         limit = self.config.inline_max_bytes
         out = []
         for item in outputs:
-            rel = "/".join(p for p in (item.get("subfolder"), item["filename"]) if p)
+            rel = _output_path(item)
             try:
                 data = await self.read_output(job, item["type"], rel, limit, backends)
             except _TooLarge:
@@ -5829,12 +5858,10 @@ class _Files:
     async def delete_outputs_of(self, job: Job) -> int:
         """Delete the files a removed job produced, unless a newer job now
         claims the same file (a cached re-run reuses its file names)."""
-        paths = [(o["type"], "/".join(p for p in (o.get("subfolder"), o["filename"]) if p))
-                 for o in job.outputs or []]
+        paths = [(o["type"], _output_path(o)) for o in job.outputs or []]
         owners: dict[tuple[str, str], str] = {}
         for type_ in {t for t, _ in paths}:
-            found = await self.db.read(
-                lambda s, t=type_: s.output_owners(t, [p for tt, p in paths if tt == t]))
+            found = await self.db.read(Storage.outputs, type_, paths=[p for t, p in paths if t == type_])
             owners.update(((type_, p), j) for p, j in found.items())
 
         def unlink() -> int:
@@ -5903,23 +5930,19 @@ class _Retention:
     async def run_once(self) -> dict[str, int]:
         removed = {"jobs": 0, "events": 0, "files": 0}
         expired_keys = _ms(self.clock() - self.config.idempotency_ttl)
-        await self.db.write(lambda s: s.prune_idempotency(expired_keys))
+        await self.db.write(Storage.prune_idempotency, expired_keys)
         if not self.config.retention_days:
             return removed
         cutoff = _ms(self.clock() - self.config.retention_days * 86400)
         while True:
-            jobs = await self.db.read(lambda s: s.expired_jobs(cutoff))
+            jobs, events = await self.db.write(Storage.delete_expired, cutoff)
             if not jobs:
                 break
+            removed["jobs"] += len(jobs)
+            removed["events"] += events
             if self.config.retention_delete_outputs:
                 for job in jobs:
                     removed["files"] += await self.files.delete_outputs_of(job)
-            ids = [j.id for j in jobs]
-            n_jobs, n_events = await self.db.write(lambda s, ids=ids: s.delete_jobs(ids))
-            removed["jobs"] += n_jobs
-            removed["events"] += n_events
-            if n_jobs == 0:
-                break
         for kind, n in removed.items():
             if n:
                 self.metrics.retention_removed.labels(kind).inc(n)
@@ -6271,6 +6294,9 @@ async def _error_middleware(request: web.Request, handler: Callable) -> web.Stre
         return await handler(request)
     except ApiError as exc:
         return _json(exc.envelope(), status=exc.status, headers=exc.headers)
+    except StorageError as exc:
+        error = _storage_api_error(exc)
+        return _json(error.envelope(), status=error.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -6282,6 +6308,17 @@ async def _error_middleware(request: web.Request, handler: Callable) -> web.Stre
     except Exception:  # noqa: BLE001 - the last line of defence: logged, answered 500
         _log_http.exception("unhandled error in %s %s", request.method, request.path)
         return _json(ApiError("internal error; it has been logged").envelope(), status=500)
+
+
+def _storage_api_error(exc: StorageError) -> ApiError:
+    """What a client is told of a refusal of Storage's."""
+    if isinstance(exc, JobNotFound):
+        return NotFound(exc.message, code="not_found", details=exc.details)
+    if isinstance(exc, NotCancellable):
+        return Conflict(exc.message, code="not_cancellable", details=exc.details)
+    if isinstance(exc, IdempotencyConflict):
+        return UnprocessableEntity(exc.message, code="idempotency_conflict", details=exc.details)
+    return Conflict(exc.message, code="invalid_transition", details=exc.details)
 
 
 def _http_exception_envelope(request: web.Request, exc: web.HTTPException) -> dict[str, Any]:
@@ -6734,7 +6771,7 @@ async def _full_view(request: web.Request, job: Job, position: int | None, *,
         view["outputs"] = await app[FILES].with_data(job, view["outputs"], app[BRIDGE].backends)
     webhook = job.extra.get("webhook")
     if webhook:
-        rows = await app[DB].read(lambda s: s.deliveries_for(job.id))
+        rows = await app[DB].read(Storage.deliveries_for, job.id)
         view["webhook"] = {**webhook, "url": _redact_url(webhook["url"]), "deliveries": [
             {"id": r["id"], "event": r["event_type"], "state": r["state"], "attempts": r["attempts"],
              "lastStatus": r["last_status"], "lastError": r["last_error"],
@@ -6849,7 +6886,7 @@ async def _handle_stream(request: web.Request) -> web.StreamResponse:
 
 async def _handle_health(request: web.Request) -> web.Response:
     try:
-        await asyncio.wait_for(request.app[DB].read(lambda s: s.ping()), timeout=2)
+        await asyncio.wait_for(request.app[DB].read(Storage.ping), timeout=2)
     except (asyncio.TimeoutError, ApiError, sqlite3.Error) as exc:
         raise ServiceUnavailable("the database is not answering", code="unhealthy",
                                  details={"database": str(exc) or type(exc).__name__}) from None
@@ -6859,7 +6896,8 @@ async def _handle_health(request: web.Request) -> web.Response:
 async def _handle_status(request: web.Request) -> web.Response:
     app = request.app
     principal = request[PRINCIPAL]
-    counts = await app[QUEUE].counts(principal.owner)
+    stats = await app[DB].read(Storage.stats, principal.owner)
+    counts = stats["counts"]
     by_status = dict.fromkeys(PUBLIC_STATUSES, 0)
     by_priority = {p.label: dict.fromkeys(PUBLIC_STATUSES, 0) for p in Priority}
     for (state, priority), n in counts.items():
@@ -6868,7 +6906,7 @@ async def _handle_status(request: web.Request) -> web.Response:
     if not principal.admin:  # a client sees its own queue, nothing of the box
         return _json({"version": __version__, "key": principal.name,
                       "queue": {"byStatus": by_status, "byPriority": by_priority}})
-    size, version = await app[DB].read(lambda s: (s.size_bytes(), s.schema_version))
+    size, version = stats["size_bytes"], stats["schema_version"]
     now = app[CLOCK]()
     return _json({
         "version": __version__,
@@ -6902,8 +6940,8 @@ def _gpu_users(app: web.Application) -> dict[int, list[str]]:
 async def _handle_metrics(request: web.Request) -> web.Response:
     app = request.app
     metrics = app[METRICS]
-    counts, oldest, size = await app[DB].read(
-        lambda s: (s.counts(), s.oldest_queued_at(), s.size_bytes()))
+    stats = await app[DB].read(Storage.stats)
+    counts, oldest, size = stats["counts"], stats["oldest_queued_at"], stats["size_bytes"]
     # "queued" as the API shows it: waiting here, or handed to ComfyUI and not started.
     queued = {p: sum(counts.get((state, p), 0) for state in _PUBLIC_QUEUED) for p in Priority}
     metrics.queue_length.set(sum(queued.values()))
@@ -7005,7 +7043,7 @@ async def _handle_output(request: web.Request) -> web.StreamResponse:
     owner = request[PRINCIPAL].owner
     if owner is not None:  # a client key downloads only what its own jobs made
         _check_rel_path(rel)
-        if not await request.app[DB].read(lambda s: s.owned_outputs(owner, q["type"], [rel])):
+        if not await request.app[DB].read(Storage.outputs, q["type"], paths=[rel], owner=owner):
             raise NotFound("no such file", details={"path": rel})
     if request.app[FILES].roots.get(q["type"]) is None:
         return await _proxy_output(request, q["type"], rel)
@@ -7026,7 +7064,8 @@ async def _proxy_output(request: web.Request, type_: str, rel: str) -> web.Strea
     conditional requests passed through and comfymgr's own headers."""
     _check_rel_path(rel)
     app = request.app
-    job = await app[DB].read(lambda s: s.output_job(type_, rel))
+    owner = (await app[DB].read(Storage.outputs, type_, paths=[rel])).get(rel)
+    job = await app[DB].read(Storage.get, owner) if owner else None
     backend = app[BRIDGE].backends.get(job.backend or "") if job is not None else None
     if backend is None:
         raise NotFound("no such file", details={"path": rel})
@@ -7772,7 +7811,7 @@ async def _bridge_ctx(app: web.Application) -> Any:
 
 async def _hub_ctx(app: web.Application) -> Any:
     hub = app[HUB]
-    hub.latest_seq = (await app[DB].read(lambda s: s.event_bounds()))[1]
+    hub.latest_seq = (await app[DB].read(Storage.event_bounds))[1]
     app[SUPERVISOR].start("hub:tick", hub.tick_loop)
     app[SUPERVISOR].start("hub:prune", hub.prune_loop)
     yield
@@ -7949,8 +7988,7 @@ def create_app(config: Config, *, clock: Clock = time.time, nvml: Any = None,
     app[STARTED_AT] = clock()
     app[METRICS] = _Metrics()
     app[DB] = _Database(config.state_dir / "comfymgr.db", synchronous=config.db_synchronous,
-                        on_events=lambda events: _publish_events(app, events),
-                        public_url=config.public_url)
+                        on_events=lambda events: _publish_events(app, events))
     app[QUEUE] = _Queue(app[DB], clock, [b.name for b in config.backend_specs],
                         config.idempotency_ttl)
     app[SUPERVISOR] = _Supervisor(app[METRICS], clock)
@@ -9064,6 +9102,9 @@ def _serve_main(argv: list[str]) -> int:
             asyncio.run(_serve(config, _Notifier(os.environ)))
     except _StateDirInUse as exc:
         print(f"comfymgr: error: {exc}", file=sys.stderr)
+        return 2
+    except SchemaTooNew as exc:  # restarting cannot help: exit 2, which systemd does not retry
+        _log_app.error("cannot start: %s", exc)
         return 2
     except (OSError, ConfigError, sqlite3.Error) as exc:
         _log_app.error("cannot start: %s", exc)

@@ -428,7 +428,7 @@ def read_db(db_path: Path, scratch: Path) -> tuple[list[comfymgr.Job], list[comf
         while page := storage.events_since(seq, limit=5000):
             events.extend(page)
             seq = page[-1].seq
-        return jobs, events, storage.integrity_check()
+        return jobs, events, storage._conn.execute("PRAGMA integrity_check").fetchone()[0]
     finally:
         storage.close()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1312,6 +1312,9 @@ class FakeComfyUI:
         # else the legacy form (type 1). PNG stand-ins, 8x8, a shade per step.
         self.preview_nodes: set[str] = set()
         self.legacy_previews = False  # True: type 1 frames even to a client that announced metadata
+        # prompt id -> what GET /history/<id> answers under that id instead of
+        # the real entry (a custom node or a broken server writing odd shapes).
+        self.history_entries: dict[str, Any] = {}
         self.previews_sent: list[tuple[int, str, int]] = []  # (frame type, node id, step)
 
         # Records.
@@ -1834,7 +1837,10 @@ class FakeComfyUI:
         return _json(self._queue.get_history(max_items=max_items, offset=offset))
 
     async def _get_history_prompt(self, request):
-        return _json(self._queue.get_history(prompt_id=request.match_info["prompt_id"]))
+        prompt_id = request.match_info["prompt_id"]
+        if prompt_id in self.history_entries and prompt_id in self._queue.history:
+            return _json({prompt_id: self.history_entries[prompt_id]})
+        return _json(self._queue.get_history(prompt_id=prompt_id))
 
     async def _post_history(self, request):
         json_data = await request.json()

@@ -378,8 +378,8 @@ async def test_cancel_a_finished_job_is_409(client):
 
     def finish(s):
         s.claim_next("local", "p-2", 0)
-        s.transition(completed["workflowId"], JobState.RUNNING, 1)
-        return s.transition(completed["workflowId"], JobState.COMPLETED, 2, completed_at=2)
+        s._transition(completed["workflowId"], JobState.RUNNING, 1)
+        return s._transition(completed["workflowId"], JobState.COMPLETED, 2, completed_at=2)
 
     await client.app[comfymgr.DB].write(finish)
     for job, status in ((cancelled, "cancelled"), (completed, "completed")):
@@ -546,7 +546,7 @@ async def test_status_counts_jobs_by_status_and_priority(client, clock, make_con
 
     def start(s):
         job = s.claim_next("local", "p-1", 0)
-        return s.transition(job.id, JobState.RUNNING, 1).id
+        return s._transition(job.id, JobState.RUNNING, 1).id
 
     assert await client.app[comfymgr.DB].write(start) == h1["workflowId"]
     clock.advance(12.5)

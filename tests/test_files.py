@@ -364,9 +364,9 @@ async def test_retention_removes_old_finished_jobs_events_and_files(make_client,
         outputs = [comfymgr._output_record("2", {"filename": filename, "subfolder": "", "type": "output"})]
         if not shared:
             write(dirs["outputs"] / filename, PNG)
-        await db.write(lambda s: s.transition(job["workflowId"], comfymgr.JobState.DISPATCHING, now,
+        await db.write(lambda s: s._transition(job["workflowId"], comfymgr.JobState.DISPATCHING, now,
                                               backend="local", prompt_id=f"p-{filename}"))
-        await db.write(lambda s: s.transition(job["workflowId"], comfymgr.JobState.COMPLETED, now,
+        await db.write(lambda s: s._transition(job["workflowId"], comfymgr.JobState.COMPLETED, now,
                                               completed_at=now, outputs=outputs))
         return job["workflowId"]
 

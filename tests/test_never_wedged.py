@@ -496,3 +496,34 @@ async def test_12_with_retries_the_lost_job_runs_on_another_backend(make_client,
     done = await wait_job(client, job["workflowId"], status_is("completed", "failed"))
     assert done["status"] == "completed" and done["backend"] != on.name and done["attempts"] == 2
     assert other.execution_count == {done["promptId"]: 1}
+
+
+# -- a /history entry that cannot be read ends the job, it never waits ---------------------------
+
+@pytest.mark.parametrize("entry,why", [
+    ("the run is over", "the entry is not an object"),
+    ({"outputs": {}}, "the entry has no status object"),
+    ({"status": {"status_str": "success", "completed": True}, "outputs": ["a", "b"]},
+     "its outputs are not an object"),
+    ({"status": {"status_str": "maybe", "completed": "yes", "messages": []}},
+     "its status is neither success nor error"),
+])
+async def test_an_unreadable_history_entry_fails_the_job_with_its_excerpt(make_client, config, fake,
+                                                                          entry, why):
+    gate = fake.gate("ImageBlur")
+    client = await make_client(config())
+    await wait_backends_up(client)
+    job = await submit(client, slow_workflow())
+    running = await wait_job(client, job["workflowId"], status_is("running"))
+    fake.history_entries[running["promptId"]] = entry
+    gate.set()
+    done = await wait_job(client, job["workflowId"], status_is("completed", "failed"))
+    assert done["status"] == "failed"
+    assert done["error"] == {
+        "code": "backend_protocol_error",
+        "message": f"ComfyUI's /history entry for prompt {running['promptId']} cannot be read: {why}",
+        "excerpt": json.dumps(entry, separators=(",", ":"), ensure_ascii=False)}
+    # The backend goes on: the next job completes.
+    fake.history_entries.clear()
+    nxt = await submit(client, marked("next"))
+    assert (await wait_job(client, nxt["workflowId"], status_is("completed", "failed")))["status"] == "completed"

@@ -193,7 +193,7 @@ def test_a_database_from_a_newer_comfymgr_stops_startup(tmp_path):
            "COMFYUI_URL": f"http://127.0.0.1:{free_port()}"}
     result = subprocess.run([sys.executable, str(ROOT / "comfymgr.py")], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=30, check=False)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr  # systemd's RestartPreventExitStatus=2: no retries
     assert "cannot start" in result.stderr
     assert "newer than this comfymgr understands" in result.stderr
     assert "Traceback" not in result.stderr

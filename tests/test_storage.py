@@ -78,7 +78,7 @@ def test_new_database_is_wal_with_busy_timeout_at_the_latest_schema(storage, db_
     assert {"jobs", "events", "job_counts"} <= tables
     partial = {r["name"]: r["partial"] for r in conn.execute("PRAGMA index_list(jobs)")}
     assert partial["jobs_claim"] == 1 and partial["jobs_queue"] == 1
-    assert storage.integrity_check() == "ok"
+    assert storage._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert storage.ping() is True
 
 
@@ -156,7 +156,7 @@ def test_a_database_of_every_older_version_migrates_to_the_latest(tmp_path, monk
             assert s.claim_next("local", "p", 2).id == "old"
             assert [j.id for j in s.list_jobs()] == ["older-but-low", "old"]
             assert {j.submitted_by for j in s.list_jobs()} == {"admin"}
-            assert s.integrity_check() == "ok"
+            assert s._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         finally:
             s.close()
 
@@ -331,7 +331,7 @@ def test_position_is_right_for_every_queued_job_after_random_cancels_and_claims(
                 # a claimed job that goes back to the queue keeps its place
                 in_flight = storage.in_flight()
                 if in_flight:
-                    storage.transition(rng.choice(in_flight).id, S.QUEUED, n)
+                    storage._transition(rng.choice(in_flight).id, S.QUEUED, n)
         expected = queued_brute_force(storage)
         assert expected, "the test should keep some jobs queued"
         actual = {job_id: storage.position(storage.get(job_id)) for job_id in expected}
@@ -427,7 +427,7 @@ def job_in(storage, state, job_id="j"):
     enqueue(storage, "ahead", NORMAL)  # so a re-queued job has a position > 1
     enqueue(storage, job_id, NORMAL)
     for step in PATH_TO[state]:
-        storage.transition(job_id, step, 1500)
+        storage._transition(job_id, step, 1500)
     assert storage.get(job_id).state is state
     return storage.get(job_id)
 
@@ -440,7 +440,7 @@ def test_every_transition_is_allowed_or_refused_by_the_table(storage, from_, to)
     published = []
     storage.on_commit = published.extend
     if to in comfymgr._ALLOWED[from_]:
-        job = storage.transition("j", to, 2000, expect=[from_])
+        job = storage._transition("j", to, 2000, expect=[from_])
         assert (job.state, job.status, job.updated_at) == (to, comfymgr._PUBLIC_STATUS[to], 2000)
         assert storage.get("j") == job
         new = all_events(storage)[len(events_before):]
@@ -455,9 +455,9 @@ def test_every_transition_is_allowed_or_refused_by_the_table(storage, from_, to)
             assert new == []
     else:
         with pytest.raises(comfymgr.InvalidTransition) as raised:
-            storage.transition("j", to, 2000)
+            storage._transition("j", to, 2000)
         err = raised.value
-        assert err.envelope() == {
+        assert comfymgr._storage_api_error(err).envelope() == {
             "error": "invalid_transition",
             "message": f"workflow j is {from_.value}; it cannot become {to.value}",
             "statusCode": 409,
@@ -471,21 +471,21 @@ def test_every_transition_is_allowed_or_refused_by_the_table(storage, from_, to)
 def test_transition_refuses_a_move_the_caller_did_not_expect(storage):
     job_in(storage, S.RUNNING)
     with pytest.raises(comfymgr.InvalidTransition):
-        storage.transition("j", S.COMPLETED, 2000, expect=[S.SUBMITTED])
+        storage._transition("j", S.COMPLETED, 2000, expect=[S.SUBMITTED])
     assert storage.get("j").state is S.RUNNING
 
 
 def test_transition_writes_fields_and_refuses_unknown_ones(storage):
     job_in(storage, S.RUNNING)
     with pytest.raises(TypeError, match="not job columns"):
-        storage.transition("j", S.COMPLETED, 2000, state="completed")
+        storage._transition("j", S.COMPLETED, 2000, state="completed")
     outputs = [{"filename": "a.png", "subfolder": "", "type": "output"}]
-    job = storage.transition("j", S.COMPLETED, 2000, completed_at=2000, outputs=outputs,
+    job = storage._transition("j", S.COMPLETED, 2000, completed_at=2000, outputs=outputs,
                              progress=100.0, event={"outputs": outputs})
     assert (job.completed_at, job.outputs, job.progress) == (2000, outputs, 100.0)
     assert all_events(storage)[-1].data == {"status": "completed", "outputs": outputs}
-    with pytest.raises(comfymgr.NotFound):
-        storage.transition("missing", S.CANCELLED, 1)
+    with pytest.raises(comfymgr.JobNotFound):
+        storage._transition("missing", S.CANCELLED, 1)
 
 
 ###############################################################################
@@ -497,7 +497,7 @@ def test_request_cancel_ends_a_queued_job_and_marks_an_in_flight_one(storage):
     enqueue(storage, "q")
     enqueue(storage, "f")
     storage.claim_next("local", "p-1", 1100)  # takes "q"
-    storage.transition("q", S.QUEUED, 1150)  # back: "q" is first again
+    storage._transition("q", S.QUEUED, 1150)  # back: "q" is first again
     storage.claim_next("local", "p-2", 1200)
     assert storage.get("q").state is S.DISPATCHING
     published = []
@@ -513,13 +513,13 @@ def test_request_cancel_ends_a_queued_job_and_marks_an_in_flight_one(storage):
     assert storage.get("q").cancel_requested_at == 1400
     assert published == []
     assert storage.request_cancel("q", 1500).cancel_requested_at == 1400  # first mark kept
-    with pytest.raises(comfymgr.Conflict) as raised:
+    with pytest.raises(comfymgr.NotCancellable) as raised:
         storage.request_cancel("f", 1600)
-    assert raised.value.envelope() == {
+    assert comfymgr._storage_api_error(raised.value).envelope() == {
         "error": "not_cancellable",
         "message": "workflow f already cancelled; there is nothing to cancel",
         "statusCode": 409, "details": {"workflowId": "f", "status": "cancelled"}}
-    with pytest.raises(comfymgr.NotFound):
+    with pytest.raises(comfymgr.JobNotFound):
         storage.request_cancel("missing", 1)
 
 
@@ -540,10 +540,10 @@ def test_in_flight_lists_handed_over_jobs_by_backend(storage):
     storage.claim_next("gpu0", "p0", 1)
     storage.claim_next("gpu1", "p1", 1)
     storage.claim_next("gpu0", "p2", 1)
-    storage.transition("j2", S.RUNNING, 2)
+    storage._transition("j2", S.RUNNING, 2)
     assert [j.id for j in storage.in_flight()] == ["j0", "j1", "j2"]
     assert [j.id for j in storage.in_flight("gpu0")] == ["j0", "j2"]
-    assert storage.get_by_prompt("p1").id == "j1"
+    assert storage.get("j1").prompt_id == "p1"
 
 
 def test_list_jobs_newest_first_with_filters_and_keyset_cursor(storage):
@@ -564,8 +564,8 @@ def test_counts_follow_every_change(storage):
         enqueue(storage, f"j{i}", Priority(i % 3))
     storage.claim_next("local", "p", 1)
     storage.request_cancel("j1", 2)
-    storage.transition("j0", S.RUNNING, 3)
-    storage.transition("j0", S.COMPLETED, 4)
+    storage._transition("j0", S.RUNNING, 3)
+    storage._transition("j0", S.COMPLETED, 4)
     assert nonzero(storage.counts()) == {
         (S.COMPLETED, HIGH): 1, (S.CANCELLED, NORMAL): 1, (S.QUEUED, LOW): 2,
         (S.QUEUED, HIGH): 1, (S.QUEUED, NORMAL): 1}
@@ -632,7 +632,7 @@ def test_run_batch_keeps_the_good_ops_and_publishes_after_commit_in_seq_order(st
 
     outcomes = storage.run_batch([
         lambda: storage.enqueue("a", WORKFLOW, LOW, "any", 2),
-        lambda: storage.transition("existing", S.RUNNING, 2),
+        lambda: storage._transition("existing", S.RUNNING, 2),
         half_done,
         lambda: storage.enqueue("c", WORKFLOW, HIGH, "any", 2),
     ])
@@ -727,7 +727,7 @@ async def test_database_worker_isolates_a_failing_write_and_reports_sqlite_error
             db.write(lambda s: s.enqueue("b", WORKFLOW, NORMAL, "any", 1)),
             return_exceptions=True)
         assert ok1[1] == 1 and ok2[1] == 2
-        assert isinstance(bad, comfymgr.NotFound)
+        assert isinstance(bad, comfymgr.JobNotFound)
         assert isinstance(sql_error, comfymgr.StorageUnavailable)
         assert sql_error.envelope() == {
             "error": "storage_unavailable",

@@ -25,7 +25,7 @@ OLD_SECRET = "whsec_" + base64.b64encode(b"fedcba9876543210fedcba9876543210").de
 
 
 def verify(secret: str, headers, body: bytes, tolerance: float = 300) -> dict:
-    """The README's verification snippet: Standard Webhooks, stdlib only."""
+    """docs/API.md's verification snippet: Standard Webhooks, stdlib only."""
     key = base64.b64decode(secret.removeprefix("whsec_"))
     msg_id, timestamp = headers["webhook-id"], headers["webhook-timestamp"]
     if abs(time.time() - int(timestamp)) > tolerance:
