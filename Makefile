@@ -37,7 +37,7 @@ test: venv ## run the test suite
 # BENCH_ARGS goes to bench/run.py as it is (e.g. BENCH_ARGS='--only 9,10 --update-doc').
 BENCH_COMFYUI := $(if $(filter command line,$(origin COMFYUI_URL)),$(COMFYUI_URL))
 
-bench: $(BENCH_STAMP) ## measure comfymgr against this machine's limits (BENCH_QUICK=1: shorter; COMFYUI_URL=...: also against a real ComfyUI); see docs/PERFORMANCE.md
+bench: $(BENCH_STAMP) ## measure comfymgr against this machine's limits (BENCH_QUICK=1: shorter); see docs/PERFORMANCE.md
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)"; exit 2; }
 	@# Figure 8 times the .pyz; without one (no network for its wheels) it is skipped, not fatal.
 	$(MAKE) --no-print-directory pyz || echo "bench: could not build $(PYZ); the .pyz figure is skipped"
