@@ -361,9 +361,11 @@ def _drain_rows(s: Any, runs: dict[str, list[dict[str, Any]]], n: int, where: st
     gaps = {k: [g for r in runs[k] for g in r["gaps"]] for k in runs}
     gap_cm = median(median(r["gaps"]) for r in runs["comfymgr"] if r["gaps"])
     gap_ref = median(median(r["gaps"]) for r in runs["ref"] if r["gaps"])
+    # The target is the fake's (5 ms jobs, timed to the microsecond); a real
+    # ComfyUI's history has whole milliseconds, so its rows only report.
     s.row("10", f"GPU idle between jobs, median ({where})", "ms", 1e3 * gap_cm, 1e3 * gap_ref,
-          ref_name="execution_success -> next execution_start, straight to ComfyUI", target="<= 0.5 ms",
-          ok=gap_cm <= 0.0005, note=resolution)
+          ref_name="execution_success -> next execution_start, straight to ComfyUI",
+          target="" if resolution else "<= 0.5 ms", ok=None if resolution else gap_cm <= 0.0005, note=resolution)
     s.row("10", f"  GPU idle between jobs, p90 ({where})", "ms", 1e3 * percentile(gaps["comfymgr"], 90),
           1e3 * percentile(gaps["ref"], 90))
     cpu = median(r["cpu_s"] / n for r in runs["comfymgr"])
