@@ -1151,8 +1151,10 @@ def build_ref_pyz(s: Suite) -> Path | None:
     out = ROOT / "build" / "bench" / "ref.pyz"
     if out.exists():
         return out
-    shiv = Path(PY).parent / "shiv"
-    if not shiv.exists():
+    # The venv's shiv, else the one `make pyz` keeps for itself.
+    shiv = next((p for p in (Path(PY).parent / "shiv", ROOT / ".cache" / "pyz-venv" / "bin" / "shiv")
+                 if p.exists()), None)
+    if shiv is None:
         return None
     import importlib.metadata as md
     site = s.work / "ref-site"
