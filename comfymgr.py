@@ -88,10 +88,9 @@ except ImportError:
 ###############################################################################
 # config
 ###############################################################################
-# Every setting is declared once, in _SETTINGS. The CLI flags, `--help`, the
-# table of docs/CONFIGURATION.md (`make readme`) and validation are all built from it; the
-# result is one frozen Config that is passed around. Nothing below this
-# section reads os.environ.
+# What a setting's value may be: the parsers that turn text from a flag or
+# the environment into a value, or refuse it with a sentence naming why (the
+# settings section below puts the setting's name in front).
 
 
 class ConfigError(Exception):
@@ -408,6 +407,15 @@ def _parse_ca_file(value: str) -> Path | None:
     except OSError as exc:
         raise ValueError(f"cannot read it: {exc.strerror}") from None
     return path
+
+
+###############################################################################
+# settings
+###############################################################################
+# Every setting is declared once, in _SETTINGS. The CLI flags, `--help`, the
+# table of docs/CONFIGURATION.md (`make readme`) and validation are all built
+# from it; the result is one frozen Config that is passed around. Nothing
+# below this section reads os.environ.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1584,7 +1592,7 @@ CREATE INDEX jobs_owner_state ON jobs (submitted_by, state, priority);
 _MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
 
 ###############################################################################
-# storage
+# storage: jobs
 ###############################################################################
 # SQLite through the stdlib. Storage is synchronous and narrow, with no
 # asyncio inside: the event loop reaches it only through _Database (next
@@ -1601,24 +1609,9 @@ _JOB_COLUMNS = frozenset({
 _JSON_COLUMNS = frozenset({"outputs", "error", "extra"})
 
 
-class Storage:
-    """Jobs and events in one SQLite file (WAL).
-
-    The verbs of a job's life, each one transaction that changes the job's
-    state through _transition() with its event: enqueue, enqueue_once,
-    claim_next, mark_submitted, mark_running, adopt_prompt_id, note_attempt,
-    set_progress, end_run, requeue_run, request_cancel, fail_orphans.
-    Reads: get, get_many, job_and_position, position(s), list_jobs,
-    list_page, queue_head, in_flight, counts, stats; events_since,
-    event_bounds. Around jobs: webhook deliveries (due_deliveries,
-    next_delivery_at, record_attempt, deliveries_for), files (outputs,
-    model_hashes, store_model_hash), retention (delete_expired,
-    prune_events, prune_idempotency). Writes run in their own BEGIN
-    IMMEDIATE transaction, or as a savepoint inside run_batch(); events
-    written by a transaction are handed to `on_commit` only once it has
-    committed, in seq order. What it refuses raises a StorageError of its
-    own (JobNotFound, ...); the HTTP layer gives those their status.
-    """
+class _JobStore:
+    """The jobs and their events: the verbs of a job's life and the reads;
+    Storage (next section) adds what is kept around them."""
 
     def __init__(self, path: str | Path, *, synchronous: str = "full",
                  busy_timeout_ms: int = 5000) -> None:
@@ -1793,34 +1786,6 @@ class Storage:
             self._conn.execute("INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?)",
                                (key, body_hash, job_id, now))
         return job, position, False
-
-    def prune_idempotency(self, before_ms: int) -> int:
-        with self.transaction():
-            return self._conn.execute("DELETE FROM idempotency WHERE created_at < ?",
-                                      (before_ms,)).rowcount
-
-    # -- webhook deliveries -----------------------------------------------------------
-
-    def due_deliveries(self, now: int, *, limit: int = 50) -> list[sqlite3.Row]:
-        return self._conn.execute(
-            "SELECT * FROM deliveries WHERE state = 'pending' AND next_at <= ? "
-            "ORDER BY next_at LIMIT ?", (now, limit)).fetchall()
-
-    def next_delivery_at(self) -> int | None:
-        return self._conn.execute(
-            "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'").fetchone()[0]
-
-    def record_attempt(self, delivery_id: str, now: int, *, state: str, status: int | None,
-                       error: str | None, next_at: int | None) -> None:
-        with self.transaction():
-            self._conn.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, state = ?, last_status = ?, "
-                "last_error = ?, next_at = COALESCE(?, next_at), delivered_at = ? WHERE id = ?",
-                (state, status, error, next_at, now if state == "delivered" else None, delivery_id))
-
-    def deliveries_for(self, job_id: str) -> list[sqlite3.Row]:
-        return self._conn.execute(
-            "SELECT * FROM deliveries WHERE job_id = ? ORDER BY event_seq", (job_id,)).fetchall()
 
     def get(self, job_id: str, owner: str | None = None) -> Job | None:
         """The job; with `owner`, only if that key name submitted it."""
@@ -2160,57 +2125,6 @@ class Storage:
             args = (backend,)
         return [Job.from_row(row) for row in self._conn.execute(sql + " ORDER BY n", args)]
 
-    # -- files -------------------------------------------------------------------
-
-    def outputs(self, type_: str, *, paths: Sequence[str] | None = None,
-                owner: str | None = None) -> dict[str, str]:
-        """path -> the job that produced it, for the files of one type (only
-        `paths`, only the jobs of `owner`, when given)."""
-        sql = "SELECT o.path, o.job_id FROM outputs o"
-        args: list[Any] = []
-        where = ["o.type = ?"]
-        if owner is not None:
-            sql += " JOIN jobs j ON j.id = o.job_id"
-            where.append("j.submitted_by = ?")
-            args.append(owner)
-        if paths is None:
-            return dict(self._conn.execute(f"{sql} WHERE {' AND '.join(where)}", (type_, *args)).fetchall())
-        found: dict[str, str] = {}
-        for start in range(0, len(paths), 500):
-            chunk = list(paths[start:start + 500])
-            found.update(self._conn.execute(
-                f"{sql} WHERE {' AND '.join(where)} AND o.path IN ({','.join('?' * len(chunk))})",
-                (type_, *args, *chunk)).fetchall())
-        return found
-
-    def model_hashes(self) -> dict[str, tuple[int, int, str]]:
-        return {row[0]: (row[1], row[2], row[3]) for row in self._conn.execute(
-            "SELECT path, size, mtime_ns, sha256 FROM model_hashes")}
-
-    def store_model_hash(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
-        with self.transaction():
-            self._conn.execute("INSERT OR REPLACE INTO model_hashes VALUES (?, ?, ?, ?)",
-                               (path, size, mtime_ns, sha256))
-
-    def delete_expired(self, before_ms: int, *, limit: int = 500) -> tuple[list[Job], int]:
-        """Remove up to `limit` finished jobs that ended before `before_ms`,
-        oldest first, with their events, output records and deliveries;
-        returns the jobs removed (their files are the caller's) and how
-        many events went with them."""
-        events = 0
-        with self.transaction():
-            jobs = [Job.from_row(row) for row in self._conn.execute(
-                "SELECT * FROM jobs WHERE completed_at IS NOT NULL AND completed_at < ? "
-                "AND state IN ('completed', 'failed', 'cancelled') ORDER BY completed_at LIMIT ?",
-                (before_ms, limit))]
-            for job in jobs:
-                self._conn.execute("DELETE FROM jobs WHERE n = ?", (job.n,))
-                events += self._conn.execute("DELETE FROM events WHERE job_id = ?",
-                                             (job.id,)).rowcount
-                self._conn.execute("DELETE FROM outputs WHERE job_id = ?", (job.id,))
-                self._conn.execute("DELETE FROM deliveries WHERE job_id = ?", (job.id,))
-        return jobs, events
-
     def _oldest_queued_at(self) -> int | None:
         """created_at of the job waiting longest: one index probe per priority."""
         heads = [self._conn.execute(
@@ -2247,6 +2161,122 @@ class Storage:
         return [Event(row["seq"], row["job_id"], row["type"], row["ts"], json.loads(row["data"]))
                 for row in self._conn.execute(sql, args)]
 
+    def event_bounds(self) -> tuple[int, int]:
+        """(oldest stored seq, latest seq ever written); (0, 0) when none."""
+        oldest = self._conn.execute("SELECT MIN(seq) FROM events").fetchone()[0]
+        latest = self._conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        return (oldest or 0, latest[0] if latest else 0)
+
+
+###############################################################################
+# storage: around jobs
+###############################################################################
+# What Storage keeps beside the jobs themselves: the webhook deliveries of
+# their events, the files they produced and the models' hashes, retention,
+# and the figures /v1/status and /metrics read.
+
+
+class Storage(_JobStore):
+    """Jobs and events in one SQLite file (WAL).
+
+    The verbs of a job's life, each one transaction that changes the job's
+    state through _transition() with its event: enqueue, enqueue_once,
+    claim_next, mark_submitted, mark_running, adopt_prompt_id, note_attempt,
+    set_progress, end_run, requeue_run, request_cancel, fail_orphans.
+    Reads: get, get_many, job_and_position, position(s), list_jobs,
+    list_page, queue_head, in_flight, counts, stats; events_since,
+    event_bounds. Around jobs: webhook deliveries (due_deliveries,
+    next_delivery_at, record_attempt, deliveries_for), files (outputs,
+    model_hashes, store_model_hash), retention (delete_expired,
+    prune_events, prune_idempotency). Writes run in their own BEGIN
+    IMMEDIATE transaction, or as a savepoint inside run_batch(); events
+    written by a transaction are handed to `on_commit` only once it has
+    committed, in seq order. What it refuses raises a StorageError of its
+    own (JobNotFound, ...); the HTTP layer gives those their status.
+    """
+
+    # -- webhook deliveries ---------------------------------------------------------
+
+    def prune_idempotency(self, before_ms: int) -> int:
+        with self.transaction():
+            return self._conn.execute("DELETE FROM idempotency WHERE created_at < ?",
+                                      (before_ms,)).rowcount
+
+    def due_deliveries(self, now: int, *, limit: int = 50) -> list[sqlite3.Row]:
+        return self._conn.execute(
+            "SELECT * FROM deliveries WHERE state = 'pending' AND next_at <= ? "
+            "ORDER BY next_at LIMIT ?", (now, limit)).fetchall()
+
+    def next_delivery_at(self) -> int | None:
+        return self._conn.execute(
+            "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'").fetchone()[0]
+
+    def record_attempt(self, delivery_id: str, now: int, *, state: str, status: int | None,
+                       error: str | None, next_at: int | None) -> None:
+        with self.transaction():
+            self._conn.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, state = ?, last_status = ?, "
+                "last_error = ?, next_at = COALESCE(?, next_at), delivered_at = ? WHERE id = ?",
+                (state, status, error, next_at, now if state == "delivered" else None, delivery_id))
+
+    def deliveries_for(self, job_id: str) -> list[sqlite3.Row]:
+        return self._conn.execute(
+            "SELECT * FROM deliveries WHERE job_id = ? ORDER BY event_seq", (job_id,)).fetchall()
+
+    # -- files -----------------------------------------------------------------------
+
+    def outputs(self, type_: str, *, paths: Sequence[str] | None = None,
+                owner: str | None = None) -> dict[str, str]:
+        """path -> the job that produced it, for the files of one type (only
+        `paths`, only the jobs of `owner`, when given)."""
+        sql = "SELECT o.path, o.job_id FROM outputs o"
+        args: list[Any] = []
+        where = ["o.type = ?"]
+        if owner is not None:
+            sql += " JOIN jobs j ON j.id = o.job_id"
+            where.append("j.submitted_by = ?")
+            args.append(owner)
+        if paths is None:
+            return dict(self._conn.execute(f"{sql} WHERE {' AND '.join(where)}", (type_, *args)).fetchall())
+        found: dict[str, str] = {}
+        for start in range(0, len(paths), 500):
+            chunk = list(paths[start:start + 500])
+            found.update(self._conn.execute(
+                f"{sql} WHERE {' AND '.join(where)} AND o.path IN ({','.join('?' * len(chunk))})",
+                (type_, *args, *chunk)).fetchall())
+        return found
+
+    def model_hashes(self) -> dict[str, tuple[int, int, str]]:
+        return {row[0]: (row[1], row[2], row[3]) for row in self._conn.execute(
+            "SELECT path, size, mtime_ns, sha256 FROM model_hashes")}
+
+    def store_model_hash(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
+        with self.transaction():
+            self._conn.execute("INSERT OR REPLACE INTO model_hashes VALUES (?, ?, ?, ?)",
+                               (path, size, mtime_ns, sha256))
+
+    # -- retention -------------------------------------------------------------------
+
+    def delete_expired(self, before_ms: int, *, limit: int = 500) -> tuple[list[Job], int]:
+        """Remove up to `limit` finished jobs that ended before `before_ms`,
+        oldest first, with their events, output records and deliveries;
+        returns the jobs removed (their files are the caller's) and how
+        many events went with them."""
+        events = 0
+        with self.transaction():
+            jobs = [Job.from_row(row) for row in self._conn.execute(
+                "SELECT * FROM jobs WHERE completed_at IS NOT NULL AND completed_at < ? "
+                "AND state IN ('completed', 'failed', 'cancelled') ORDER BY completed_at LIMIT ?",
+                (before_ms, limit))]
+            for job in jobs:
+                self._conn.execute("DELETE FROM jobs WHERE n = ?", (job.n,))
+                events += self._conn.execute("DELETE FROM events WHERE job_id = ?",
+                                             (job.id,)).rowcount
+                self._conn.execute("DELETE FROM outputs WHERE job_id = ?", (job.id,))
+                self._conn.execute("DELETE FROM deliveries WHERE job_id = ?", (job.id,))
+        return jobs, events
+
     def prune_events(self, before_ms: int, *, limit: int = 10_000) -> int:
         """Delete up to `limit` events older than `before_ms`; returns how many."""
         # Events are written in time order, so the old ones are a prefix in seq
@@ -2262,14 +2292,7 @@ class Storage:
                 return 0
             return self._conn.execute("DELETE FROM events WHERE seq <= ?", (last,)).rowcount
 
-    def event_bounds(self) -> tuple[int, int]:
-        """(oldest stored seq, latest seq ever written); (0, 0) when none."""
-        oldest = self._conn.execute("SELECT MIN(seq) FROM events").fetchone()[0]
-        latest = self._conn.execute(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
-        return (oldest or 0, latest[0] if latest else 0)
-
-    # -- housekeeping --------------------------------------------------------------
+    # -- housekeeping ----------------------------------------------------------------
 
     def ping(self) -> bool:
         return self._conn.execute("SELECT 1").fetchone()[0] == 1
@@ -2286,6 +2309,7 @@ class Storage:
             with contextlib.suppress(OSError):
                 total += os.path.getsize(f"{self.path}{suffix}")
         return total
+
 
 def _split_sql(script: str) -> list[str]:
     """Statements of a DDL script (triggers contain ';' inside BEGIN ... END)."""
@@ -2938,7 +2962,13 @@ class _ComfyClient:
         return await self._json("GET", "/object_info")
 
 
-# -- reading what ComfyUI says -------------------------------------------------------
+###############################################################################
+# comfyui protocol
+###############################################################################
+# Reading what ComfyUI says: answers of /system_stats, /object_info and
+# /history, and WebSocket messages, each checked for shape before use (custom
+# node packs send anything); and the workflow checks comfymgr can make at
+# submit from /object_info alone.
 
 def _read_system_stats(body: Any) -> tuple[str | None, list[dict[str, Any]]]:
     """(ComfyUI version, devices) from /system_stats; _ProtocolError when it
@@ -3137,7 +3167,7 @@ def _read_message(text: str) -> tuple[str, Any, str | None]:
     return kind, data, None
 
 
-# -- workflow checks against /object_info -------------------------------------------
+# -- workflow checks against /object_info ---------------------------------------------
 
 def _is_link(value: Any) -> bool:
     # ComfyUI treats every list input as a link [node id, output index].
@@ -3428,7 +3458,7 @@ class _Located:
         self.where, self.entry = where, entry
 
 
-class _Backend:
+class _BackendState:
     """One ComfyUI server: its connection, its runs (one at a time, plus one
     waiting in ComfyUI's queue with prefetch), its state.
 
@@ -3511,404 +3541,21 @@ class _Backend:
             _log_bridge.warning("backend %s: " + message, self.name, *args,
                                 extra={"backend": self.name})
 
-    # -- the WebSocket task ------------------------------------------------------
+    def now_ms(self) -> int:
+        return _ms(self.clock())
 
-    async def websocket_loop(self) -> None:
-        """Stay connected; after a failed reconnect the jobs handed to this
-        backend but not started go back to the shared queue."""
-        failures = 0
-        try:
-            while True:
-                client_id = _new_id()
-                connected = False
-                try:
-                    async with self.client.websocket(
-                            client_id, heartbeat=max(5.0, self.config.backend_timeout),
-                            max_msg_size=_WS_MAX_MESSAGE) as ws:
-                        # ComfyUI reads feature flags from the first message only:
-                        # previews then come with their prompt and node.
-                        await ws.send_str('{"type":"feature_flags","data":'
-                                          '{"supports_preview_metadata":true}}')
-                        await self._connected(client_id)
-                        connected, failures = True, 0
-                        async for message in ws:
-                            if message.type == aiohttp.WSMsgType.TEXT:
-                                await self._on_text(message.data)
-                            elif message.type == aiohttp.WSMsgType.BINARY:
-                                self._on_binary(message.data)
-                            elif message.type == aiohttp.WSMsgType.ERROR:
-                                break
-                    reason = "the WebSocket closed"
-                except asyncio.CancelledError:
-                    raise
-                except ApiError as exc:  # the reconcile after connecting could not write
-                    reason = f"cannot record what ComfyUI said: {exc.message}"
-                except BackendError as exc:
-                    reason = str(exc)
-                except _CONNECT_ERRORS as exc:
-                    reason = f"cannot connect to {self.spec.url}: {exc}"
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-                    reason = f"WebSocket: {type(exc).__name__} {exc}".strip()
-                self._disconnected(reason)
-                if not connected:
-                    failures += 1
-                    await self.release_unstarted()
-                delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** min(failures, 10))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-        finally:
-            self._disconnected(self.last_error or "stopped")
 
-    def _disconnected(self, reason: str) -> None:
-        if self.up:
-            self.down_since = self.clock()
-        self.up = False
-        self.client_id = None
-        self.error(reason)
+###############################################################################
+# bridge: settling runs
+###############################################################################
+# What becomes of a run: deadlines by comfymgr's clock (the tick task),
+# asking ComfyUI where a prompt is (locate, reconcile), the end recorded
+# from /history, cancels and timeouts, prompts given up on. Everything
+# here that changes a run takes the backend's lock.
 
-    async def _connected(self, client_id: str) -> None:
-        """A fresh socket: learn the server, then reconcile before dispatching,
-        since whatever ComfyUI said while we were away is gone."""
-        await self._learn_server()
-        self.jobs_cancel_route = None
-        self.incompatible = None  # a restarted server may be a newer one
-        self.client_id = client_id
-        self.up = True  # dispatch waits for the lock that reconcile holds
-        await self.reconcile()
-        self.last_error = None
-        self.down_since = None
-        self._dispatch_failures, self._dispatch_not_before = 0, 0.0
-        _log_bridge.info("backend %s up (ComfyUI %s)", self.name, self.version,
-                         extra={"backend": self.name})
-        self.wake.set()
 
-    async def _learn_server(self) -> None:
-        """Version, devices and node schemas; an unreadable answer keeps what
-        was known and is said once (it is not a reason to stay down)."""
-        try:
-            self.version, self.devices = _read_system_stats(await self.client.system_stats())
-        except _ProtocolError as exc:
-            self._warn_once("system_stats", "%s (%s); keeping what was known", exc, exc.excerpt)
-        try:
-            info, dropped = _read_object_info(await self.client.object_info())
-        except _ProtocolError as exc:
-            self._warn_once("object_info", "%s; submit-time checks use what was known", exc)
-        else:
-            if dropped:
-                self._warn_once("object_info_entries", "%d /object_info entries are not node "
-                                "schemas; ComfyUI checks those nodes at dispatch", dropped)
-            self.object_info = info
-
-    def _ignored(self, reason: str, kind: str) -> None:
-        self.metrics.messages_ignored.labels(self.name, reason).inc()
-        if reason == "bad_shape":
-            self._warn_once(f"shape:{kind}", "ignoring %r messages whose data is not of the "
-                            "expected shape (said once per type)", kind[:100])
-        else:
-            _log_bridge.debug("backend %s: ignored a message (%s) %r", self.name, reason, kind[:100])
-
-    def _on_binary(self, frame: bytes) -> None:
-        """Preview images of a running prompt; anything else is ignored."""
-        read = _read_binary_frame(frame)
-        if read is None:
-            self._ignored("unreadable", "binary")
-            return
-        event, content_type, image, metadata = read
-        if event not in (_BINARY_PREVIEW, _BINARY_PREVIEW_WITH_METADATA):
-            if event != _BINARY_TEXT:  # progress text of some nodes: known, not used
-                self._ignored("unknown_type", f"binary {event}")
-            return
-        if metadata:
-            run = self._run_for_prompt(metadata.get("prompt_id"))
-            node = metadata.get("node_id")
-        else:  # the legacy frame names no prompt: it is the running one's
-            running = [r for r in self.runs.values() if r.started is not None]
-            run, node = (running[0] if len(running) == 1 else None), None
-        if run is None:
-            return
-        counter = run.preview.counter + 1 if run.preview else 1
-        run.preview = _Preview(image, content_type, str(node) if _is_node_id(node) else None, counter)
-        self._announce_preview(run)
-
-    def _announce_preview(self, run: _Run) -> None:
-        """workflow:preview at most every _PREVIEW_INTERVAL; a later one is
-        sent when the interval is over, so the last preview is announced."""
-        if run.preview_pending:
-            return
-        loop = asyncio.get_running_loop()
-        wait = run.preview_announced + _PREVIEW_INTERVAL - loop.time()
-        if wait <= 0:
-            run.preview_announced = loop.time()
-            self.on_preview(run)
-            return
-        run.preview_pending = True
-
-        def later() -> None:
-            run.preview_pending = False
-            if self.runs.get(run.job_id) is run:
-                self._announce_preview(run)
-        loop.call_later(wait, later)
-
-    async def _on_text(self, text: str) -> None:
-        kind, data, problem = _read_message(text)
-        if problem is not None:
-            self._ignored(problem, kind)
-            return
-        if kind == "status":
-            remaining = ((data.get("status") or {}).get("exec_info") or {})
-            remaining = remaining.get("queue_remaining") if isinstance(remaining, dict) else None
-            if isinstance(remaining, int) and not isinstance(remaining, bool):
-                self.queue_remaining = remaining
-            return
-        run = self._run_for_prompt(data.get("prompt_id"))
-        if run is None:
-            return  # a prompt comfymgr did not send, or one already settled
-        if kind == "execution_start":
-            await self._mark_running(run)
-        elif kind == "execution_cached":
-            run.add_cached(str(n) for n in data["nodes"] if _is_node_id(n))
-            run.recompute()
-        elif kind == "executing":
-            if data["node"] is None:
-                # The end marker: ComfyUI has written the history by now.
-                async with self.lock:
-                    await self._finish_locked(run)
-                return
-            run.current_node, run.dirty = str(data["node"]), True
-        elif kind == "progress":
-            node, value, maximum = data.get("node"), data["value"], data["max"]
-            if node is not None and maximum > 0:
-                run.set_node(str(node), max(0.0, min(1.0, value / maximum)))
-                run.current_node = str(node)
-                run.recompute()
-        elif kind == "progress_state":
-            for node, state in data["nodes"].items():
-                if not isinstance(state, dict):
-                    continue
-                value, maximum = state.get("value"), state.get("max")
-                if state.get("state") == "finished":
-                    run.set_node(str(node), 1.0)
-                elif _is_number(value) and _is_number(maximum) and maximum > 0:
-                    run.set_node(str(node), max(0.0, min(1.0, value / maximum)))
-            run.recompute()
-        elif kind == "executed":
-            run.set_node(str(data["node"]), 1.0)
-            run.recompute()
-        elif kind in ("execution_success", "execution_error", "execution_interrupted"):
-            run.ending = (kind, data)
-        if run.dirty:
-            await self._flush_progress(run)
-
-    def _run_for_prompt(self, prompt_id: Any) -> _Run | None:
-        if not isinstance(prompt_id, str):
-            return None
-        for run in self.runs.values():
-            if run.prompt_id == prompt_id:
-                return run
-        return None
-
-    # -- the dispatcher task -------------------------------------------------------
-
-    def can_take_another(self) -> bool:
-        """One job at a time; with prefetch, one more waits in ComfyUI's own
-        queue while the first runs (never two waiting). None while down,
-        incompatible, or backing off after failed POSTs."""
-        if not self.up or self.incompatible:
-            return False
-        if asyncio.get_running_loop().time() < self._dispatch_not_before:
-            return False
-        if not self.runs:
-            return True
-        if not self.config.prefetch or len(self.runs) > 1:
-            return False
-        # As soon as ComfyUI acknowledged the first: the next one then waits in
-        # its queue and starts the moment the first ends, however short it is.
-        [run] = self.runs.values()
-        return run.started is not None or run.acknowledged
-
-    def waiting_run(self) -> _Run | None:
-        """The prefetched run: the later of two, handed to ComfyUI, not started."""
-        if len(self.runs) < 2:
-            return None
-        last = next(reversed(self.runs.values()))
-        return last if last.started is None and not last.posting else None
-
-    async def dispatch_loop(self) -> None:
-        """Feed this backend by priority then age (see can_take_another)."""
-        while True:
-            self.wake.clear()
-            try:
-                if self.up and self.waiting_run() is not None:
-                    await self.preempt_if_overtaken()
-                dispatched = self.can_take_another() and await self.dispatch_next()
-            except ApiError as exc:
-                # Storage unavailable. Try again in a second rather than on the
-                # next wake: nothing may ring it while jobs wait.
-                self.error(f"cannot claim a job: {exc.message}")
-                await asyncio.sleep(1)
-                continue
-            except BackendError as exc:
-                self.error(str(exc))
-                dispatched = False
-            if dispatched:
-                if not self.can_take_another():
-                    self.pass_on()
-                continue
-            wait = self._dispatch_not_before - asyncio.get_running_loop().time()
-            if wait <= 0 and self.can_take_another():
-                # Wake-ups are aimed at one backend per job; a free one also
-                # looks on its own now and then, so none idles behind a missed one.
-                wait = _IDLE_LOOK
-            if wait > 0:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), wait)
-            else:
-                await self.wake.wait()
-
-    def _dispatch_failed(self, reason: str) -> None:
-        """Back off: exponential with jitter, capped, reset by a success."""
-        self.metrics.dispatch_failures.labels(self.name).inc()
-        self._dispatch_failures += 1
-        delay = min(_BACKOFF_MAX * 3, _BACKOFF_BASE * 2 ** min(self._dispatch_failures, 10))
-        self._dispatch_not_before = asyncio.get_running_loop().time() + delay * random.uniform(0.5, 1.0)
-        self.error(f"{reason}; dispatching again in {delay:.1f} s at most")
-
-    async def dispatch_next(self) -> bool:
-        """Claim the next job for this backend and POST it. False when none waits."""
-        async with self.lock:
-            if not self.can_take_another():
-                return False
-            prompt_id = _new_id()
-            # Prefetching (a job runs here already) leaves shared jobs to a
-            # backend with nothing to do: a GPU must not idle while a job waits
-            # behind another one.
-            pinned_only = bool(self.runs) and self.idle_elsewhere()
-            job = await self.db.write(Storage.claim_next, self.name, prompt_id, self.now_ms(),
-                                      pinned_only=pinned_only)
-            if job is None:
-                return False
-            self.last_dispatch = asyncio.get_running_loop().time()
-            run = self._attach(job)
-            _log_bridge.info("dispatching %s to %s as prompt %s (attempt %d)", job.id,
-                             self.name, prompt_id, job.attempts, extra={"job": job.id})
-            run.posting = True
-            try:
-                if job.extra.get("inputs") and self.inputs.uploads:
-                    try:
-                        if not await self._upload_inputs_locked(run, job):
-                            return True
-                    except BackendError as exc:  # nothing was posted: back to the queue
-                        self._dispatch_failed(f"uploading the job's inputs: {exc}")
-                        await self._requeue_locked(run, **({} if not exc.sent else dict(
-                            reason="dispatch_failed", count="dispatchFailures",
-                            allowed=self.config.dispatch_attempts - 1, error={
-                                "code": "dispatch_failed",
-                                "message": f"ComfyUI {self.name} did not take the job's inputs "
-                                           f"in {self.config.dispatch_attempts} attempts"})))
-                        return True
-                answer = await self.client.post_prompt(job.workflow, prompt_id, self.client_id or "")
-            except BackendError as exc:
-                self._dispatch_failed(str(exc))
-                if not exc.sent:  # surely never reached ComfyUI: back to its place
-                    await self._requeue_locked(run)
-                else:  # its fate is unknown: reconcile settles it after a grace
-                    run.post_unknown_since = self.clock()
-                    self.request_reconcile()
-                return True
-            finally:
-                run.posting = False
-            await self._posted_locked(run, job, answer)
-        return True
-
-    async def _upload_inputs_locked(self, run: _Run, job: Job) -> bool:
-        """The job's inline inputs, from the state directory to this backend
-        (/upload/image, the name comfymgr chose; job-unique, so overwrite).
-        False when the job cannot run (its inputs are gone): it has ended."""
-        folder = _InputStore.subfolder(job.id)
-        for name in job.extra["inputs"]:
-            try:
-                data = await self.inputs.read(job.id, name)
-            except OSError as exc:
-                await self._end_locked(run, JobState.FAILED, error={
-                    "code": "inputs_missing", "message": f"the job's input {name} is no longer "
-                    f"stored ({exc.strerror or exc}); submit it again"})
-                return False
-            answer = await self.client.upload_image(name, data, folder, True)
-            if answer["name"] != name or str(answer.get("subfolder") or "") != folder:
-                raise _ProtocolError(f"POST /upload/image stored {answer['name']!r} in "
-                                     f"{answer.get('subfolder')!r}, not {name!r} in {folder!r}")
-        return True
-
-    async def _posted_locked(self, run: _Run, job: Job, answer: _PromptAnswer) -> None:
-        self.lock.assert_held()
-        if answer.status == 400:
-            self._dispatch_failures, self._dispatch_not_before = 0, 0.0
-            body = answer.body if isinstance(answer.body, dict) else {}
-            await self._end_locked(run, JobState.FAILED, error=_invalid_workflow(body))
-            return
-        if answer.status != 200:
-            # Refused by something that is not ComfyUI's validation (an auth
-            # plug-in, a proxy, a wrong URL prefix): surely not queued.
-            self._dispatch_failed(f"POST /prompt: HTTP {answer.status}")
-            await self._requeue_locked(run, reason="dispatch_failed", count="dispatchFailures",
-                                       allowed=self.config.dispatch_attempts - 1, error={
-                                           "code": "dispatch_failed",
-                                           "message": f"ComfyUI {self.name} refused the prompt "
-                                                      f"{self.config.dispatch_attempts} times; "
-                                                      f"the last answer was HTTP {answer.status}",
-                                           "status": answer.status, "excerpt": answer.excerpt})
-            return
-        returned = answer.prompt_id
-        if returned is None:
-            # Accepted, but the answer does not say as what: reconcile looks
-            # for comfymgr's id, and judges only after the grace.
-            self._dispatch_failed(f"POST /prompt: HTTP 200 without a prompt_id ({answer.excerpt})")
-            run.post_unknown_since = self.clock()
-            self.request_reconcile()
-            return
-        self._dispatch_failures, self._dispatch_not_before = 0, 0.0
-        if returned != run.prompt_id:
-            # An older ComfyUI mints its own ids: follow this prompt under its
-            # id, and send this server nothing more (a restart of comfymgr
-            # between POST and record would lose track of the next one).
-            self.incompatible = (f"ComfyUI {self.name} ignores the prompt_id comfymgr sends "
-                                 f"(it answered {returned[:64]!r} for {run.prompt_id}); it gets no "
-                                 "more jobs: upgrade it to a version that accepts a client "
-                                 "prompt_id")
-            self.error(self.incompatible)
-            if await self.db.write(Storage.adopt_prompt_id, run.job_id, run.prompt_id, returned,
-                                   self.now_ms()) is not None:
-                run.prompt_id = returned
-        run.acknowledged = True
-        await self.db.write(Storage.mark_submitted, run.job_id, run.prompt_id, self.now_ms())
-        if job.cancel_requested_at is not None or run.interrupt:
-            await self._interrupt_locked(run, run.interrupt or "cancel")
-
-    async def preempt_if_overtaken(self) -> None:
-        """A job more urgent than the one waiting in ComfyUI's queue arrived:
-        take the waiting one back (POST /queue delete) to its place in
-        comfymgr's queue, so that priorities hold with prefetch too."""
-        async with self.lock:
-            run = self.waiting_run()
-            if run is None:
-                return
-            head = await self.db.read(Storage.queue_head, self.name)
-            if head is None or head[0] >= run.priority:
-                return
-            pid = run.prompt_id
-            # Written before ComfyUI forgets the prompt: if what follows fails,
-            # or comfymgr dies here, reconcile finds a prompt comfymgr removed
-            # itself (see _missing_locked), not one ComfyUI lost.
-            await self.db.write(Storage.note_attempt, run.job_id, pid, self.now_ms(), preempting=pid)
-            await self.client.delete_pending(pid)
-            located = await self.locate(pid)
-            if located.where in ("running", "pending"):
-                return  # it started first: it runs, the urgent job comes next
-            if located.where == "finished":
-                await self._finish_locked(run, located.entry)
-                return
-            _log_bridge.info("%s: a more urgent job arrived; taken back from ComfyUI's queue",
-                             run.job_id, extra={"job": run.job_id})
-            await self._requeue_locked(run, reason="preempted")
+class _BackendRuns(_BackendState):
+    """A backend's runs, settled."""
 
     # -- the tick task ---------------------------------------------------------------
 
@@ -4114,9 +3761,6 @@ class _Backend:
                     await self._requeue_locked(run, reason="backend_down")
 
     # -- a run's life ----------------------------------------------------------------
-
-    def now_ms(self) -> int:
-        return _ms(self.clock())
 
     def _attach(self, job: Job) -> _Run:
         """The run of an in-flight job, made from its row when comfymgr has
@@ -4327,6 +3971,438 @@ class _Backend:
         self.abandon(run.prompt_id)
         await self._stopped_locked(run, detail=f"; ComfyUI did not confirm the interrupt within "
                                                f"{self.config.cancel_grace:g} s")
+
+
+###############################################################################
+# bridge: dispatch
+###############################################################################
+# Feeding one backend: the next job by priority then age, POST /prompt
+# with comfymgr's prompt id (inline inputs uploaded first where no input
+# folder is shared), what its answer means, back-off after failures, and
+# taking a prefetched job back when a more urgent one arrives.
+
+
+class _BackendDispatch(_BackendRuns):
+    """A backend's dispatcher."""
+
+    # -- the dispatcher task -------------------------------------------------------
+
+    def can_take_another(self) -> bool:
+        """One job at a time; with prefetch, one more waits in ComfyUI's own
+        queue while the first runs (never two waiting). None while down,
+        incompatible, or backing off after failed POSTs."""
+        if not self.up or self.incompatible:
+            return False
+        if asyncio.get_running_loop().time() < self._dispatch_not_before:
+            return False
+        if not self.runs:
+            return True
+        if not self.config.prefetch or len(self.runs) > 1:
+            return False
+        # As soon as ComfyUI acknowledged the first: the next one then waits in
+        # its queue and starts the moment the first ends, however short it is.
+        [run] = self.runs.values()
+        return run.started is not None or run.acknowledged
+
+    def waiting_run(self) -> _Run | None:
+        """The prefetched run: the later of two, handed to ComfyUI, not started."""
+        if len(self.runs) < 2:
+            return None
+        last = next(reversed(self.runs.values()))
+        return last if last.started is None and not last.posting else None
+
+    async def dispatch_loop(self) -> None:
+        """Feed this backend by priority then age (see can_take_another)."""
+        while True:
+            self.wake.clear()
+            try:
+                if self.up and self.waiting_run() is not None:
+                    await self.preempt_if_overtaken()
+                dispatched = self.can_take_another() and await self.dispatch_next()
+            except ApiError as exc:
+                # Storage unavailable. Try again in a second rather than on the
+                # next wake: nothing may ring it while jobs wait.
+                self.error(f"cannot claim a job: {exc.message}")
+                await asyncio.sleep(1)
+                continue
+            except BackendError as exc:
+                self.error(str(exc))
+                dispatched = False
+            if dispatched:
+                if not self.can_take_another():
+                    self.pass_on()
+                continue
+            wait = self._dispatch_not_before - asyncio.get_running_loop().time()
+            if wait <= 0 and self.can_take_another():
+                # Wake-ups are aimed at one backend per job; a free one also
+                # looks on its own now and then, so none idles behind a missed one.
+                wait = _IDLE_LOOK
+            if wait > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), wait)
+            else:
+                await self.wake.wait()
+
+    def _dispatch_failed(self, reason: str) -> None:
+        """Back off: exponential with jitter, capped, reset by a success."""
+        self.metrics.dispatch_failures.labels(self.name).inc()
+        self._dispatch_failures += 1
+        delay = min(_BACKOFF_MAX * 3, _BACKOFF_BASE * 2 ** min(self._dispatch_failures, 10))
+        self._dispatch_not_before = asyncio.get_running_loop().time() + delay * random.uniform(0.5, 1.0)
+        self.error(f"{reason}; dispatching again in {delay:.1f} s at most")
+
+    async def dispatch_next(self) -> bool:
+        """Claim the next job for this backend and POST it. False when none waits."""
+        async with self.lock:
+            if not self.can_take_another():
+                return False
+            prompt_id = _new_id()
+            # Prefetching (a job runs here already) leaves shared jobs to a
+            # backend with nothing to do: a GPU must not idle while a job waits
+            # behind another one.
+            pinned_only = bool(self.runs) and self.idle_elsewhere()
+            job = await self.db.write(Storage.claim_next, self.name, prompt_id, self.now_ms(),
+                                      pinned_only=pinned_only)
+            if job is None:
+                return False
+            self.last_dispatch = asyncio.get_running_loop().time()
+            run = self._attach(job)
+            _log_bridge.info("dispatching %s to %s as prompt %s (attempt %d)", job.id,
+                             self.name, prompt_id, job.attempts, extra={"job": job.id})
+            run.posting = True
+            try:
+                if job.extra.get("inputs") and self.inputs.uploads:
+                    try:
+                        if not await self._upload_inputs_locked(run, job):
+                            return True
+                    except BackendError as exc:  # nothing was posted: back to the queue
+                        self._dispatch_failed(f"uploading the job's inputs: {exc}")
+                        await self._requeue_locked(run, **({} if not exc.sent else dict(
+                            reason="dispatch_failed", count="dispatchFailures",
+                            allowed=self.config.dispatch_attempts - 1, error={
+                                "code": "dispatch_failed",
+                                "message": f"ComfyUI {self.name} did not take the job's inputs "
+                                           f"in {self.config.dispatch_attempts} attempts"})))
+                        return True
+                answer = await self.client.post_prompt(job.workflow, prompt_id, self.client_id or "")
+            except BackendError as exc:
+                self._dispatch_failed(str(exc))
+                if not exc.sent:  # surely never reached ComfyUI: back to its place
+                    await self._requeue_locked(run)
+                else:  # its fate is unknown: reconcile settles it after a grace
+                    run.post_unknown_since = self.clock()
+                    self.request_reconcile()
+                return True
+            finally:
+                run.posting = False
+            await self._posted_locked(run, job, answer)
+        return True
+
+    async def _upload_inputs_locked(self, run: _Run, job: Job) -> bool:
+        """The job's inline inputs, from the state directory to this backend
+        (/upload/image, the name comfymgr chose; job-unique, so overwrite).
+        False when the job cannot run (its inputs are gone): it has ended."""
+        folder = _InputStore.subfolder(job.id)
+        for name in job.extra["inputs"]:
+            try:
+                data = await self.inputs.read(job.id, name)
+            except OSError as exc:
+                await self._end_locked(run, JobState.FAILED, error={
+                    "code": "inputs_missing", "message": f"the job's input {name} is no longer "
+                    f"stored ({exc.strerror or exc}); submit it again"})
+                return False
+            answer = await self.client.upload_image(name, data, folder, True)
+            if answer["name"] != name or str(answer.get("subfolder") or "") != folder:
+                raise _ProtocolError(f"POST /upload/image stored {answer['name']!r} in "
+                                     f"{answer.get('subfolder')!r}, not {name!r} in {folder!r}")
+        return True
+
+    async def _posted_locked(self, run: _Run, job: Job, answer: _PromptAnswer) -> None:
+        self.lock.assert_held()
+        if answer.status == 400:
+            self._dispatch_failures, self._dispatch_not_before = 0, 0.0
+            body = answer.body if isinstance(answer.body, dict) else {}
+            await self._end_locked(run, JobState.FAILED, error=_invalid_workflow(body))
+            return
+        if answer.status != 200:
+            # Refused by something that is not ComfyUI's validation (an auth
+            # plug-in, a proxy, a wrong URL prefix): surely not queued.
+            self._dispatch_failed(f"POST /prompt: HTTP {answer.status}")
+            await self._requeue_locked(run, reason="dispatch_failed", count="dispatchFailures",
+                                       allowed=self.config.dispatch_attempts - 1, error={
+                                           "code": "dispatch_failed",
+                                           "message": f"ComfyUI {self.name} refused the prompt "
+                                                      f"{self.config.dispatch_attempts} times; "
+                                                      f"the last answer was HTTP {answer.status}",
+                                           "status": answer.status, "excerpt": answer.excerpt})
+            return
+        returned = answer.prompt_id
+        if returned is None:
+            # Accepted, but the answer does not say as what: reconcile looks
+            # for comfymgr's id, and judges only after the grace.
+            self._dispatch_failed(f"POST /prompt: HTTP 200 without a prompt_id ({answer.excerpt})")
+            run.post_unknown_since = self.clock()
+            self.request_reconcile()
+            return
+        self._dispatch_failures, self._dispatch_not_before = 0, 0.0
+        if returned != run.prompt_id:
+            # An older ComfyUI mints its own ids: follow this prompt under its
+            # id, and send this server nothing more (a restart of comfymgr
+            # between POST and record would lose track of the next one).
+            self.incompatible = (f"ComfyUI {self.name} ignores the prompt_id comfymgr sends "
+                                 f"(it answered {returned[:64]!r} for {run.prompt_id}); it gets no "
+                                 "more jobs: upgrade it to a version that accepts a client "
+                                 "prompt_id")
+            self.error(self.incompatible)
+            if await self.db.write(Storage.adopt_prompt_id, run.job_id, run.prompt_id, returned,
+                                   self.now_ms()) is not None:
+                run.prompt_id = returned
+        run.acknowledged = True
+        await self.db.write(Storage.mark_submitted, run.job_id, run.prompt_id, self.now_ms())
+        if job.cancel_requested_at is not None or run.interrupt:
+            await self._interrupt_locked(run, run.interrupt or "cancel")
+
+    async def preempt_if_overtaken(self) -> None:
+        """A job more urgent than the one waiting in ComfyUI's queue arrived:
+        take the waiting one back (POST /queue delete) to its place in
+        comfymgr's queue, so that priorities hold with prefetch too."""
+        async with self.lock:
+            run = self.waiting_run()
+            if run is None:
+                return
+            head = await self.db.read(Storage.queue_head, self.name)
+            if head is None or head[0] >= run.priority:
+                return
+            pid = run.prompt_id
+            # Written before ComfyUI forgets the prompt: if what follows fails,
+            # or comfymgr dies here, reconcile finds a prompt comfymgr removed
+            # itself (see _missing_locked), not one ComfyUI lost.
+            await self.db.write(Storage.note_attempt, run.job_id, pid, self.now_ms(), preempting=pid)
+            await self.client.delete_pending(pid)
+            located = await self.locate(pid)
+            if located.where in ("running", "pending"):
+                return  # it started first: it runs, the urgent job comes next
+            if located.where == "finished":
+                await self._finish_locked(run, located.entry)
+                return
+            _log_bridge.info("%s: a more urgent job arrived; taken back from ComfyUI's queue",
+                             run.job_id, extra={"job": run.job_id})
+            await self._requeue_locked(run, reason="preempted")
+
+
+###############################################################################
+# bridge: comfyui websocket
+###############################################################################
+# One socket per backend, a fresh clientId per connection; each message
+# read as untrusted input and turned into progress, previews and the
+# end of runs. A reconnect reconciles before anything is dispatched.
+
+
+class _Backend(_BackendDispatch):
+    """One ComfyUI server: state (_BackendState), runs settled
+    (_BackendRuns), dispatch (_BackendDispatch), and its WebSocket here."""
+
+    # -- the WebSocket task ------------------------------------------------------
+
+    async def websocket_loop(self) -> None:
+        """Stay connected; after a failed reconnect the jobs handed to this
+        backend but not started go back to the shared queue."""
+        failures = 0
+        try:
+            while True:
+                client_id = _new_id()
+                connected = False
+                try:
+                    async with self.client.websocket(
+                            client_id, heartbeat=max(5.0, self.config.backend_timeout),
+                            max_msg_size=_WS_MAX_MESSAGE) as ws:
+                        # ComfyUI reads feature flags from the first message only:
+                        # previews then come with their prompt and node.
+                        await ws.send_str('{"type":"feature_flags","data":'
+                                          '{"supports_preview_metadata":true}}')
+                        await self._connected(client_id)
+                        connected, failures = True, 0
+                        async for message in ws:
+                            if message.type == aiohttp.WSMsgType.TEXT:
+                                await self._on_text(message.data)
+                            elif message.type == aiohttp.WSMsgType.BINARY:
+                                self._on_binary(message.data)
+                            elif message.type == aiohttp.WSMsgType.ERROR:
+                                break
+                    reason = "the WebSocket closed"
+                except asyncio.CancelledError:
+                    raise
+                except ApiError as exc:  # the reconcile after connecting could not write
+                    reason = f"cannot record what ComfyUI said: {exc.message}"
+                except BackendError as exc:
+                    reason = str(exc)
+                except _CONNECT_ERRORS as exc:
+                    reason = f"cannot connect to {self.spec.url}: {exc}"
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                    reason = f"WebSocket: {type(exc).__name__} {exc}".strip()
+                self._disconnected(reason)
+                if not connected:
+                    failures += 1
+                    await self.release_unstarted()
+                delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** min(failures, 10))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        finally:
+            self._disconnected(self.last_error or "stopped")
+
+    def _disconnected(self, reason: str) -> None:
+        if self.up:
+            self.down_since = self.clock()
+        self.up = False
+        self.client_id = None
+        self.error(reason)
+
+    async def _connected(self, client_id: str) -> None:
+        """A fresh socket: learn the server, then reconcile before dispatching,
+        since whatever ComfyUI said while we were away is gone."""
+        await self._learn_server()
+        self.jobs_cancel_route = None
+        self.incompatible = None  # a restarted server may be a newer one
+        self.client_id = client_id
+        self.up = True  # dispatch waits for the lock that reconcile holds
+        await self.reconcile()
+        self.last_error = None
+        self.down_since = None
+        self._dispatch_failures, self._dispatch_not_before = 0, 0.0
+        _log_bridge.info("backend %s up (ComfyUI %s)", self.name, self.version,
+                         extra={"backend": self.name})
+        self.wake.set()
+
+    async def _learn_server(self) -> None:
+        """Version, devices and node schemas; an unreadable answer keeps what
+        was known and is said once (it is not a reason to stay down)."""
+        try:
+            self.version, self.devices = _read_system_stats(await self.client.system_stats())
+        except _ProtocolError as exc:
+            self._warn_once("system_stats", "%s (%s); keeping what was known", exc, exc.excerpt)
+        try:
+            info, dropped = _read_object_info(await self.client.object_info())
+        except _ProtocolError as exc:
+            self._warn_once("object_info", "%s; submit-time checks use what was known", exc)
+        else:
+            if dropped:
+                self._warn_once("object_info_entries", "%d /object_info entries are not node "
+                                "schemas; ComfyUI checks those nodes at dispatch", dropped)
+            self.object_info = info
+
+    def _ignored(self, reason: str, kind: str) -> None:
+        self.metrics.messages_ignored.labels(self.name, reason).inc()
+        if reason == "bad_shape":
+            self._warn_once(f"shape:{kind}", "ignoring %r messages whose data is not of the "
+                            "expected shape (said once per type)", kind[:100])
+        else:
+            _log_bridge.debug("backend %s: ignored a message (%s) %r", self.name, reason, kind[:100])
+
+    def _on_binary(self, frame: bytes) -> None:
+        """Preview images of a running prompt; anything else is ignored."""
+        read = _read_binary_frame(frame)
+        if read is None:
+            self._ignored("unreadable", "binary")
+            return
+        event, content_type, image, metadata = read
+        if event not in (_BINARY_PREVIEW, _BINARY_PREVIEW_WITH_METADATA):
+            if event != _BINARY_TEXT:  # progress text of some nodes: known, not used
+                self._ignored("unknown_type", f"binary {event}")
+            return
+        if metadata:
+            run = self._run_for_prompt(metadata.get("prompt_id"))
+            node = metadata.get("node_id")
+        else:  # the legacy frame names no prompt: it is the running one's
+            running = [r for r in self.runs.values() if r.started is not None]
+            run, node = (running[0] if len(running) == 1 else None), None
+        if run is None:
+            return
+        counter = run.preview.counter + 1 if run.preview else 1
+        run.preview = _Preview(image, content_type, str(node) if _is_node_id(node) else None, counter)
+        self._announce_preview(run)
+
+    def _announce_preview(self, run: _Run) -> None:
+        """workflow:preview at most every _PREVIEW_INTERVAL; a later one is
+        sent when the interval is over, so the last preview is announced."""
+        if run.preview_pending:
+            return
+        loop = asyncio.get_running_loop()
+        wait = run.preview_announced + _PREVIEW_INTERVAL - loop.time()
+        if wait <= 0:
+            run.preview_announced = loop.time()
+            self.on_preview(run)
+            return
+        run.preview_pending = True
+
+        def later() -> None:
+            run.preview_pending = False
+            if self.runs.get(run.job_id) is run:
+                self._announce_preview(run)
+        loop.call_later(wait, later)
+
+    async def _on_text(self, text: str) -> None:
+        kind, data, problem = _read_message(text)
+        if problem is not None:
+            self._ignored(problem, kind)
+            return
+        if kind == "status":
+            remaining = ((data.get("status") or {}).get("exec_info") or {})
+            remaining = remaining.get("queue_remaining") if isinstance(remaining, dict) else None
+            if isinstance(remaining, int) and not isinstance(remaining, bool):
+                self.queue_remaining = remaining
+            return
+        run = self._run_for_prompt(data.get("prompt_id"))
+        if run is None:
+            return  # a prompt comfymgr did not send, or one already settled
+        if kind == "execution_start":
+            await self._mark_running(run)
+        elif kind == "execution_cached":
+            run.add_cached(str(n) for n in data["nodes"] if _is_node_id(n))
+            run.recompute()
+        elif kind == "executing":
+            if data["node"] is None:
+                # The end marker: ComfyUI has written the history by now.
+                async with self.lock:
+                    await self._finish_locked(run)
+                return
+            run.current_node, run.dirty = str(data["node"]), True
+        elif kind == "progress":
+            node, value, maximum = data.get("node"), data["value"], data["max"]
+            if node is not None and maximum > 0:
+                run.set_node(str(node), max(0.0, min(1.0, value / maximum)))
+                run.current_node = str(node)
+                run.recompute()
+        elif kind == "progress_state":
+            for node, state in data["nodes"].items():
+                if not isinstance(state, dict):
+                    continue
+                value, maximum = state.get("value"), state.get("max")
+                if state.get("state") == "finished":
+                    run.set_node(str(node), 1.0)
+                elif _is_number(value) and _is_number(maximum) and maximum > 0:
+                    run.set_node(str(node), max(0.0, min(1.0, value / maximum)))
+            run.recompute()
+        elif kind == "executed":
+            run.set_node(str(data["node"]), 1.0)
+            run.recompute()
+        elif kind in ("execution_success", "execution_error", "execution_interrupted"):
+            run.ending = (kind, data)
+        if run.dirty:
+            await self._flush_progress(run)
+
+    def _run_for_prompt(self, prompt_id: Any) -> _Run | None:
+        if not isinstance(prompt_id, str):
+            return None
+        for run in self.runs.values():
+            if run.prompt_id == prompt_id:
+                return run
+        return None
+
+
+###############################################################################
+# bridge: all backends
+###############################################################################
+# The backends together: start and stop, submit-time checks, cancels
+# routed to the backend that holds the job, and whom a new job wakes.
 
 
 class _Bridge:
@@ -5557,6 +5633,15 @@ def _check_input_references(salt: bytes, owner: str, workflow: Mapping[str, Any]
                                  "with another key", code="foreign_input",
                                  details={"field": f"workflow.{node_id}.inputs.{name}",
                                           "nodeId": node_id})
+
+
+###############################################################################
+# files: serving
+###############################################################################
+# _Files: model listings with background hashes, output listings and
+# downloads (from COMFYUI_OUTPUTS, or through the backend's /view), outputs
+# inline (include=data), uploads named free on every backend, disk use; and
+# retention. Built on the safe-path helpers above.
 
 
 class _Files:
@@ -8560,7 +8645,11 @@ async def _ask(question: str, interrupted: asyncio.Event) -> bool:
     return answer.result().strip().lower() in (b"y", b"yes")
 
 
-# -- the commands ------------------------------------------------------------
+###############################################################################
+# client: commands
+###############################################################################
+# One function per subcommand of `comfymgr`, the argument parser, and
+# _client_main, which main() calls for them.
 
 
 async def _cmd_submit(api: _Api, args: argparse.Namespace, graphs: Sequence[tuple[str, dict[str, Any]]],
