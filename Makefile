@@ -32,11 +32,16 @@ run: venv ## start comfymgr with the settings in the environment (see README)
 test: venv ## run the test suite
 	$(BIN)/python -m pytest
 
+# COMFYUI_URL is taken from the command line only (make bench COMFYUI_URL=...):
+# a COMFYUI_URL exported for `make run` must not send the suite's jobs there.
+# BENCH_ARGS goes to bench/run.py as it is (e.g. BENCH_ARGS='--only 9,10 --update-doc').
+BENCH_COMFYUI := $(if $(filter command line,$(origin COMFYUI_URL)),$(COMFYUI_URL))
+
 bench: $(BENCH_STAMP) ## measure comfymgr against this machine's limits (BENCH_QUICK=1: shorter); see docs/PERFORMANCE.md
 	@command -v wrk >/dev/null || { echo "make bench needs wrk (Debian/Ubuntu: apt-get install wrk)"; exit 2; }
 	@# Figure 8 times the .pyz; without one (no network for its wheels) it is skipped, not fatal.
 	$(MAKE) --no-print-directory pyz || echo "bench: could not build $(PYZ); the .pyz figure is skipped"
-	$(BIN)/python bench/run.py $(if $(BENCH_QUICK),--quick)
+	$(BIN)/python bench/run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_COMFYUI),--comfyui-url $(BENCH_COMFYUI)) $(BENCH_ARGS)
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]' -c requirements.lock

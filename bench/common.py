@@ -7,6 +7,7 @@ count and in time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -36,6 +37,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all held open while they are picked
+    (free_port() twice may well give the same port back)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def raise_fd_limit() -> None:
@@ -86,12 +102,16 @@ class Proc:
     stopped with SIGTERM (then SIGKILL) by its own pid."""
 
     def __init__(self, name: str, argv: Sequence[str], logdir: Path,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None,
+                 scrub: tuple[str, ...] = ()) -> None:
         self.name = name
         self.log_path = logdir / f"{name}.log"
         self._log = open(self.log_path, "ab")
+        # scrub: prefixes of inherited variables to drop (comfymgr's own
+        # settings from the caller's shell would change what is measured).
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(scrub)} if scrub else os.environ
         self.popen = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT,
-                                      env={**os.environ, **(env or {})}, cwd=cwd or ROOT,
+                                      env={**inherited, **(env or {})}, cwd=cwd or ROOT,
                                       start_new_session=True)
         self.pid = self.popen.pid
 
@@ -148,11 +168,37 @@ def start_fake(logdir: Path, workdir: Path, *, port: int | None = None,
     return proc, url
 
 
+# Inherited variables that would configure comfymgr: dropped, so that the
+# suite runs it at its defaults whatever the caller's shell exports.
+SETTING_PREFIXES = ("COMFYMGR_", "COMFYUI_", "MANAGEMENT_API_")
+
+
+def start_fakes(logdir: Path, workdir: Path, count: int, *, per_process: int = 16,
+                extra: Sequence[str] = ()) -> tuple[list[Proc], list[str]]:
+    """`count` timed fakes, `per_process` to a process (bench/fake_timed.py
+    --ports): many backends without a process each."""
+    procs, urls, owner = [], [], []
+    every = free_ports(count)
+    for first in range(0, count, per_process):
+        ports = every[first:first + per_process]
+        proc = Proc(f"fakes-{ports[0]}", [PY, str(BENCH / "fake_timed.py"), "--ports", ",".join(map(str, ports)),
+                                          "--output-dir", str(workdir / f"fakes-out-{ports[0]}"), *extra], logdir)
+        procs.append(proc)
+        urls += [f"http://127.0.0.1:{port}" for port in ports]
+        owner += [proc] * len(ports)
+    for url, proc in zip(urls, owner):
+        wait_http(url + "/__fake__/stats", timeout=60, proc=proc.popen)
+    return procs, urls
+
+
 def comfymgr_env(state_dir: Path, port: int, comfyui_url: str | None, **settings: str) -> dict[str, str]:
+    """comfymgr at its defaults (log level info, synchronous=full, prefetch
+    on, ...): only where it listens, its state, its key and its backends are
+    set, and the rate limit, which stays on but set high: at its default of
+    100 requests a minute per address the load generators would measure 429s."""
     env = {"MANAGEMENT_API_HOST": "127.0.0.1", "MANAGEMENT_API_PORT": str(port),
            "MANAGEMENT_API_KEY": API_KEY, "COMFYMGR_STATE_DIR": str(state_dir),
-           # Rate limiting on, set high: its cost is part of every request.
-           "COMFYMGR_RATE_LIMIT": "100000000", "COMFYMGR_LOG_LEVEL": "warning",
+           "COMFYMGR_RATE_LIMIT": "100000000",
            # Nothing answers here unless a fake ComfyUI is given.
            "COMFYUI_URL": comfyui_url or "http://127.0.0.1:9"}
     env.update(settings)
@@ -165,7 +211,7 @@ def start_comfymgr(logdir: Path, state_dir: Path, comfyui_url: str | None, *, na
     harness flags ask for tracing or a stand-in NVML)."""
     port = free_port()
     proc = Proc(name, [PY, str(BENCH / "harness.py"), *harness], logdir,
-                env=comfymgr_env(state_dir, port, comfyui_url, **settings))
+                env=comfymgr_env(state_dir, port, comfyui_url, **settings), scrub=SETTING_PREFIXES)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/health", proc=proc.popen)
     return proc, url
@@ -179,6 +225,61 @@ def wait_backend_up(url: str, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError("comfymgr's backend never came up")
+
+
+# -- event-loop lag ------------------------------------------------------------------
+
+class LagProbe:
+    """How long an event loop is held: a task that asks for a wake-up every
+    `interval` seconds and records how late each comes (the time the loop
+    spent on something else, a handler that does not yield). Runs inside the
+    measured server (harness.py --lag-probe, ref_server.py --lag-probe) and
+    is read and reset at GET /__bench__/lag[?reset=1]."""
+
+    def __init__(self, interval: float = 0.001, keep: int = 600_000) -> None:
+        self.interval = interval
+        self.keep = keep
+        self.lags: list[float] = []
+        self.worst = 0.0
+
+    def reset(self) -> None:
+        self.lags = []
+        self.worst = 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(self.interval)
+            lag = loop.time() - asked - self.interval
+            self.worst = max(self.worst, lag)
+            if len(self.lags) < self.keep:
+                self.lags.append(lag)
+
+    def report(self) -> dict[str, float]:
+        lags = self.lags
+        return {"wakeups": len(lags), "max_ms": 1e3 * self.worst,
+                "p50_ms": 1e3 * percentile(lags, 50), "p99_ms": 1e3 * percentile(lags, 99),
+                "over_10ms": sum(1 for lag in lags if lag > 0.010)}
+
+    def install(self, app: Any) -> None:
+        """On an aiohttp Application: the task, and GET /__bench__/lag."""
+        from aiohttp import web
+
+        async def lag(request: web.Request) -> web.Response:
+            body = self.report()
+            if request.query.get("reset"):
+                self.reset()
+            return web.json_response(body)
+
+        async def task_ctx(app: web.Application):
+            task = asyncio.ensure_future(self.run())
+            yield
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        app.router.add_get("/__bench__/lag", lag)
+        app.cleanup_ctx.append(task_ctx)
 
 
 # -- wrk -----------------------------------------------------------------------------

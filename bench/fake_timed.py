@@ -9,7 +9,8 @@ the next job's POST goes. It also keeps its own records bounded (the test
 fake keeps every message it ever sent, which 100,000 jobs would turn into
 gigabytes), and adds a gate the suite can open from another process.
 
-    python bench/fake_timed.py --port N --output-dir D
+    python bench/fake_timed.py --port N --output-dir D [--node-delay CLASS=SECONDS]
+    python bench/fake_timed.py --ports N,M,... --output-dir D   # several in one process
 
 Extra routes: GET /__bench__/timeline[?clear=1], POST /__bench__/gate (jobs
 with an ImageBlur node now wait), POST /__bench__/release (they go on).
@@ -122,23 +123,33 @@ class TimedFake(fake_comfyui.FakeComfyUI):
 
 
 async def _serve(args) -> None:
-    fake = TimedFake(output_dir=args.output_dir)
-    fake.node_delay.update(fake_comfyui._parse_pairs(args.node_delay, float))
-    await fake.start("127.0.0.1", args.port)
-    print(f"listening on {fake.url}", flush=True)
+    # Several fakes (--ports) share one process and one event loop, as many
+    # backends as the suite wants without a process each; each is its own
+    # ComfyUI (queue, history, timeline) on its own port and output folder.
+    ports = [args.port] if args.port else [int(p) for p in args.ports.split(",") if p]
+    fakes = []
+    for port in ports:
+        fake = TimedFake(output_dir=args.output_dir if len(ports) == 1 else args.output_dir / str(port))
+        fake.node_delay.update(fake_comfyui._parse_pairs(args.node_delay, float))
+        await fake.start("127.0.0.1", port)
+        fakes.append(fake)
+    print(f"listening on {', '.join(fake.url for fake in fakes)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     import signal
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    await fake.stop()
+    for fake in fakes:
+        await fake.stop()
 
 
 def main() -> int:
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int)
+    where.add_argument("--ports", help="comma-separated: one fake per port, in one process")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--node-delay", action="append", default=[], metavar="CLASS=SECONDS",
                         help="every node of CLASS takes SECONDS")

@@ -2,14 +2,16 @@
 """Run comfymgr for the benchmark suite: `comfymgr.main()`, configured by the
 environment like the real service, with optional instruments.
 
-    python bench/harness.py [--trace] [--fake-gpus N] [--no-accel] [--comfymgr-dir DIR]
+    python bench/harness.py [--trace] [--lag-probe] [--fake-gpus N] [--no-accel] [--comfymgr-dir DIR]
 
 Without flags this is exactly `python comfymgr.py`. With --trace, the time of
 every commit (per event seq, taken in the database thread right after COMMIT)
 and the steps of the bridge's dispatch path are recorded on the system-wide
 monotonic clock and served at GET /__bench__/trace (API key required), so the
 suite can measure commit-to-delivery latency and break the dispatch gap
-down. --fake-gpus gives comfymgr a stand-in NVML with N GPUs (the /metrics
+down. --lag-probe runs common.LagProbe on comfymgr's event loop (a 1 ms
+timer; how late it fires is how long the loop was held), read and reset at
+GET /__bench__/lag[?reset=1] (API key required). --fake-gpus gives comfymgr a stand-in NVML with N GPUs (the /metrics
 figure); --no-accel hides orjson from it (comfymgr uses it when
 it is installed).
 """
@@ -35,6 +37,9 @@ if "--no-accel" in sys.argv:  # as if orjson were not installed
     sys.modules["uvloop"] = None  # type: ignore[assignment]
 
 import comfymgr  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LagProbe  # noqa: E402
 
 _KEEP = 200_000
 COMMITS: collections.OrderedDict[int, float] = collections.OrderedDict()
@@ -69,18 +74,30 @@ def _trace_commits() -> None:
             finally:
                 STEPS.append(("db.batch", started, time.monotonic(), len(ops)))
 
-        def claim_next(self, backend, prompt_id, now):
+        def claim_next(self, *args, **kwargs):
             started = time.monotonic()
             try:
-                return super().claim_next(backend, prompt_id, now)
+                return super().claim_next(*args, **kwargs)
             finally:
-                STEPS.append(("db.claim", started, time.monotonic(), prompt_id))
+                pid = kwargs.get("prompt_id", args[1] if len(args) > 1 else None)
+                STEPS.append(("db.claim", started, time.monotonic(), pid))
 
     comfymgr.Storage = TracedStorage
 
 
-def _wrap_async(cls, name: str, label: str, key) -> None:
-    original = getattr(cls, name)
+def _wrap_async(label: str, key, *where: tuple[str, str]) -> None:
+    """Trace the first of `where` (class name, method name) that comfymgr
+    has: the bridge's methods move as it changes, and a trace that lacks a
+    step still serves the others (the breakdowns skip what they miss)."""
+    for cls_name, name in where:
+        cls = getattr(comfymgr, cls_name, None)
+        original = getattr(cls, name, None) if cls is not None else None
+        if original is not None:
+            break
+    else:
+        print(f"harness: --trace: no {' or '.join(f'{c}.{n}' for c, n in where)} in comfymgr; "
+              f"{label} not traced", file=sys.stderr, flush=True)
+        return
 
     @functools.wraps(original)
     async def traced(*args, **kwargs):
@@ -93,19 +110,30 @@ def _wrap_async(cls, name: str, label: str, key) -> None:
     setattr(cls, name, traced)
 
 
-def _trace_dispatch() -> None:
-    run_pid = lambda self, backend, run, *a, **k: run.prompt_id  # noqa: E731
-    _wrap_async(comfymgr._Bridge, "finish", "bridge.finish", run_pid)
-    _wrap_async(comfymgr._Bridge, "_end", "bridge.end", run_pid)
-    _wrap_async(comfymgr._Bridge, "dispatch_next", "bridge.dispatch_next", lambda *a, **k: None)
-    _wrap_async(comfymgr._Bridge, "mark_running", "bridge.mark_running", run_pid)
-    _wrap_async(comfymgr._ComfyClient, "history", "http.history", lambda self, pid: pid)
-    _wrap_async(comfymgr._ComfyClient, "post_prompt", "http.post_prompt",
-                lambda self, prompt, pid, client_id: pid)
-    _wrap_async(comfymgr._Database, "write", "db.write",
-                lambda self, fn: getattr(sys._getframe(2).f_code, "co_name", "?"))
+def _run_pid(*args, **kwargs):
+    """The prompt id of the run among a bridge method's arguments."""
+    for arg in args[1:]:
+        pid = getattr(arg, "prompt_id", None)
+        if isinstance(pid, str):
+            return pid
+    return None
 
-    original = comfymgr._Backend._on_text
+
+def _trace_dispatch() -> None:
+    _wrap_async("bridge.finish", _run_pid, ("_Backend", "_finish_locked"), ("_Bridge", "finish"))
+    _wrap_async("bridge.end", _run_pid, ("_Backend", "_end_locked"), ("_Bridge", "_end"))
+    _wrap_async("bridge.dispatch_next", lambda *a, **k: None, ("_Backend", "dispatch_next"),
+                ("_Bridge", "dispatch_next"))
+    _wrap_async("bridge.mark_running", _run_pid, ("_Backend", "_mark_running"), ("_Bridge", "mark_running"))
+    _wrap_async("http.history", lambda self, pid, *a, **k: pid, ("_ComfyClient", "history"))
+    _wrap_async("http.post_prompt", lambda self, prompt, pid, *a, **k: pid, ("_ComfyClient", "post_prompt"))
+    _wrap_async("db.write", lambda self, fn, *a, **k: getattr(sys._getframe(2).f_code, "co_name", "?"),
+                ("_Database", "write"))
+
+    original = getattr(comfymgr._Backend, "_on_text", None)
+    if original is None:
+        print("harness: --trace: no _Backend._on_text in comfymgr; socket reads not traced", file=sys.stderr)
+        return
 
     async def on_text(self, text):
         if '"executing"' in text and '"node": null' in text:
@@ -145,6 +173,7 @@ class FakeNVML:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--lag-probe", action="store_true", help="GET /__bench__/lag: the event loop's lag")
     parser.add_argument("--fake-gpus", type=int, default=0)
     parser.add_argument("--no-accel", action="store_true",
                         help="run without orjson even where it is installed")
@@ -175,6 +204,8 @@ def main() -> int:
             return comfymgr.web.json_response({"commits": commits, "steps": steps, "pid": os.getpid()})
 
         app.router.add_get("/__bench__/trace", trace)
+        if args.lag_probe:
+            LagProbe().install(app)
         return app
 
     comfymgr.create_app = bench_create_app

@@ -2,7 +2,14 @@
 """Profile comfymgr under one benchmark load with py-spy (sampling, from
 outside the process, so comfymgr runs unmodified).
 
-    python bench/profile.py submit|get|dispatch|metrics [--seconds 8] [--idle]
+    python bench/profile.py submit|get|dispatch|metrics|one|drain [--seconds 8] [--idle] [--gil]
+                            [--nodes 27|200|1000]
+
+Loads: submit (figure 1: wrk, 50 connections, the graph of --nodes nodes),
+get (figure 2), dispatch (figure 3: 0 ms jobs), metrics (figure 6), one
+(figure 9: one 5 ms job at a time, submit -> workflow:completed at a stream
+client), drain (figure 10: 200 5 ms jobs posted one after another, then
+awaited, again and again).
 
 Starts the fake ComfyUI and comfymgr as the suite does, applies the load,
 records with `py-spy record --format raw` (collapsed stacks) and prints the
@@ -27,9 +34,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import aiohttp
 from common import HEADERS, PY, http_json, wait_backend_up, wrk, wrk_script
+from perjob import FIVE_MS, StreamWatch, post_job
 from run import RESULTS, Suite, _dispatch_through, exercise_routes, submit, wait_job
-from workloads import big_workflow, gate_workflow
+from workloads import GRAPH_SIZES, gate_workflow, graph_workflow, timed_workflow
+
+
+async def _jobs_for(url: str, seconds: float, batch: int) -> tuple[int, float]:
+    """`batch` jobs posted one after another, then awaited at a stream
+    client, again until `seconds` have passed: (jobs, seconds taken)."""
+    done, started = 0, time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        stream = await StreamWatch.open(session, url)
+        while time.monotonic() - started < seconds:
+            ids = [await post_job(session, url, timed_workflow(done + i)) for i in range(batch)]
+            await asyncio.gather(*(stream.ends.wait(i, 60) for i in ids))
+            done += batch
+        await stream.close()
+    return done, time.monotonic() - started
 
 
 def _function(frame: str) -> str:
@@ -61,7 +84,9 @@ def summarise(raw: Path, top: int = 30) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("load", choices=("submit", "get", "dispatch", "metrics"))
+    parser.add_argument("load", choices=("submit", "get", "dispatch", "metrics", "one", "drain"))
+    parser.add_argument("--nodes", type=int, default=GRAPH_SIZES[0][0], choices=[n for n, _ in GRAPH_SIZES],
+                        help="submit: the graph's size (figure 1)")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--idle", action="store_true")
     parser.add_argument("--gil", action="store_true", help="only the thread holding the GIL (CPU time)")
@@ -71,9 +96,10 @@ def main() -> int:
     s = Suite(quick=True)
     out_dir = RESULTS / "profiles"
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / f"{args.load}{'-gil' if args.gil else ''}.txt"
+    load = f"{args.load}-{args.nodes}" if args.load == "submit" else args.load
+    raw = out_dir / f"{load}{'-gil' if args.gil else ''}.txt"
     try:
-        fake, furl = s.fake()
+        fake, furl = s.fake(extra=FIVE_MS if args.load in ("one", "drain") else ())
         if args.load == "metrics":
             backends = ",".join(f"gpu{i}={furl}@{i}" for i in range(8))
             cm, url = s.comfymgr("profile", None, harness=["--fake-gpus", "8"], COMFYUI_BACKENDS=backends)
@@ -92,7 +118,7 @@ def main() -> int:
             wait_job(url, running["workflowId"], ("running",))
             if args.load == "submit":
                 body = s.work / "submit.json"
-                body.write_text(json.dumps({"workflow": big_workflow()}))
+                body.write_text(json.dumps({"workflow": graph_workflow(args.nodes, dict(GRAPH_SIZES)[args.nodes])}))
                 script, target = wrk_script(s.work, method="POST", body_path=body, headers=HEADERS), \
                     url + "/v1/comfyui/workflow"
             else:
@@ -111,6 +137,10 @@ def main() -> int:
                 res = asyncio.run(_dispatch_through(url, furl, 200, 1000 + n * 300))
                 n += 1
                 print(f"load: {res['jobs_per_s']:.0f} jobs/s, gap {1e3 * (res['gap_median'] or 0):.2f} ms")
+        elif args.load in ("one", "drain"):
+            spy = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            jobs, took = asyncio.run(_jobs_for(url, args.seconds, 1 if args.load == "one" else 200))
+            print(f"load: {jobs} jobs in {took:.1f} s ({jobs / took:.0f} jobs/s)")
         else:
             exercise_routes(url, furl)
             spy = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -11,7 +11,8 @@ in the way. Each is the least code that does the job correctly.
                                                   # POST /broadcast: one 200-byte message to all
     python bench/ref_server.py --port N metrics   # GET /metrics: ~50 families rendered
 
-The fan-out message carries the monotonic time it was sent at ("t0"), so a
+--lag-probe adds GET /__bench__/lag (common.LagProbe: how long the event
+loop was held). The fan-out message carries the monotonic time it was sent at ("t0"), so a
 client in another process can compute delivery latency on the same clock.
 """
 
@@ -178,6 +179,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--sync", choices=("full", "normal"), default="full")
     parser.add_argument("--db", default="ref.db")
+    parser.add_argument("--lag-probe", action="store_true", help="GET /__bench__/lag: the event loop's lag")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -188,6 +190,9 @@ def main() -> int:
         return web.json_response({"ok": True})
 
     app.router.add_get("/health", ready)
+    if args.lag_probe:
+        from common import LagProbe
+        LagProbe().install(app)
     web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
     return 0
 

@@ -2,7 +2,7 @@
 """comfymgr's benchmark suite: every hot path against the physical limit of
 the same machine, measured in the same run.
 
-    python bench/run.py [--quick] [--only 1,3,...] [--update-doc]
+    python bench/run.py [--quick] [--only 1,3,...] [--comfyui-url URL] [--update-doc]
 
 For each figure it prints comfymgr's median, the reference's median measured
 in the same run (trials alternate between the two, so that the noise of a
@@ -11,7 +11,9 @@ goes to bench/results/<time>.json, bench/results/latest.json and
 bench/results/latest.md. --update-doc puts the table into docs/PERFORMANCE.md.
 
 Figures (see docs/PERFORMANCE.md):
-  1 durable submits (20 KB workflow, 50 connections) vs bare parse+commit
+  1 durable submits of graphs of 27, 200 and 1,000 nodes (20, 40, 200 KB;
+    50 connections) vs bare parse+commit; the event loop's longest hold
+    while a 10 MB graph is submitted
   2 GET /v1/comfyui/workflow/{id} vs bare aiohttp GET
   3 dispatch: jobs/s through comfymgr vs straight to a fake ComfyUI with
     0 ms jobs, and the gap between one job's end and the next POST /prompt
@@ -20,6 +22,19 @@ Figures (see docs/PERFORMANCE.md):
   6 /metrics with 8 GPUs and every route used
   7 memory: idle, 100,000 finished jobs, 1,000 stream clients, leak check
   8 .pyz cold and warm start to the first answer
+  9 one job at a time, submit -> completed at a stream client, vs straight
+    to ComfyUI (5 ms jobs on the fake; a real ComfyUI with --comfyui-url)
+  10 a drain of 200 jobs vs straight to ComfyUI; the GPU's idle time between
+    jobs; comfymgr's CPU per job
+  11 1 to 64 backends: idle time between jobs per backend, CPU per job, the
+    job rate one comfymgr sustains
+  12 1,000 requests waiting (?wait=) on queued jobs: memory, loop lag, answers
+
+comfymgr runs at its defaults (log level info, synchronous=full, prefetch
+on); the suite sets only where it listens, its state, key and backends, and
+a high rate limit (the default 100/minute would refuse the load itself).
+--comfyui-url (make bench COMFYUI_URL=...) adds figures 9 and 10 against
+that ComfyUI; nothing else uses it, and nothing needs it.
 """
 
 from __future__ import annotations
@@ -54,6 +69,7 @@ from common import (
     HEADERS,
     PY,
     ROOT,
+    SETTING_PREFIXES,
     Proc,
     cpu_seconds,
     free_port,
@@ -70,16 +86,20 @@ from common import (
     wrk,
     wrk_script,
 )
-from workloads import big_workflow, gate_workflow, quick_workflow, timed_workflow
+from perjob import fig_backends, fig_drain, fig_one_job, fig_waiters
+from workloads import BIG_GRAPH, GRAPH_SIZES, gate_workflow, graph_workflow, quick_workflow, timed_workflow
 
 RESULTS = BENCH / "results"
 DOC = ROOT / "docs" / "PERFORMANCE.md"
 
 
 class Suite:
-    def __init__(self, quick: bool, no_accel: bool = False) -> None:
+    def __init__(self, quick: bool, no_accel: bool = False, comfyui_url: str | None = None,
+                 backend_counts: tuple[int, ...] | None = None) -> None:
         self.quick = quick
         self.no_accel = no_accel
+        self.comfyui_url = comfyui_url.rstrip("/") if comfyui_url else None
+        self.backend_counts = backend_counts or ((1, 64) if quick else (1, 8, 32, 64))
         self.trials = 3 if quick else 5
         self.work = scratch_dir()
         self.logdir = self.work / "logs"
@@ -194,13 +214,13 @@ async def submit_many(session: aiohttp.ClientSession, url: str, workflows: list[
 # =====================================================================================
 
 def _wrk_trials(s: Suite, targets: dict[str, tuple[str, Path, int]],
-                seconds: float) -> dict[str, list[dict[str, Any]]]:
+                seconds: float, trials: int | None = None) -> dict[str, list[dict[str, Any]]]:
     """Trials of every target in turn, the order reversed each round; each
     result also says how much CPU the server spent per request."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for target, script, _ in targets.values():  # warm-up
         wrk(target, script=script, connections=50, seconds=1)
-    for trial in range(s.trials):
+    for trial in range(trials or s.trials):
         for name in list(targets) if trial % 2 == 0 else list(reversed(targets)):
             target, script, pid = targets[name]
             cpu = cpu_seconds(pid)
@@ -239,35 +259,94 @@ def fig_http(s: Suite) -> None:
           median(r["cpu_us"] for r in gets["comfymgr"]), median(r["cpu_us"] for r in gets["bare_get"]),
           ref_name="bare aiohttp GET -> JSON")
 
-    # -- 1: submits -----------------------------------------------------------------------
-    body = s.work / "submit.json"
-    body.write_text(json.dumps({"workflow": big_workflow()}))
-    post_cm = wrk_script(s.work, method="POST", body_path=body, headers=HEADERS)
-    post_ref = wrk_script(s.work, method="POST", body_path=body)
-    refs = {"parse": s.ref("parse"),
-            "commit_full": s.ref("commit", "--sync", "full", "--db", str(s.work / "ref-full.db")),
-            "commit_normal": s.ref("commit", "--sync", "normal", "--db", str(s.work / "ref-normal.db"))}
-    targets = {"comfymgr": (url + "/v1/comfyui/workflow", post_cm, cm.pid)}
-    targets.update({name: (ref_url + "/submit", post_ref, proc.pid) for name, (proc, ref_url) in refs.items()})
-    runs = _wrk_trials(s, targets, seconds)
-    s.details["submit"] = runs
-    bad = {name: sum(r["non_2xx"] + r["errors"] for r in rs) for name, rs in runs.items()}
-    note = "" if not any(bad.values()) else f"errors: {bad}"
-    cm_rps, ref_rps = (median(r["rps"] for r in runs[n]) for n in ("comfymgr", "commit_full"))
-    s.row("1", "durable submits/s (20 KB, 50 conns)", "req/s", cm_rps, ref_rps,
-          ref_name="bare parse + commit (FULL)", target=">= 0.8x", ok=cm_rps / ref_rps >= 0.8, note=note)
-    for pct in ("p50", "p99"):
-        s.row("1", f"submit latency {pct}", "ms", 1e3 * median(r[pct] for r in runs["comfymgr"]),
-              1e3 * median(r[pct] for r in runs["commit_full"]), ref_name="bare parse + commit (FULL)")
-    s.row("1", "  CPU per submit (server process, all threads)", "us",
-          median(r["cpu_us"] for r in runs["comfymgr"]), median(r["cpu_us"] for r in runs["commit_full"]),
+    # -- 1: submits, by graph size -------------------------------------------------------
+    commit = {"commit_full": s.ref("commit", "--sync", "full", "--db", str(s.work / "ref-full.db"))}
+    extra = {} if s.quick else {
+        "parse": s.ref("parse"),
+        "commit_normal": s.ref("commit", "--sync", "normal", "--db", str(s.work / "ref-normal.db"))}
+    for nodes, size in GRAPH_SIZES:
+        body = s.work / f"submit-{nodes}.json"
+        body.write_text(json.dumps({"workflow": graph_workflow(nodes, size)}))
+        post_cm = wrk_script(s.work, method="POST", body_path=body, headers=HEADERS)
+        post_ref = wrk_script(s.work, method="POST", body_path=body)
+        refs = {**commit, **(extra if nodes == GRAPH_SIZES[0][0] else {})}
+        targets = {"comfymgr": (url + "/v1/comfyui/workflow", post_cm, cm.pid)}
+        targets.update({name: (ref_url + "/submit", post_ref, proc.pid) for name, (proc, ref_url) in refs.items()})
+        # Quick: the larger graphs get two trials each (a 1,000-node trial
+        # is a few dozen submits a second anyway).
+        runs = _wrk_trials(s, targets, seconds, 2 if s.quick and nodes != GRAPH_SIZES[0][0] else None)
+        s.details[f"submit_{nodes}"] = runs
+        bad = {name: sum(r["non_2xx"] + r["errors"] for r in rs) for name, rs in runs.items()}
+        note = "" if not any(bad.values()) else f"errors: {bad}"
+        cm_rps, ref_rps = (median(r["rps"] for r in runs[n]) for n in ("comfymgr", "commit_full"))
+        what = f"{nodes:,} nodes, {size // 1000} KB"
+        s.row("1", f"durable submits/s ({what}, 50 conns)", "req/s", cm_rps, ref_rps,
+              ref_name="bare parse + commit (FULL)", target=">= 0.9x", ok=cm_rps / ref_rps >= 0.9, note=note)
+        for pct in ("p50", "p99"):
+            s.row("1", f"  submit latency {pct} ({what})", "ms", 1e3 * median(r[pct] for r in runs["comfymgr"]),
+                  1e3 * median(r[pct] for r in runs["commit_full"]), ref_name="bare parse + commit (FULL)")
+        s.row("1", f"  CPU per submit ({what}; server process, all threads)", "us",
+              median(r["cpu_us"] for r in runs["comfymgr"]), median(r["cpu_us"] for r in runs["commit_full"]),
+              ref_name="bare parse + commit (FULL)")
+        if "parse" in runs:
+            s.row("1", f"  reference: bare parse only ({what})", "req/s", None,
+                  median(r["rps"] for r in runs["parse"]), ref_name="bare aiohttp POST + json.loads")
+            s.row("1", f"  reference: parse + commit (NORMAL) ({what})", "req/s", None,
+                  median(r["rps"] for r in runs["commit_normal"]), ref_name="synchronous=NORMAL")
+    http_json("POST", furl + "/__bench__/release")
+    s.stop_all()
+    fig_big_submit(s)
+
+
+def _post_raw(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, float]:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **headers})
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    return status, time.monotonic() - started
+
+
+def fig_big_submit(s: Suite) -> None:
+    """One submit of a 10 MB graph: the longest comfymgr's event loop is held
+    meanwhile (a 1 ms timer on the loop, common.LagProbe, and how late it
+    fires), against the bare parse + commit server with the same probe."""
+    nodes, size = BIG_GRAPH
+    fake, furl = s.fake()
+    cm, url = s.comfymgr("submit-10mb", furl, harness=["--lag-probe"])
+    wait_backend_up(url)
+    http_json("POST", furl + "/__bench__/gate")
+    running = submit(url, gate_workflow())
+    wait_job(url, running["workflowId"], ("running",))
+    ref_proc, ref_url = s.ref("commit", "--sync", "full", "--db", str(s.work / "ref-10mb.db"), "--lag-probe")
+    body = json.dumps({"workflow": graph_workflow(nodes, size)}).encode()
+    sides = {"comfymgr": (url + "/v1/comfyui/workflow", HEADERS, url), "ref": (ref_url + "/submit", {}, ref_url)}
+    runs: dict[str, list[dict[str, float]]] = {"comfymgr": [], "ref": []}
+    for trial in range(-1, 2 if s.quick else s.trials):
+        for name in (("comfymgr", "ref") if trial % 2 == 0 else ("ref", "comfymgr")):
+            target, headers, base = sides[name]
+            http_json("GET", base + "/__bench__/lag?reset=1", headers=headers)
+            status, took = _post_raw(target, body, headers)
+            if status != 202:
+                raise RuntimeError(f"{name}: the 10 MB submit answered {status}")
+            time.sleep(0.3)
+            lag = http_json("GET", base + "/__bench__/lag?reset=1", headers=headers)[1]
+            if trial >= 0:
+                runs[name].append({"submit_s": took, **lag})
+    s.details["submit_10mb"] = runs
+    cm_ms, ref_ms = (median(r["max_ms"] for r in runs[n]) for n in ("comfymgr", "ref"))
+    s.row("1", f"{size // 1_000_000} MB graph ({nodes:,} nodes): longest event-loop hold", "ms", cm_ms, ref_ms,
+          ref_name="bare parse + commit (FULL), same probe", target="<= 50 ms", ok=cm_ms <= 50,
+          note=f"1 ms timer on the loop; median of {len(runs['comfymgr'])} submits")
+    s.row("1", f"  {size // 1_000_000} MB graph: submit -> 202", "ms",
+          1e3 * median(r["submit_s"] for r in runs["comfymgr"]), 1e3 * median(r["submit_s"] for r in runs["ref"]),
           ref_name="bare parse + commit (FULL)")
-    s.row("1", "  reference: bare parse only", "req/s", None,
-          median(r["rps"] for r in runs["parse"]), ref_name="bare aiohttp POST + json.loads")
-    s.row("1", "  reference: parse + commit (NORMAL)", "req/s", None,
-          median(r["rps"] for r in runs["commit_normal"]), ref_name="synchronous=NORMAL")
-    for name in ("parse", "commit_normal"):
-        refs[name][0].stop()
     http_json("POST", furl + "/__bench__/release")
     s.stop_all()
 
@@ -415,7 +494,7 @@ def dispatch_breakdown(tl: dict[str, list], trace: dict[str, Any]) -> dict[str, 
             continue
         disp = [d for d in dispatches if d[0] <= c0 <= d[1]]
         d0 = disp[0][0] if disp else e1
-        end_write = [w for w in covering(writes, e0, e1) if w[2] == "_end"]
+        end_write = [w for w in covering(writes, e0, e1) if w[2] in ("_end", "_end_locked")]
         claim_write = [w for w in writes if w[0] <= c0 and w[1] >= c1]
         end_batch = [x for x in batches if e0 <= x[0] and x[1] <= e1]
         claim_batch = [x for x in batches if x[0] <= c0 and x[1] >= c1]
@@ -517,6 +596,42 @@ def prefetch_breakdown(tl: dict[str, list], trace: dict[str, Any]) -> dict[str, 
     return out
 
 
+def ack_prefetch_breakdown(tl: dict[str, list], trace: dict[str, Any]) -> dict[str, Any]:
+    """Where the next job is handed over as soon as the current one's POST
+    /prompt is acknowledged: for consecutive jobs a, b, the path from a's
+    acknowledgement to b's POST arriving at the fake, and how far ahead of
+    a's end b arrived (negative: after it; the GPU then waited)."""
+    by: dict[str, list] = {}
+    for label, t0, t1, key in trace["steps"]:
+        by.setdefault(label, []).append((t0, t1, key))
+    post = {k: (t0, t1) for t0, t1, k in by.get("http.post_prompt", [])}
+    claim = {k: (t0, t1) for t0, t1, k in by.get("db.claim", [])}
+    started = {pid: t for t, kind, pid in tl["emit"] if kind == "execution_start"}
+    success = {pid: t for t, kind, pid in tl["emit"] if kind == "execution_success"}
+    fake_post = {pid: t for t, _, pid in tl["post"]}
+    order = [pid for _, pid in sorted((t, pid) for pid, t in started.items())]
+    segments: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        segments.setdefault(name, []).append(value)
+
+    for a, b in zip(order, order[1:]):
+        try:
+            (_, acked), (c0, c1), (p0, _), arrived, ended = post[a], claim[b], post[b], fake_post[b], success[a]
+        except KeyError:
+            continue
+        if not acked <= c0 <= c1 <= p0 <= arrived:
+            continue  # b was not claimed after a's acknowledgement (e.g. it queued later)
+        add("a POST of one acknowledged -> claim of the next starts", c0 - acked)
+        add("b the claim (Storage.claim_next)", c1 - c0)
+        add("c claim -> next POST sent (its commit, the run's state)", p0 - c1)
+        add("d next POST in flight to the fake", arrived - p0)
+        add("= acknowledged -> next POST arrives", arrived - acked)
+        add("  next POST arrived ahead of the current job's end (negative: late)", ended - arrived)
+    return {name: {"median_ms": 1e3 * median(v), "p90_ms": 1e3 * percentile(v, 90), "n": len(v)}
+            for name, v in segments.items()}
+
+
 def _print_breakdown(title: str, breakdown: dict[str, Any]) -> None:
     print(f"      {title}")
     for name, v in breakdown.items():
@@ -524,7 +639,7 @@ def _print_breakdown(title: str, breakdown: dict[str, Any]) -> None:
 
 
 def fig_dispatch(s: Suite) -> None:
-    n = 150 if s.quick else 300
+    n = 100 if s.quick else 300
     fake, furl = s.fake()
     instances = {"prefetch": s.comfymgr("dispatch-prefetch", furl),
                  "no_prefetch": s.comfymgr("dispatch-noprefetch", furl, COMFYMGR_PREFETCH="false")}
@@ -544,7 +659,7 @@ def fig_dispatch(s: Suite) -> None:
     s.stop_all()
 
     # Jobs that take 20 ms: what prefetch is for.
-    m = 40 if s.quick else 60
+    m = 30 if s.quick else 60
     fake, furl = s.fake(extra=["--node-delay", "ImageInvert=0.02"])
     timed = {"prefetch": s.comfymgr("dispatch20-prefetch", furl),
              "no_prefetch": s.comfymgr("dispatch20-noprefetch", furl, COMFYMGR_PREFETCH="false")}
@@ -596,8 +711,16 @@ def fig_dispatch(s: Suite) -> None:
             _print_breakdown("where the gap goes, prefetch off (traced run; medians over job pairs):",
                              breakdowns[label])
         else:
-            breakdowns[label] = prefetch_breakdown(tl, trace)
-            _print_breakdown("execution_start -> next POST, prefetch on (traced run):", breakdowns[label])
+            # Prefetch at execution_start (comfymgr until the per-job work)
+            # or when the current POST is acknowledged (since): whichever
+            # path the trace shows.
+            at_start = prefetch_breakdown(tl, trace)
+            if at_start.get("= execution_start -> next POST /prompt", {}).get("n"):
+                breakdowns[label] = at_start
+                _print_breakdown("execution_start -> next POST, prefetch on (traced run):", at_start)
+            else:
+                breakdowns[label] = ack_prefetch_breakdown(tl, trace)
+                _print_breakdown("POST acknowledged -> next POST, prefetch on (traced run):", breakdowns[label])
         breakdowns[label + " traced gap median ms"] = 1e3 * (res["gap_median"] or float("nan"))
         s.stop_all()
     s.details["dispatch_breakdown"] = breakdowns
@@ -760,7 +883,7 @@ async def _stream_scale(s: Suite, clients: int, triggers: int, burst: int) -> No
 
 
 def fig_stream_scale(s: Suite) -> None:
-    for clients, burst in ((100, 2000), (1000, 300 if s.quick else 500)):
+    for clients, burst in ((100, 1000 if s.quick else 2000), (1000, 300 if s.quick else 500)):
         asyncio.run(_stream_scale(s, clients, 20 if s.quick else 50, burst))
 
 
@@ -811,7 +934,8 @@ def build_queue(path: Path, depth: int, *, state: str = "queued", events: bool =
 
 def fig_depth(s: Suite) -> None:
     import comfymgr
-    depths = (1_000, 100_000, 1_000_000)
+    # Quick: 200,000 for the deepest (a million takes a minute to build here).
+    depths = (1_000, 100_000, 200_000 if s.quick else 1_000_000)
     calls = 200 if s.quick else 400
     per: dict[int, dict[str, Any]] = {}
     stores, last = {}, {}
@@ -1019,7 +1143,7 @@ async def _feed(url: str, total: int, samples: int, cm: Proc, outstanding: int =
 
 
 def fig_leak(s: Suite) -> None:
-    total = int(os.environ.get("BENCH_LEAK_JOBS") or (10_000 if s.quick else 30_000))
+    total = int(os.environ.get("BENCH_LEAK_JOBS") or (3_000 if s.quick else 30_000))
     backends = int(os.environ.get("BENCH_LEAK_BACKENDS") or 2)
     fakes = [s.fake()[1] for _ in range(backends)]
     # synchronous=normal and two backends: the leak check is about memory,
@@ -1071,8 +1195,10 @@ def build_ref_pyz(s: Suite) -> Path | None:
     out = ROOT / "build" / "bench" / "ref.pyz"
     if out.exists():
         return out
-    shiv = Path(PY).parent / "shiv"
-    if not shiv.exists():
+    # The venv's shiv, else the one `make pyz` keeps for itself.
+    shiv = next((p for p in (Path(PY).parent / "shiv", ROOT / ".cache" / "pyz-venv" / "bin" / "shiv")
+                 if p.exists()), None)
+    if shiv is None:
         return None
     import importlib.metadata as md
     site = s.work / "ref-site"
@@ -1105,9 +1231,9 @@ def time_start(s: Suite, pyz: Path, shiv_root: Path, name: str) -> float:
     port = free_port()
     env = {"SHIV_ROOT": str(shiv_root), "MANAGEMENT_API_PORT": str(port), "MANAGEMENT_API_HOST": "127.0.0.1",
            "MANAGEMENT_API_KEY": API_KEY, "COMFYMGR_STATE_DIR": str(s.work / f"pyz-state-{name}"),
-           "COMFYUI_URL": "http://127.0.0.1:9", "COMFYMGR_LOG_LEVEL": "warning"}
+           "COMFYUI_URL": "http://127.0.0.1:9", "COMFYMGR_RATE_LIMIT": "100000000"}
     started = time.monotonic()
-    proc = Proc(f"pyz-{name}-{port}", [PY, str(pyz)], s.logdir, env=env)
+    proc = Proc(f"pyz-{name}-{port}", [PY, str(pyz)], s.logdir, env=env, scrub=SETTING_PREFIXES)
     try:
         answered = wait_http(f"http://127.0.0.1:{port}/health", timeout=60, proc=proc.popen)
     finally:
@@ -1162,6 +1288,10 @@ FIGURES: dict[str, tuple[str, Callable[[Suite], None]]] = {
     "7": ("memory", fig_memory),
     "7l": ("leak check", fig_leak),
     "8": (".pyz start", fig_pyz),
+    "9": ("one job at a time, vs straight to ComfyUI", fig_one_job),
+    "10": ("a drain of 200 jobs, GPU idle between jobs, CPU per job", fig_drain),
+    "11": ("many backends", fig_backends),
+    "12": ("1,000 waiting requests", fig_waiters),
 }
 
 
@@ -1189,14 +1319,15 @@ def machine() -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"Run {result['started']} ({'quick' if result['quick'] else 'full'}, {result['trials']} trials, "
-             f"accelerators: {result['accelerators']}), "
+             f"accelerators: {result['accelerators']}"
+             f"{', real ComfyUI ' + result['comfyui_url'] if result.get('comfyui_url') else ''}), "
              f"{m['cpus']} CPUs ({m['cpu']}), {m['memory_gb']} GB, Python {m['python']}, aiohttp "
              f"{m['aiohttp']}, SQLite {m['sqlite']}; load average at start "
              f"{', '.join(f'{x:.2f}' for x in m['loadavg_start'])}, at end "
              f"{', '.join(f'{x:.2f}' for x in result['loadavg_end'])}.", "",
              "| # | figure | unit | comfymgr | reference | ratio | target | |",
              "|---|---|---|---:|---:|---:|---|---|"]
-    for r in sorted(result["rows"], key=lambda r: int(r["figure"])):
+    for r in sorted(result["rows"], key=lambda r: int(r["figure"])):  # stable: a figure's rows stay in order
         ref = fmt(r["reference"]) + (f" ({r['reference_name']})" if r["reference_name"] else "")
         note = f" {r['note']}" if r["note"] else ""
         lines.append(f"| {r['figure']} | {r['name'].strip()}{note} | {r['unit']} | {fmt(r['comfymgr'])} | "
@@ -1210,10 +1341,19 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")),
-                        help="fewer trials and 10,000 jobs for the leak check (also BENCH_QUICK=1)")
+                        help="fewer trials, smaller loads (3,000 jobs for the leak check, 200,000 queued for "
+                             "the deepest queue, 1 and 64 backends) (also BENCH_QUICK=1)")
     parser.add_argument("--only", default=os.environ.get("BENCH_ONLY", ""),
                         help=f"comma-separated figures to run, of {','.join(FIGURES)}")
     parser.add_argument("--update-doc", action="store_true", help="put the table into docs/PERFORMANCE.md")
+    parser.add_argument("--doc-table", default="",
+                        help="with --update-doc: the marker of the table to replace (<!-- NAME -->); default "
+                             "bench-table (bench-table-no-accel with --no-accel)")
+    parser.add_argument("--comfyui-url", default=os.environ.get("BENCH_COMFYUI_URL") or None,
+                        help="a real ComfyUI for figures 9 and 10's extra rows (make bench COMFYUI_URL=...)")
+    parser.add_argument("--backends", default=os.environ.get("BENCH_BACKENDS", ""),
+                        help="backend counts of figure 11 (also BENCH_BACKENDS; default 1,8,32,64, quick 1,64); "
+                             "the job rate is the same for all: jobs of N/64 s")
     parser.add_argument("--no-accel", action="store_true", default=bool(os.environ.get("BENCH_NO_ACCEL")),
                         help="run comfymgr without orjson even where installed (also BENCH_NO_ACCEL=1)")
     args = parser.parse_args()
@@ -1228,11 +1368,12 @@ def main() -> int:
     # SIGTERM (or a timeout's kill) ends the run through the finally below,
     # which stops every server the suite started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    suite = Suite(args.quick, args.no_accel)
+    suite = Suite(args.quick, args.no_accel, args.comfyui_url,
+                  tuple(int(c) for c in args.backends.split(",") if c.strip()) or None)
     started = datetime.datetime.now(datetime.timezone.utc)
     accel = "none (--no-accel)" if args.no_accel else ", ".join(accelerators()) or "none installed"
     print(f"comfymgr bench ({'quick' if args.quick else 'full'}; {suite.trials} trials per figure; "
-          f"accelerators: {accel}; scratch {suite.work})")
+          f"accelerators: {accel}; real ComfyUI: {suite.comfyui_url or 'none'}; scratch {suite.work})")
     print(f"  {'#':<3} {'figure':<46} {'comfymgr':>10} {'reference':>10} {'ratio':>6}  target")
     t_all = time.monotonic()
     load_start = os.getloadavg()  # other users of the machine: said in the table's header
@@ -1251,6 +1392,7 @@ def main() -> int:
                 suite.stop_all()
             print(f"   ({time.monotonic() - t:.0f} s)", flush=True)
         result = {"started": started.isoformat(timespec="seconds"), "quick": args.quick, "accelerators": accel,
+                  "comfyui_url": suite.comfyui_url,
                   "trials": suite.trials, "seconds": round(time.monotonic() - t_all, 1),
                   "machine": {**machine(), "loadavg_start": load_start}, "loadavg_end": os.getloadavg(),
                   "rows": suite.rows,
@@ -1267,8 +1409,11 @@ def main() -> int:
         print(f"written: bench/results/{stamp}.json, bench/results/latest.json, bench/results/latest.md "
               f"({result['seconds']:.0f} s)")
         if args.update_doc and DOC.exists():
-            marker = "bench-table-no-accel" if args.no_accel else "bench-table"
+            marker = args.doc_table or ("bench-table-no-accel" if args.no_accel else "bench-table")
             doc = DOC.read_text()
+            if f"<!-- {marker} -->" not in doc:
+                print(f"docs/PERFORMANCE.md has no <!-- {marker} --> table; not updated", file=sys.stderr)
+                return 1
             doc = re.sub(rf"(<!-- {marker} -->\n).*?(<!-- /{marker} -->)",
                          lambda m: m.group(1) + md + m.group(2), doc, flags=re.S)
             DOC.write_text(doc)
