@@ -1400,6 +1400,8 @@ class Event:
     data: dict[str, Any]
     # Who submitted the job: routing for the stream, not part of the event.
     owner: str | None = dataclasses.field(default=None, compare=False)
+    # Whether a webhook delivery was written with it (the sender wakes for those only).
+    delivers: bool = dataclasses.field(default=False, compare=False)
 
     def message(self) -> dict[str, Any]:
         """The stream message: the seed's fields plus seq."""
@@ -1727,9 +1729,10 @@ class _JobStore:
                webhook: Mapping[str, Any] | None = None) -> Event:
         cur = self._conn.execute("INSERT INTO events (job_id, type, ts, data) VALUES (?, ?, ?, ?)",
                                  (job_id, type_, ts, _dumps(data)))
-        event = Event(cur.lastrowid, job_id, type_, ts, data, owner)
+        delivers = bool(webhook) and type_.removeprefix("workflow:") in webhook.get("events", ())
+        event = Event(cur.lastrowid, job_id, type_, ts, data, owner, delivers)
         self._pending.append(event)
-        if webhook and type_.removeprefix("workflow:") in webhook.get("events", ()):
+        if delivers:
             self._conn.execute(
                 "INSERT INTO deliveries (id, job_id, event_seq, event_type, url, payload, state, "
                 "next_at, created_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
@@ -1906,17 +1909,24 @@ class _JobStore:
         then age; jobs for "any" backend and for this one, or with
         pinned_only for this one alone) and mark it dispatching with a
         freshly minted prompt id, stored before any POST."""
+        return self.claim(backend, prompt_id, now, pinned_only=pinned_only)[0]
+
+    def claim(self, backend: str, prompt_id: str, now: int, *,
+              pinned_only: bool = False) -> tuple[Job | None, bool]:
+        """claim_next, and whether another job waits for this backend after
+        it (the dispatcher then need not ask again before more are queued)."""
         with self.transaction():
             head = self.queue_head(backend, pinned_only=pinned_only)
             if head is None:
-                return None
+                return None, False
             row = self._conn.execute("SELECT id, attempts, extra FROM jobs WHERE n = ?",
                                      (head[1],)).fetchone()
             extra = _job_extra(json.loads(row["extra"]) if row["extra"] else {})
-            return self._transition(row["id"], JobState.DISPATCHING, now, expect=(JobState.QUEUED,),
+            job = self._transition(row["id"], JobState.DISPATCHING, now, expect=(JobState.QUEUED,),
                                    backend=backend, prompt_id=prompt_id,
                                    attempts=row["attempts"] + 1, progress=0.0, current_node=None,
                                    extra=extra or None)
+            return job, self.queue_head(backend, pinned_only=pinned_only) is not None
 
     def _transition(self, job_id: str, to: JobState, now: int, *,
                    expect: Iterable[JobState] | None = None,
@@ -2182,7 +2192,7 @@ class Storage(_JobStore):
 
     The verbs of a job's life, each one transaction that changes the job's
     state through _transition() with its event: enqueue, enqueue_once,
-    claim_next, mark_submitted, mark_running, adopt_prompt_id, note_attempt,
+    claim_next, claim, mark_submitted, mark_running, adopt_prompt_id, note_attempt,
     set_progress, end_run, requeue_run, request_cancel, fail_orphans.
     Reads: get, get_many, job_and_position, position(s), list_jobs,
     list_page, queue_head, in_flight, counts, stats; events_since,
@@ -2525,6 +2535,11 @@ class _Queue:
         self.backend_names = tuple(backend_names)
         self._wakeups: list[asyncio.Event] = []
         self.on_work: Callable[[str, int], None] | None = None  # the bridge's kick, once it runs
+        # The seq of the last workflow:queued event committed. Jobs become
+        # claimable only with such an event, so a claim that found nothing
+        # is not tried again (a round trip to the database thread) before
+        # this moves.
+        self.queued_seq = 0
 
     def now_ms(self) -> int:
         return _ms(self._clock())
@@ -2547,6 +2562,12 @@ class _Queue:
         else:
             for event in self._wakeups:
                 event.set()
+
+    def saw(self, events: Sequence[Event]) -> None:
+        """Committed events, in seq order (see queued_seq)."""
+        for event in events:
+            if event.type == "workflow:queued":
+                self.queued_seq = event.seq
 
     # -- verbs -----------------------------------------------------------------
 
@@ -3493,6 +3514,8 @@ class _BackendState:
         self.jobs_cancel_route: bool | None = None
         self.lock = _OwnedLock()
         self.wake = queue_.waiter()
+        # (queue.queued_seq, pinned_only) of the last claim that found nothing.
+        self.found_nothing: tuple[int, bool] | None = None
         self.last_reconcile = float("-inf")
         self._reconcile_requested = False
         self._dispatch_failures = 0
@@ -4060,8 +4083,13 @@ class _BackendDispatch(_BackendRuns):
             # backend with nothing to do: a GPU must not idle while a job waits
             # behind another one.
             pinned_only = bool(self.runs) and self.idle_elsewhere()
-            job = await self.db.write(Storage.claim_next, self.name, prompt_id, self.now_ms(),
-                                      pinned_only=pinned_only)
+            seen = self.queue.queued_seq
+            if self.found_nothing is not None and self.found_nothing[0] == seen \
+                    and (pinned_only or not self.found_nothing[1]):
+                return False  # nothing was queued since a claim found nothing
+            job, more = await self.db.write(Storage.claim, self.name, prompt_id, self.now_ms(),
+                                            pinned_only=pinned_only)
+            self.found_nothing = None if more else (seen, pinned_only)
             if job is None:
                 return False
             self.last_dispatch = asyncio.get_running_loop().time()
@@ -7921,14 +7949,15 @@ def _background(app: web.Application, coroutine: Any, what: str) -> None:
 
 def _publish_events(app: web.Application, events: list[Event]) -> None:
     """Every committed event passes here, in seq order, on the event loop."""
+    app[QUEUE].saw(events)
     app[HUB].publish(events)
     app[WAITERS].notify(events)
     inputs = app[INPUTS]
     for event in events:
         if event.type in _END_EVENTS and event.job_id in inputs.pending and not inputs.keep:
             _background(app, inputs.remove(event.job_id), f"removing the inputs of {event.job_id}")
-    if any(e.type != EVENT_PROGRESS for e in events):
-        app[WEBHOOKS].wake.set()  # a delivery may have been written with them
+    if any(e.delivers for e in events):
+        app[WEBHOOKS].wake.set()
     metrics = app[METRICS]
     now = app[CLOCK]()
     for event in events:

@@ -26,16 +26,16 @@ async def eight(tmp_path):
 
 @pytest.fixture
 def claims(monkeypatch):
-    """Every claim_next call (in the database thread), with its result."""
+    """Every claim a dispatcher makes (in the database thread), with its result."""
     seen = []
-    real = comfymgr.Storage.claim_next
+    real = comfymgr.Storage.claim
 
     def counting(self, backend, prompt_id, now, **kwargs):
-        job = real(self, backend, prompt_id, now, **kwargs)
+        job, more = real(self, backend, prompt_id, now, **kwargs)
         seen.append((backend, job.id if job else None))
-        return job
+        return job, more
 
-    monkeypatch.setattr(comfymgr.Storage, "claim_next", counting)
+    monkeypatch.setattr(comfymgr.Storage, "claim", counting)
     return seen
 
 
