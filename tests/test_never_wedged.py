@@ -436,6 +436,46 @@ def test_11_listening_is_said_only_once_bound(tmp_path):
     assert "cannot start" in out and "address already in use" in out, out
 
 
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_systemd_hears_ready_once_bound_watchdog_pings_and_stopping(tmp_path, abstract):
+    """The notify protocol as systemd speaks it (Type=notify, WatchdogSec):
+    datagrams on $NOTIFY_SOCKET, a path or an abstract name (@...)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        name = f"@comfymgr-test-{os.getpid()}-{id(tmp_path)}" if abstract else str(tmp_path / "notify")
+        sock.bind("\0" + name[1:] if abstract else name)
+        sock.settimeout(20)
+        port = free_port()
+        proc = start(tmp_path, port, NOTIFY_SOCKET=name, WATCHDOG_USEC="200000")
+        try:
+            ready = sock.recv(4096).decode().split("\n")
+            # READY=1 comes once the socket is bound: it answers at once.
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+            pings = [sock.recv(4096).decode() for _ in range(3)]
+            proc.send_signal(signal.SIGTERM)
+            after = []
+            while "STOPPING=1" not in after:
+                after.append(sock.recv(4096).decode())
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert ready == ["READY=1", f"STATUS=listening on 127.0.0.1:{port}", f"MAINPID={proc.pid}"]
+    assert pings == ["WATCHDOG=1"] * 3
+    assert set(after) <= {"WATCHDOG=1", "STOPPING=1"}
+
+
+def test_no_notify_socket_means_no_datagram_and_no_watchdog_for_another_pid():
+    assert comfymgr._Notifier({}).address == ""
+    assert comfymgr._Notifier({"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1000000",
+                               "WATCHDOG_PID": "1"}).watchdog is None
+    assert comfymgr._Notifier({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000",
+                               "WATCHDOG_PID": str(os.getpid())}).watchdog == 1.0
+
+
 # -- 12. one of several backends dies for good ---------------------------------------------------
 
 @pytest.fixture
