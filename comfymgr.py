@@ -1903,18 +1903,14 @@ class _JobStore:
         found = [(row[0], row[1]) for row in heads if row]
         return min(found) if found else None
 
-    def claim_next(self, backend: str, prompt_id: str, now: int, *,
-                   pinned_only: bool = False) -> Job | None:
+    def claim(self, backend: str, prompt_id: str, now: int, *,
+              pinned_only: bool = False) -> tuple[Job | None, bool]:
         """Atomically take the next queued job this backend may run (priority,
         then age; jobs for "any" backend and for this one, or with
         pinned_only for this one alone) and mark it dispatching with a
-        freshly minted prompt id, stored before any POST."""
-        return self.claim(backend, prompt_id, now, pinned_only=pinned_only)[0]
-
-    def claim(self, backend: str, prompt_id: str, now: int, *,
-              pinned_only: bool = False) -> tuple[Job | None, bool]:
-        """claim_next, and whether another job waits for this backend after
-        it (the dispatcher then need not ask again before more are queued)."""
+        freshly minted prompt id, stored before any POST. Returns the job
+        (None when none waits) and whether another waits for this backend
+        after it (the dispatcher need not ask again before more are queued)."""
         with self.transaction():
             head = self.queue_head(backend, pinned_only=pinned_only)
             if head is None:
@@ -2192,7 +2188,7 @@ class Storage(_JobStore):
 
     The verbs of a job's life, each one transaction that changes the job's
     state through _transition() with its event: enqueue, enqueue_once,
-    claim_next, claim, mark_submitted, mark_running, adopt_prompt_id, note_attempt,
+    claim, mark_submitted, mark_running, adopt_prompt_id, note_attempt,
     set_progress, end_run, requeue_run, request_cancel, fail_orphans.
     Reads: get, get_many, job_and_position, position(s), list_jobs,
     list_page, queue_head, in_flight, counts, stats; events_since,

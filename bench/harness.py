@@ -74,7 +74,15 @@ def _trace_commits() -> None:
             finally:
                 STEPS.append(("db.batch", started, time.monotonic(), len(ops)))
 
-        def claim_next(self, *args, **kwargs):
+        def claim(self, *args, **kwargs):
+            started = time.monotonic()
+            try:
+                return super().claim(*args, **kwargs)
+            finally:
+                pid = kwargs.get("prompt_id", args[1] if len(args) > 1 else None)
+                STEPS.append(("db.claim", started, time.monotonic(), pid))
+
+        def claim_next(self, *args, **kwargs):  # comfymgr before Storage.claim (comparisons)
             started = time.monotonic()
             try:
                 return super().claim_next(*args, **kwargs)

@@ -623,7 +623,7 @@ def ack_prefetch_breakdown(tl: dict[str, list], trace: dict[str, Any]) -> dict[s
         if not acked <= c0 <= c1 <= p0 <= arrived:
             continue  # b was not claimed after a's acknowledgement (e.g. it queued later)
         add("a POST of one acknowledged -> claim of the next starts", c0 - acked)
-        add("b the claim (Storage.claim_next)", c1 - c0)
+        add("b the claim (Storage.claim)", c1 - c0)
         add("c claim -> next POST sent (its commit, the run's state)", p0 - c1)
         add("d next POST in flight to the fake", arrived - p0)
         add("= acknowledged -> next POST arrives", arrived - acked)
@@ -952,7 +952,7 @@ def fig_depth(s: Suite) -> None:
     for storage in stores.values():
         for _ in range(50):  # warm-up: SQLite's page cache, the statement cache
             storage.enqueue(str(uuid.uuid4()), text, comfymgr.Priority.NORMAL, "any", 1)
-            storage.claim_next("local", str(uuid.uuid4()), 1)
+            storage.claim("local", str(uuid.uuid4()), 1)
     rounds = 10
     for r in range(rounds):  # the depths take turns, so that the machine's noise falls on all
         for depth in depths if r % 2 == 0 else reversed(depths):
@@ -962,7 +962,7 @@ def fig_depth(s: Suite) -> None:
                 storage.enqueue(str(uuid.uuid4()), text, comfymgr.Priority.NORMAL, "any", 1)
                 enq[depth].append(time.perf_counter() - t)
                 t = time.perf_counter()
-                storage.claim_next("local", str(uuid.uuid4()), 1)
+                storage.claim("local", str(uuid.uuid4()), 1)
                 claim[depth].append(time.perf_counter() - t)
             if r < (3 if depth >= 1_000_000 else rounds):
                 t = time.perf_counter()

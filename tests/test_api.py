@@ -328,7 +328,7 @@ async def test_queue_position_is_1_based_and_follows_cancels(client):
     assert resp.status == 200
     assert await positions() == [None, None, 1, 2, 3]
     # A claimed job is handed to ComfyUI: position 0; the rest move up.
-    claimed = await client.app[comfymgr.DB].write(lambda s: s.claim_next("local", "p-1", 0))
+    claimed = await client.app[comfymgr.DB].write(lambda s: s.claim("local", "p-1", 0)[0])
     assert claimed.id == n2["workflowId"]
     assert await positions() == [None, None, 0, 1, 2]
 
@@ -354,7 +354,7 @@ async def test_cancel_a_queued_job(client, clock):
 
 async def test_cancel_an_in_flight_job_marks_it_and_answers_202(client, clock):
     job = await submit(client)
-    claimed = await client.app[comfymgr.DB].write(lambda s: s.claim_next("local", "p-1", 0))
+    claimed = await client.app[comfymgr.DB].write(lambda s: s.claim("local", "p-1", 0)[0])
     assert claimed.id == job["workflowId"]
     clock.advance(2)
     for _ in range(2):  # asking twice changes nothing
@@ -377,7 +377,7 @@ async def test_cancel_a_finished_job_is_409(client):
     completed = await submit(client)
 
     def finish(s):
-        s.claim_next("local", "p-2", 0)
+        s.claim("local", "p-2", 0)[0]
         s._transition(completed["workflowId"], JobState.RUNNING, 1)
         return s._transition(completed["workflowId"], JobState.COMPLETED, 2, completed_at=2)
 
@@ -435,7 +435,7 @@ async def test_list_shows_the_same_queue_position_as_get(client):
     jobs = [await submit(client, priority=rng.choice(["high", "normal", "low"])) for _ in range(24)]
     for job in jobs[::5]:
         await client.delete(job_url(job["workflowId"]), headers=HEADERS)
-    await client.app[comfymgr.DB].write(lambda s: s.claim_next("local", "p-1", 0))
+    await client.app[comfymgr.DB].write(lambda s: s.claim("local", "p-1", 0)[0])
     gets = {j["workflowId"]: await get_job(client, j["workflowId"]) for j in jobs}
     positions = sorted(g["queuePosition"] for g in gets.values() if g["queuePosition"])
     assert positions == list(range(1, 19))  # 24 - 5 cancelled - 1 claimed
@@ -545,7 +545,7 @@ async def test_status_counts_jobs_by_status_and_priority(client, clock, make_con
     assert (await client.delete(job_url(n1["workflowId"]), headers=HEADERS)).status == 200
 
     def start(s):
-        job = s.claim_next("local", "p-1", 0)
+        job = s.claim("local", "p-1", 0)[0]
         return s._transition(job.id, JobState.RUNNING, 1).id
 
     assert await client.app[comfymgr.DB].write(start) == h1["workflowId"]

@@ -301,13 +301,13 @@ def test_7_requeue_clears_the_attempt_and_an_end_needs_its_own_attempt(tmp_path)
     storage = comfymgr.Storage(tmp_path / "db.sqlite")
     storage.enqueue("j", '{"1": {}}', comfymgr.Priority.NORMAL, "any", 1,
                     extra={"interrupt": "timeout", "webhook": {"url": "https://x.example"}})
-    job = storage.claim_next("local", "p1", 2)
+    job = storage.claim("local", "p1", 2)[0]
     assert job.extra == {"webhook": {"url": "https://x.example"}}  # 0.1.0's note at the top level: gone
     storage.note_attempt("j", "p1", 3, interrupt="timeout")
     assert storage.get("j").extra["attempt"] == {"interrupt": "timeout"}
     assert storage.requeue_run("j", "p1", 4, reason="preempted").state is comfymgr.JobState.QUEUED
     assert "attempt" not in storage.get("j").extra
-    storage.claim_next("local", "p2", 5)
+    storage.claim("local", "p2", 5)[0]
     # The first attempt's late end changes nothing.
     assert storage.end_run("j", "p1", comfymgr.JobState.COMPLETED, 6, backend="local") is None
     assert storage.requeue_run("j", "p1", 6) is None
@@ -325,7 +325,7 @@ async def test_8_subscribe_with_since_while_events_flow_sends_each_once(make_cli
     db = client.app[comfymgr.DB]
     job, _, _ = await client.app[comfymgr.QUEUE].submit(workflow(), comfymgr.Priority.NORMAL, "any",
                                                         timeout_s=None)
-    await db.write(lambda s: s.claim_next("local", "p", 1))  # ComfyUI is down: nobody else claims it
+    await db.write(lambda s: s.claim("local", "p", 1)[0])  # ComfyUI is down: nobody else claims it
     await db.write(lambda s: s.mark_running(job.id, "p", 1, "local"))
 
     async def event():  # a stored event of the job, committed then published

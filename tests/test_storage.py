@@ -153,7 +153,7 @@ def test_a_database_of_every_older_version_migrates_to_the_latest(tmp_path, monk
         try:
             assert s.schema_version == len(everything)
             assert s.position(s.get("old")) == 1
-            assert s.claim_next("local", "p", 2).id == "old"
+            assert s.claim("local", "p", 2)[0].id == "old"
             assert [j.id for j in s.list_jobs()] == ["older-but-low", "old"]
             assert {j.submitted_by for j in s.list_jobs()} == {"admin"}
             assert s._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -176,7 +176,7 @@ def test_a_failing_migration_rolls_back_completely(db_path, monkeypatch):
 
 
 def test_claim_and_position_queries_use_the_partial_indexes(storage):
-    """EXPLAIN QUERY PLAN of the very statements claim_next and position run
+    """EXPLAIN QUERY PLAN of the very statements claim and position run
     (captured with a trace callback): no full scan of jobs anywhere."""
     rng = random.Random(3)
     for i in range(200):
@@ -184,7 +184,7 @@ def test_claim_and_position_queries_use_the_partial_indexes(storage):
     traced: list[str] = []
     storage._conn.set_trace_callback(traced.append)
     try:
-        storage.claim_next("gpu1", "p-1", 2000)
+        storage.claim("gpu1", "p-1", 2000)[0]
         storage.position(storage.get("j150"))
         storage.enqueue("new", WORKFLOW, LOW, "any", 3000)
     finally:
@@ -260,7 +260,7 @@ def test_300_mixed_priority_jobs_are_claimed_in_priority_then_fifo_order(storage
     for job_id, position in queued_brute_force(storage).items():
         assert storage.position(storage.get(job_id)) == position
     claimed = []
-    while (job := storage.claim_next("local", f"prompt-{len(claimed)}", 20_000)) is not None:
+    while (job := storage.claim("local", f"prompt-{len(claimed)}", 20_000)[0]) is not None:
         assert (job.state, job.backend, job.prompt_id, job.attempts, job.updated_at) == (
             S.DISPATCHING, "local", f"prompt-{len(claimed)}", 1, 20_000)
         claimed.append(job.id)
@@ -269,11 +269,11 @@ def test_300_mixed_priority_jobs_are_claimed_in_priority_then_fifo_order(storage
     assert nonzero(storage.counts()) == nonzero(counts_brute_force(storage))
 
 
-def test_claim_next_on_an_empty_queue_returns_none_and_leaves_no_transaction(storage):
-    assert storage.claim_next("local", "p", 1) is None
+def test_a_claim_on_an_empty_queue_returns_none_and_leaves_no_transaction(storage):
+    assert storage.claim("local", "p", 1)[0] is None
     assert not storage._conn.in_transaction
     enqueue(storage, "a")
-    assert storage.claim_next("local", "p", 2).id == "a"
+    assert storage.claim("local", "p", 2)[0].id == "a"
 
 
 def test_targeted_jobs_are_claimed_only_by_their_backend(storage):
@@ -288,7 +288,7 @@ def test_targeted_jobs_are_claimed_only_by_their_backend(storage):
     while remaining:
         backend = rng.choice(["gpu0", "gpu1"])
         eligible = [j for j in remaining if rows[j][2] in ("any", backend)]
-        job = storage.claim_next(backend, f"p{len(remaining)}", 1000)
+        job = storage.claim(backend, f"p{len(remaining)}", 1000)[0]
         if not eligible:
             assert job is None
             continue
@@ -299,15 +299,15 @@ def test_targeted_jobs_are_claimed_only_by_their_backend(storage):
         remaining.discard(job.id)
     assert all(rows[j][2] != "gpu1" for j in claimed_by["gpu0"])
     assert all(rows[j][2] != "gpu0" for j in claimed_by["gpu1"])
-    assert storage.claim_next("gpu0", "p", 1) is None
+    assert storage.claim("gpu0", "p", 1)[0] is None
 
 
 def test_a_backend_never_claims_another_backends_jobs(storage):
     enqueue(storage, "for-gpu1", HIGH, "gpu1")
-    assert storage.claim_next("gpu0", "p", 1) is None
-    assert storage.claim_next("local", "p", 1) is None
+    assert storage.claim("gpu0", "p", 1)[0] is None
+    assert storage.claim("local", "p", 1)[0] is None
     assert storage.get("for-gpu1").state is S.QUEUED
-    assert storage.claim_next("gpu1", "p", 1).id == "for-gpu1"
+    assert storage.claim("gpu1", "p", 1)[0].id == "for-gpu1"
 
 
 def test_position_is_right_for_every_queued_job_after_random_cancels_and_claims(storage):
@@ -326,7 +326,7 @@ def test_position_is_right_for_every_queued_job_after_random_cancels_and_claims(
             if op < 0.45 and queued:
                 storage.request_cancel(rng.choice(queued), n)
             elif op < 0.9:
-                storage.claim_next(rng.choice(["gpu0", "gpu1"]), f"p{n}", n)
+                storage.claim(rng.choice(["gpu0", "gpu1"]), f"p{n}", n)[0]
             elif queued:
                 # a claimed job that goes back to the queue keeps its place
                 in_flight = storage.in_flight()
@@ -383,7 +383,7 @@ def test_positions_across_many_queue_blocks_match_the_brute_force(storage):
     for i in rng.sample(range(total), 2000):
         storage.request_cancel(f"j{i}", 2000)
     for k in range(300):
-        storage.claim_next("local", f"p{k}", 3000)
+        storage.claim("local", f"p{k}", 3000)[0]
     expected = queued_brute_force(storage)
     sample = rng.sample(sorted(expected), 300)
     for job_id in sample:
@@ -496,9 +496,9 @@ def test_transition_writes_fields_and_refuses_unknown_ones(storage):
 def test_request_cancel_ends_a_queued_job_and_marks_an_in_flight_one(storage):
     enqueue(storage, "q")
     enqueue(storage, "f")
-    storage.claim_next("local", "p-1", 1100)  # takes "q"
+    storage.claim("local", "p-1", 1100)[0]  # takes "q"
     storage._transition("q", S.QUEUED, 1150)  # back: "q" is first again
-    storage.claim_next("local", "p-2", 1200)
+    storage.claim("local", "p-2", 1200)[0]
     assert storage.get("q").state is S.DISPATCHING
     published = []
     storage.on_commit = published.extend
@@ -537,9 +537,9 @@ def test_set_progress_only_touches_running_jobs(storage):
 def test_in_flight_lists_handed_over_jobs_by_backend(storage):
     for i in range(4):
         enqueue(storage, f"j{i}")
-    storage.claim_next("gpu0", "p0", 1)
-    storage.claim_next("gpu1", "p1", 1)
-    storage.claim_next("gpu0", "p2", 1)
+    storage.claim("gpu0", "p0", 1)[0]
+    storage.claim("gpu1", "p1", 1)[0]
+    storage.claim("gpu0", "p2", 1)[0]
     storage._transition("j2", S.RUNNING, 2)
     assert [j.id for j in storage.in_flight()] == ["j0", "j1", "j2"]
     assert [j.id for j in storage.in_flight("gpu0")] == ["j0", "j2"]
@@ -562,7 +562,7 @@ def test_list_jobs_newest_first_with_filters_and_keyset_cursor(storage):
 def test_counts_follow_every_change(storage):
     for i in range(6):
         enqueue(storage, f"j{i}", Priority(i % 3))
-    storage.claim_next("local", "p", 1)
+    storage.claim("local", "p", 1)[0]
     storage.request_cancel("j1", 2)
     storage._transition("j0", S.RUNNING, 3)
     storage._transition("j0", S.COMPLETED, 4)
