@@ -86,3 +86,31 @@ async def test_a_burst_spreads_over_every_free_backend(make_client, make_config,
         gate.set()
     for job in jobs:
         assert (await wait_job(client, job["workflowId"], status_is("completed")))["status"] == "completed"
+
+
+async def test_one_job_at_a_time_costs_one_claim_each(make_client, make_config, fake, claims):
+    """A claim says whether another job waits; with none, the dispatcher
+    asks again only once one was queued (no empty claim per job: each is a
+    trip to the database thread)."""
+    client = await make_client(make_config(comfyui_url=fake.url, progress_interval=0.0))
+    await wait_backends_up(client)
+    claims.clear()
+    done = []
+    for i in range(5):
+        job = await submit(client, unique(workflow(), f"alone{i}"))
+        done.append((await wait_job(client, job["workflowId"], status_is("completed")))["workflowId"])
+    assert claims == [("local", job_id) for job_id in done]
+
+
+async def test_jobs_queued_behind_a_claim_are_all_claimed(make_client, make_config, fake, claims):
+    """Five submitted at once: each claim but the last says another waits,
+    so none is left behind a claim that found the queue empty."""
+    gate = fake.gate("ImageBlur")
+    client = await make_client(make_config(comfyui_url=fake.url, progress_interval=0.0))
+    await wait_backends_up(client)
+    from test_bridge import slow_workflow
+    jobs = [await submit(client, unique(slow_workflow(), f"behind{i}")) for i in range(5)]
+    gate.set()
+    for job in jobs:
+        await wait_job(client, job["workflowId"], status_is("completed"))
+    assert [c[1] for c in claims if c[1] is not None] == [j["workflowId"] for j in jobs]
