@@ -3928,9 +3928,18 @@ class _BackendRuns(_BackendState):
         backend is reachable; the tick retries, and after COMFYMGR_CANCEL_GRACE
         records it cancelled whatever ComfyUI says."""
         async with self.lock:
-            run = self.runs.get(job.id) or (self._attach(job) if job.state in _IN_FLIGHT else None)
+            run = self.runs.get(job.id)
             if run is None:
-                return
+                # Not followed here yet (comfymgr just started): follow it if,
+                # now that the lock is held, the row still says it is in
+                # flight here with the same prompt. The snapshot taken before
+                # the lock may be stale: a dispatch that held the lock may
+                # have ended or requeued it meanwhile.
+                now = await self.db.read(Storage.get, job.id)
+                if now is None or now.state not in _IN_FLIGHT or now.backend != self.name \
+                        or now.prompt_id != job.prompt_id:
+                    return
+                run = self._attach(now)
             if run.interrupt != "cancel":
                 run.interrupt, run.interrupt_sent = "cancel", False
                 run.give_up_at = self.clock() + self.config.cancel_grace

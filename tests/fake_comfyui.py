@@ -41,6 +41,7 @@ import asyncio
 import copy
 import hashlib
 import heapq
+import inspect
 import ipaddress
 import itertools
 import json
@@ -1297,8 +1298,9 @@ class FakeComfyUI:
         # Hostility knobs (see Chaos, and the tests of comfymgr's defences).
         self.chaos: Chaos | None = None
         # Called with each POST /prompt body before it is validated; returning
-        # (status, JSON body) answers with that instead (e.g. a proxy's 413).
-        self.prompt_answer: Callable[[dict], tuple[int, Any] | None] | None = None
+        # (status, JSON body) answers with that instead (e.g. a proxy's 413);
+        # it may be a coroutine, to hold the answer back.
+        self.prompt_answer: Callable[[dict], Any] | None = None
         # Seconds the next POSTs spend validating before they are queued (one
         # per POST, first first): ComfyUI's validation can suspend that long.
         self.validation_delays: list[float] = []
@@ -1769,6 +1771,8 @@ class FakeComfyUI:
             return _json({"error": _error("no_prompt", "No prompt provided", "No prompt provided"), "node_errors": {}}, 400)
         if self.prompt_answer is not None:
             answer = self.prompt_answer(json_data)
+            if inspect.isawaitable(answer):  # an answer the test holds back
+                answer = await answer
             if answer is not None:
                 return _json(answer[1], answer[0])
         prompt = json_data["prompt"]

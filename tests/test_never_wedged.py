@@ -577,3 +577,40 @@ async def test_an_unreadable_history_entry_fails_the_job_with_its_excerpt(make_c
     fake.history_entries.clear()
     nxt = await submit(client, marked("next"))
     assert (await wait_job(client, nxt["workflowId"], status_is("completed", "failed")))["status"] == "completed"
+
+
+# -- found in review -----------------------------------------------------------------------------
+
+async def test_a_cancel_that_waited_for_a_dispatch_leaves_no_ghost_run(make_client, config, fake):
+    """A DELETE waits for the backend's lock while the job's POST is in
+    flight; the POST is refused (400) and the job ends. The cancel then must
+    not follow the job again from its stale snapshot: such a ghost run held
+    the backend for the whole cancel grace."""
+    seen, release = asyncio.Event(), asyncio.Event()
+
+    async def held_then_refused(body):
+        if not prefix_of(body).endswith("_refused"):
+            return None
+        seen.set()
+        await release.wait()
+        return 400, {"error": {"type": "prompt_outputs_failed_validation",
+                               "message": "Prompt outputs failed validation", "details": "",
+                               "extra_info": {}}, "node_errors": {}}
+
+    fake.prompt_answer = held_then_refused
+    client = await make_client(config(cancel_grace=300.0))
+    await wait_backends_up(client)
+    bad = await submit(client, marked("refused"))
+    await asyncio.wait_for(seen.wait(), 10)
+    cancel = asyncio.ensure_future(client.delete(f"/v1/comfyui/workflow/{bad['workflowId']}",
+                                                 headers=HEADERS))
+    # Marked in the database: the DELETE now waits for the lock the dispatch holds.
+    await wait_job(client, bad["workflowId"], lambda j: j["cancelRequested"])
+    release.set()
+    resp = await cancel
+    assert resp.status == 409, await resp.text()
+    assert (await resp.json())["error"] == "not_cancellable"
+    assert client.app[comfymgr.BRIDGE].backends["local"].runs == {}
+    good = await submit(client, marked("after"))
+    done = await wait_job(client, good["workflowId"], status_is("completed"), timeout=10)
+    assert done["status"] == "completed"
