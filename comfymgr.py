@@ -3605,13 +3605,14 @@ class _BackendRuns(_BackendState):
                                         now - self.down_since, extra={"job": run.job_id})
                     await self._lost_locked(run, f"ComfyUI {self.name} has been unreachable for "
                                                  f"{now - self.down_since:.0f} s")
-            if self.up and (self.runs or self.abandoned) and (
-                    self._reconcile_requested
-                    or now - self.last_reconcile >= self.config.reconcile_interval):
+            if self.up and (self._reconcile_requested or (self.runs or self.abandoned) and
+                            now - self.last_reconcile >= self.config.reconcile_interval):
                 try:
                     await self._reconcile_locked()
                 except BackendError as exc:
                     self.error(f"reconcile: {exc}")
+                except ApiError:
+                    self.request_reconcile()  # the database's error is logged there; next tick
 
     async def _deadlines_locked(self, run: _Run, now: float) -> None:
         self.lock.assert_held()
@@ -3838,6 +3839,11 @@ class _BackendRuns(_BackendState):
             job = await self.db.write(Storage.end_run, run.job_id, run.prompt_id, to, self.now_ms(),
                                       backend=self.name, outputs=outputs, error=error,
                                       progress=progress)
+        except ApiError:
+            # Not written: the row still says in flight. Reconcile settles it
+            # again once the database takes writes (it is followed no more).
+            self.request_reconcile()
+            raise
         finally:
             run.dirty = False
             self.runs.pop(run.job_id, None)
@@ -3851,6 +3857,9 @@ class _BackendRuns(_BackendState):
         self.lock.assert_held()
         try:
             await self.db.write(Storage.requeue_run, run.job_id, run.prompt_id, self.now_ms(), **how)
+        except ApiError:
+            self.request_reconcile()  # as in _end_locked
+            raise
         finally:
             self.runs.pop(run.job_id, None)
             self.queue.notify(self.name if run.pinned else TARGET_ANY, run.priority)

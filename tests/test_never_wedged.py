@@ -614,3 +614,29 @@ async def test_a_cancel_that_waited_for_a_dispatch_leaves_no_ghost_run(make_clie
     good = await submit(client, marked("after"))
     done = await wait_job(client, good["workflowId"], status_is("completed"), timeout=10)
     assert done["status"] == "completed"
+
+
+async def test_an_end_the_database_refused_is_settled_again_once_it_takes_writes(
+        make_client, config, fake, monkeypatch):
+    """ComfyUI refuses the prompt (400) while the database refuses the job's
+    end: the row still says dispatching and nothing follows it any more.
+    Reconcile takes it up again, and the job ends once writes work."""
+    real, refused = comfymgr.Storage.end_run, []
+
+    def end_run(self, job_id, *args, **kwargs):
+        if not refused:
+            refused.append(job_id)
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(self, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(comfymgr.Storage, "end_run", end_run)
+    fake.prompt_answer = lambda body: (400, {
+        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
+                  "details": "", "extra_info": {}}, "node_errors": {}})
+    client = await make_client(config())
+    await wait_backends_up(client)
+    job = await submit(client, marked("refusedend"))
+    done = await wait_job(client, job["workflowId"], status_is("failed", "completed"), timeout=15)
+    assert refused == [job["workflowId"]]
+    assert done["status"] == "failed" and done["error"]["code"] == "invalid_workflow", done
+    assert client.app[comfymgr.BRIDGE].backends["local"].runs == {}
