@@ -3007,9 +3007,9 @@ def _read_system_stats(body: Any) -> tuple[str | None, list[dict[str, Any]]]:
     return (str(version)[:64] if isinstance(version, (str, int, float)) else None), devices
 
 
-def _read_object_info(body: Any) -> tuple[dict[str, Any], int]:
+def _read_object_info(body: Any) -> tuple[dict[str, Any], frozenset[str]]:
     """The node classes of /object_info whose schema comfymgr can use for its
-    submit-time checks, and how many it dropped as unreadable."""
+    submit-time checks, and the names of those it could not read."""
     if not isinstance(body, dict):
         raise _ProtocolError("GET /object_info: not an object", _excerpt(type(body).__name__))
     kept: dict[str, Any] = {}
@@ -3028,7 +3028,7 @@ def _read_object_info(body: Any) -> tuple[dict[str, Any], int]:
                       "output": info["output"], "output_node": info["output_node"]}
     if body and not kept:  # e.g. a proxy's JSON error page: nothing here is a node schema
         raise _ProtocolError("GET /object_info: no entry is a node schema", _excerpt(body))
-    return kept, len(body) - len(kept)
+    return kept, frozenset(str(name) for name in body if name not in kept)
 
 
 class _HistoryRecord:
@@ -3503,6 +3503,8 @@ class _BackendState:
         self.version: str | None = None
         self.devices: list[dict[str, Any]] = []
         self.object_info: dict[str, Any] | None = None
+        # Classes /object_info lists without a schema comfymgr can read.
+        self.unreadable_classes: frozenset[str] = frozenset()
         self.queue_remaining: int | None = None
         self.client_id: str | None = None
         self.runs: dict[str, _Run] = {}        # job id -> run
@@ -4327,8 +4329,9 @@ class _Backend(_BackendDispatch):
         else:
             if dropped:
                 self._warn_once("object_info_entries", "%d /object_info entries are not node "
-                                "schemas; ComfyUI checks those nodes at dispatch", dropped)
-            self.object_info = info
+                                "schemas; workflows using them are checked by ComfyUI at "
+                                "dispatch only", len(dropped))
+            self.object_info, self.unreadable_classes = info, dropped
 
     def _ignored(self, reason: str, kind: str) -> None:
         self.metrics.messages_ignored.labels(self.name, reason).inc()
@@ -4514,10 +4517,14 @@ class _Bridge:
         /object_info tells; with no backend known yet, accept (ComfyUI checks
         at dispatch)."""
         candidates = [self.backends[target]] if target != TARGET_ANY else list(self.backends.values())
-        info = next((b.object_info for b in candidates if b.object_info), None)
-        if info is None:
+        known = next((b for b in candidates if b.object_info), None)
+        if known is None or known.object_info is None:
             return
-        problem = _check_workflow(workflow, info)
+        if known.unreadable_classes and any(
+                isinstance(node, dict) and node.get("class_type") in known.unreadable_classes
+                for node in workflow.values()):
+            return  # a node whose schema comfymgr cannot read: ComfyUI judges it at dispatch
+        problem = _check_workflow(workflow, known.object_info)
         if problem:
             error = _invalid_workflow(problem)
             raise BadRequest(error["message"], code="invalid_workflow", details=error["details"])

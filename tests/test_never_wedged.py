@@ -640,3 +640,31 @@ async def test_an_end_the_database_refused_is_settled_again_once_it_takes_writes
     assert refused == [job["workflowId"]]
     assert done["status"] == "failed" and done["error"]["code"] == "invalid_workflow", done
     assert client.app[comfymgr.BRIDGE].backends["local"].runs == {}
+
+
+async def test_a_node_whose_schema_cannot_be_read_is_left_to_comfyui(make_client, make_config,
+                                                                    tmp_path, caplog):
+    """A custom node pack's /object_info entry without the fields comfymgr
+    reads: a workflow using it is accepted (ComfyUI judges it at dispatch),
+    not refused as "does not exist"; one naming a class ComfyUI does not list
+    at all still is."""
+    from fake_comfyui import DEFAULT_OBJECT_INFO, SUPPLEMENTARY_OBJECT_INFO
+
+    info = {**json.loads(DEFAULT_OBJECT_INFO.read_text()), **SUPPLEMENTARY_OBJECT_INFO}
+    info["OddPackNode"] = {"input": {"required": {}}, "output": ["IMAGE"], "name": "OddPackNode"}
+    odd = FakeComfyUI(output_dir=tmp_path / "odd" / "output", object_info=info)
+    await odd.start()
+    try:
+        client = await make_client(make_config(comfyui_url=odd.url))
+        await wait_backends_up(client)
+        graph = {"1": {"class_type": "OddPackNode", "inputs": {}},
+                 "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "odd"}}}
+        accepted = await submit(client, graph)
+        assert accepted["status"] == "queued"
+        graph["1"]["class_type"] = "NoSuchNode"
+        refused = await submit(client, graph, status=400)
+        assert refused["error"] == "invalid_workflow"
+        assert refused["details"]["error"]["message"] == "Cannot execute because node NoSuchNode does not exist."
+        assert any("1 /object_info entries are not node schemas" in r.getMessage() for r in caplog.records)
+    finally:
+        await odd.stop()
