@@ -6832,8 +6832,13 @@ async def _fetch_input(app: web.Application, field: str, value: str) -> bytes:
             _check_literal(policy, url)
             async with session.get(url, allow_redirects=False) as resp:
                 if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-                    url = await policy.check_url(str(url.join(yarl.URL(resp.headers["Location"]))),
-                                                 field=field, code="input_forbidden")
+                    try:
+                        target = str(url.join(yarl.URL(resp.headers["Location"])))
+                    except ValueError:  # what the server names is no URL at all
+                        raise UnprocessableEntity(
+                            f"{field}: {_redact_url(str(url))} redirected to something that is "
+                            "not a URL", code="input_unavailable", details={"field": field}) from None
+                    url = await policy.check_url(target, field=field, code="input_forbidden")
                     continue
                 if resp.status != 200:
                     raise UnprocessableEntity(f"{field}: {_redact_url(str(url))} answered HTTP "

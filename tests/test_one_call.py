@@ -139,6 +139,8 @@ async def images(aiohttp_server):
             raise web.HTTPFound("http://169.254.169.254/latest")
         if name == "to-photo":
             raise web.HTTPFound("/photo.png")
+        if name == "to-nothing":  # a Location that is no URL (a port past 65535)
+            return web.Response(status=302, headers={"Location": "http://a:99999/"})
         raise web.HTTPNotFound()
 
     app = web.Application()
@@ -188,6 +190,8 @@ async def test_each_bad_input_is_refused_by_name_and_nothing_is_queued(one_call,
         ({"photo": f"{images}/missing.png"}, 422, "input_unavailable",
          f"inputs.photo: {images}/missing.png answered HTTP 404"),
         ({"photo": nowhere}, 422, "input_unavailable", f"inputs.photo: {nowhere} could not be fetched"),
+        ({"photo": f"{images}/to-nothing"}, 422, "input_unavailable",
+         f"inputs.photo: {images}/to-nothing redirected to something that is not a URL"),
         ({"photo": f"{images}/to-metadata"}, 400, "input_forbidden",
          "inputs.photo: http://169.254.169.254/latest is a cloud metadata address; comfymgr sends "
          "requests only to public addresses (see COMFYMGR_WEBHOOK_ALLOW)"),
