@@ -4693,13 +4693,15 @@ _CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455 registry: "Try Again Later"
 
 class _Outgoing:
     """One queued message. With `coalesce` ("progress", "preview"), a newer
-    message of that kind for the same job supersedes it while it waits."""
+    message of that kind for the same job supersedes it while it waits.
+    One object is queued to every subscriber that wants it: whether it was
+    superseded is each subscriber's own (its `pending`), never the object's."""
 
-    __slots__ = ("seq", "job_id", "text", "coalesce", "dropped")
+    __slots__ = ("seq", "job_id", "text", "coalesce")
 
     def __init__(self, seq: int, job_id: str | None, text: str, coalesce: str | None = None) -> None:
         self.seq, self.job_id, self.text = seq, job_id, text
-        self.coalesce, self.dropped = coalesce, False
+        self.coalesce = coalesce
 
     @property
     def key(self) -> str:
@@ -4742,9 +4744,7 @@ class _Subscriber:
         if self.closing:
             return
         if item.coalesce and item.job_id is not None:
-            older = self.pending.get(item.key)
-            if older is not None and not older.dropped:
-                older.dropped = True
+            if item.key in self.pending:  # an older one still waits here: superseded
                 self.live -= 1
             self.pending[item.key] = item
         if self.live >= self.hub.config.ws_send_queue:
@@ -4766,11 +4766,11 @@ class _Subscriber:
             self.ready.clear()
             while self.queue:
                 item = self.queue.popleft()
-                if item.dropped:
-                    continue
-                self.live -= 1
-                if item.coalesce and self.pending.get(item.key) is item:
+                if item.coalesce and item.job_id is not None:
+                    if self.pending.get(item.key) is not item:
+                        continue  # superseded while it waited (not counted in live)
                     del self.pending[item.key]
+                self.live -= 1
                 async with self.send_lock:
                     # Checked under the lock a replay holds while it sends, so
                     # what the replay sent is skipped here, never sent twice.

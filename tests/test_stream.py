@@ -291,6 +291,32 @@ async def test_progress_is_coalesced_for_a_client_that_falls_behind(make_client)
     assert got[0]["progress"] == 100  # the last value before the end is the one delivered
 
 
+async def test_coalescing_for_several_clients_leaves_no_backlog_behind(make_client):
+    """One message object goes to every client; which of them a newer one
+    superseded is each client's own: the backlog of each returns to 0 (a
+    shared mark once left one unit per superseded message on all but the
+    first, until the client was closed for being "behind")."""
+    client = await make_client()
+    sockets = [await client.ws_connect(STREAM, headers=HEADERS) for _ in range(3)]
+    hub = client.app[comfymgr.HUB]
+    while len(hub.subscribers) < 3:
+        await asyncio.sleep(0.01)
+    subs = list(hub.subscribers)
+    for sub in subs:
+        await sub.send_lock.acquire()  # every client busy: their queues fill
+    hub.publish([comfymgr.Event(seq, "a", "workflow:progress", 0, {"status": "running", "progress": seq})
+                 for seq in range(1, 51)])
+    hub.publish([comfymgr.Event(51, "a", "workflow:completed", 0, {"status": "completed"})])
+    for sub in subs:
+        sub.send_lock.release()
+    for ws in sockets:
+        got = await receive_events(ws, 2)
+        assert [(e["seq"], e["type"]) for e in got] == [(50, "workflow:progress"), (51, "workflow:completed")]
+    await expect_silence(sockets[0])
+    assert [sub.live for sub in subs] == [0, 0, 0]
+    assert "comfymgr_stream_backlog_messages 0.0" in await (await client.get("/metrics")).text()
+
+
 async def test_shutdown_closes_every_socket_with_1001(make_client):
     client = await make_client()
     sockets = [await client.ws_connect(STREAM, headers=HEADERS) for _ in range(3)]
