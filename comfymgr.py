@@ -4316,15 +4316,21 @@ class _Backend(_BackendDispatch):
         self.wake.set()
 
     async def _learn_server(self) -> None:
-        """Version, devices and node schemas; an unreadable answer keeps what
-        was known and is said once (it is not a reason to stay down)."""
+        """Version, devices and node schemas; an unreadable or slow answer
+        keeps what was known and is said once. It is not a reason to stay
+        down, nor to give back the jobs handed to this server: /object_info
+        can outlast the backend timeout on a box with many node packs, while
+        ComfyUI runs what it was given. Reconcile's /queue says whether it
+        answers."""
         try:
             self.version, self.devices = _read_system_stats(await self.client.system_stats())
         except _ProtocolError as exc:
             self._warn_once("system_stats", "%s (%s); keeping what was known", exc, exc.excerpt)
+        except BackendError as exc:
+            self._warn_once("system_stats", "%s; keeping what was known", exc)
         try:
             info, dropped = _read_object_info(await self.client.object_info())
-        except _ProtocolError as exc:
+        except BackendError as exc:
             self._warn_once("object_info", "%s; submit-time checks use what was known", exc)
         else:
             if dropped:

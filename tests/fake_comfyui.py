@@ -1257,7 +1257,7 @@ class FakeComfyUI:
     Lifecycle: start(host, port) -> url, stop(), restart() (same port, memory
     forgotten), drop_websockets(); app is the aiohttp Application.
     Knobs, changeable at any time: gate(class_type), ungate(), node_delay,
-    progress_steps, fail_node, mode, latency, ws_close_every.
+    progress_steps, fail_node, mode, route_modes, latency, ws_close_every.
     Waiting: wait_idle(), wait_flushed(), wait_for_execution_start(),
     wait_for_gated(), wait_until(predicate); started(), gated,
     connected_client_ids.
@@ -1297,6 +1297,8 @@ class FakeComfyUI:
         self.gated: set = set()  # (prompt_id, node_id) of nodes now waiting at a gate
         # Hostility knobs (see Chaos, and the tests of comfymgr's defences).
         self.chaos: Chaos | None = None
+        # A fault mode for one route (its path without /api), over `mode`.
+        self.route_modes: dict[str, str] = {}
         # Called with each POST /prompt body before it is validated; returning
         # (status, JSON body) answers with that instead (e.g. a proxy's 413);
         # it may be a coroutine, to hold the answer back.
@@ -1718,7 +1720,7 @@ class FakeComfyUI:
         self.requests.append((request.method, request.path))
         if self.latency:
             await asyncio.sleep(self.latency)
-        mode = self.mode
+        mode = self.route_modes.get(request.path.removeprefix("/api"), self.mode)
         if mode == "hang":
             await request.read()
             await self._hang_release.wait()

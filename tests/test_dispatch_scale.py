@@ -94,6 +94,9 @@ async def test_one_job_at_a_time_costs_one_claim_each(make_client, make_config, 
     trip to the database thread)."""
     client = await make_client(make_config(comfyui_url=fake.url, progress_interval=0.0))
     await wait_backends_up(client)
+    backend = client.app[comfymgr.BRIDGE].backends["local"]
+    while backend.found_nothing is None:  # the look it takes once up, on an empty queue
+        await asyncio.sleep(0.01)
     claims.clear()
     done = []
     for i in range(5):

@@ -668,3 +668,38 @@ async def test_a_node_whose_schema_cannot_be_read_is_left_to_comfyui(make_client
         assert any("1 /object_info entries are not node schemas" in r.getMessage() for r in caplog.records)
     finally:
         await odd.stop()
+
+
+async def test_a_slow_object_info_at_reconnect_keeps_the_jobs_where_they_run(make_client, config, fake,
+                                                                             caplog):
+    """After a reconnect, /object_info outlasts the backend timeout (a box
+    with many node packs) while ComfyUI runs one job and holds the next in
+    its queue. The backend comes back up with the schemas it knew; the
+    waiting job is not given back to run again elsewhere."""
+    gate = fake.gate("ImageBlur")
+    from test_bridge import slow_workflow
+    client = await make_client(config(backend_timeout=0.3))
+    await wait_backends_up(client)
+    first = await submit(client, unique(slow_workflow(), "first"))
+    second = await submit(client, unique(slow_workflow(), "second"))
+    await wait_job(client, first["workflowId"], status_is("running"))
+    waiting = await wait_job(client, second["workflowId"], lambda j: j["promptId"] is not None)
+    backend = client.app[comfymgr.BRIDGE].backends["local"]
+    before = backend.client_id
+    fake.route_modes["/object_info"] = "hang"
+    await fake.drop_websockets()
+
+    async def up_again():
+        return backend.up and backend.client_id not in (None, before)
+
+    await until(up_again)
+    gate.set()
+    done = [await wait_job(client, job["workflowId"], status_is("completed", "failed"), timeout=15)
+            for job in (first, second)]
+    assert [j["status"] for j in done] == ["completed", "completed"]
+    assert done[1]["promptId"] == waiting["promptId"] and done[1]["attempts"] == 1
+    assert sorted(fake.execution_count.values()) == [1, 1]
+    assert any("GET /object_info" in r.getMessage() and "use what was known" in r.getMessage()
+               for r in caplog.records)
+    fake.route_modes.clear()
+
