@@ -4507,8 +4507,11 @@ class _Bridge:
                 if job.backend == backend.name:
                     run = backend._attach(job)
                     if job.state is JobState.DISPATCHING:
-                        # Its POST may have been under way when comfymgr stopped.
-                        run.post_unknown_since = self.clock()
+                        # Its POST may have been under way when comfymgr stopped:
+                        # the grace runs from the claim (the row's last change),
+                        # not from this start, so that restarts closer together
+                        # than the grace cannot keep the backend waiting forever.
+                        run.post_unknown_since = min(self.clock(), job.updated_at / 1000)
             for task in ("websocket", "dispatch", "tick"):
                 self.supervisor.start(f"backend:{backend.name}:{task}",
                                       getattr(backend, f"{task}_loop"), on_error=backend.error)

@@ -130,6 +130,33 @@ async def test_2_a_post_answered_after_the_timeout_runs_once(make_client, config
     assert done["attempts"] == 1
 
 
+
+async def test_2_the_grace_for_a_post_cut_short_by_a_crash_runs_from_the_claim(make_client, config,
+                                                                                 fake, clock, tmp_path):
+    """A kill between the claim and the POST leaves the row `dispatching`
+    with a prompt ComfyUI never got. The grace before it is judged never
+    received runs from the claim: comfymgr restarting more often than the
+    grace (a crash loop under systemd) must not keep the backend idle for good."""
+    state = tmp_path / "state"
+    state.mkdir()
+    storage = comfymgr.Storage(state / "comfymgr.db")
+    storage.enqueue("cut-short", json.dumps(marked("cutshort")), comfymgr.Priority.NORMAL, "any",
+                    comfymgr._ms(clock()))
+    claimed_at = clock()
+    storage.claim("local", "never-posted", comfymgr._ms(claimed_at))
+    storage.close()
+    clock.advance(1.0)  # restarted 1 s after the claim; the grace is 3 x 0.5 s
+    client = await make_client(config(backend_timeout=0.5, reconcile_interval=3600.0), clock=clock)
+    await wait_backends_up(client)
+    backend = client.app[comfymgr.BRIDGE].backends["local"]
+    await backend.reconcile()
+    assert (await get_job(client, "cut-short"))["state"] == "dispatching"
+    clock.advance(0.6)  # 1.6 s after the claim, 0.6 s after this start
+    await backend.reconcile()
+    done = await wait_job(client, "cut-short", status_is("completed"))
+    assert done["promptId"] != "never-posted" and done["attempts"] == 2
+    assert fake.posted_prompt_ids == [done["promptId"]]
+
 # -- 3. a ComfyUI that mints its own prompt ids ---------------------------------------------
 
 async def test_3_a_server_ignoring_client_prompt_ids_is_followed_then_marked_incompatible(
