@@ -9332,6 +9332,13 @@ class _Notifier:
             await asyncio.sleep(self.watchdog / 2)
 
 
+# How long a connection may stay open without completing a request (counted
+# from the connect, or from the last answer): aiohttp's own default under an
+# AppRunner is an hour, which would let slow clients hold descriptors for
+# that long; 75 s is what web.run_app uses and nginx's keepalive_timeout.
+_KEEPALIVE_TIMEOUT = 75.0
+
+
 async def _serve(config: Config, notifier: _Notifier) -> None:
     """Serve until SIGTERM or SIGINT. "listening" is logged, and systemd
     told READY=1, only once the socket is bound."""
@@ -9340,7 +9347,8 @@ async def _serve(config: Config, notifier: _Notifier) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_timeout,
+                           keepalive_timeout=_KEEPALIVE_TIMEOUT)
     try:
         await runner.setup()
         site = web.TCPSite(runner, config.host, config.port,

@@ -1007,6 +1007,48 @@ def test_slowloris(world):
         assert 74 <= closed_by_server[0] and closed_by_server[-1] <= 82, closed_by_server[::100]
 
 
+
+_KEEPALIVE_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import comfymgr
+comfymgr._KEEPALIVE_TIMEOUT = 1.0
+sys.exit(comfymgr.main([]))
+"""
+
+
+def test_the_service_closes_a_connection_that_never_completes_a_request(tmp_path):
+    """The service as `comfymgr` runs it (not an app in a test client): a
+    connection that sends half a request is closed by comfymgr after the
+    keep-alive timeout (75 s; 1 s here), not after aiohttp's default hour.
+    test_slowloris's long run shows the 75 s with 2,000 such connections."""
+    import socket
+    import subprocess
+
+    port = ch.free_port()
+    env = dict(os.environ, MANAGEMENT_API_PORT=str(port), MANAGEMENT_API_HOST="127.0.0.1",
+               MANAGEMENT_API_KEY=API_KEY, COMFYMGR_STATE_DIR=str(tmp_path / "state"),
+               COMFYUI_URL=f"http://127.0.0.1:{ch.free_port()}", COMFYMGR_RATE_LIMIT="0")
+    proc = subprocess.Popen([sys.executable, "-c", _KEEPALIVE_SCRIPT, str(ROOT)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "comfymgr did not listen"
+                time.sleep(0.05)
+        with sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            sock.settimeout(30)
+            assert sock.recv(1024) == b""  # closed by comfymgr, nothing answered
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
+
 async def test_many_idle_websockets(world):
     """2,000 stream clients that never say a word: each costs a few KiB,
     /health stays quick, a job's events reach every one of them and a new
