@@ -130,7 +130,6 @@ async def test_2_a_post_answered_after_the_timeout_runs_once(make_client, config
     assert done["attempts"] == 1
 
 
-
 async def test_2_the_grace_for_a_post_cut_short_by_a_crash_runs_from_the_claim(make_client, config,
                                                                                  fake, clock, tmp_path):
     """A kill between the claim and the POST leaves the row `dispatching`
@@ -156,6 +155,7 @@ async def test_2_the_grace_for_a_post_cut_short_by_a_crash_runs_from_the_claim(m
     done = await wait_job(client, "cut-short", status_is("completed"))
     assert done["promptId"] != "never-posted" and done["attempts"] == 2
     assert fake.posted_prompt_ids == [done["promptId"]]
+
 
 # -- 3. a ComfyUI that mints its own prompt ids ---------------------------------------------
 

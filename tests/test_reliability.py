@@ -1007,7 +1007,6 @@ def test_slowloris(world):
         assert 74 <= closed_by_server[0] and closed_by_server[-1] <= 82, closed_by_server[::100]
 
 
-
 _KEEPALIVE_SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -1048,6 +1047,7 @@ def test_the_service_closes_a_connection_that_never_completes_a_request(tmp_path
     finally:
         proc.terminate()
         assert proc.wait(20) == 0
+
 
 async def test_many_idle_websockets(world):
     """2,000 stream clients that never say a word: each costs a few KiB,
